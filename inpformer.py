@@ -1,0 +1,630 @@
+"""INP-Former in one file: a frozen DINOv2 ViT, the INP Extractor, the INP-Guided Decoder, the losses,
+the official anomaly-map protocol, and weight/checkpoint loading.
+
+Luo et al., "Exploring Intrinsic Normal Prototypes within a Single Image for Universal Anomaly Detection",
+CVPR 2025. Numerically faithful to the official code (luow23/INP-Former); parameter names match its
+state dict, so the authors' `model.pth` loads as is.
+
+    import inpformer
+    model = inpformer.INPFormer(inpformer.load_backbone("dinov2_vitb14_reg4.safetensors"))
+    loss = model.loss(x)                      # x: (B, 3, 392, 392), ImageNet-normalised
+    maps, scores = model.predict(x)           # (B, 256, 256) anomaly maps, (B,) image scores
+    inpformer.save_checkpoint(model, "model.safetensors")
+    model = inpformer.load_model("model.safetensors")   # or the authors' model.pth
+
+Depends on torch; safetensors is used for file I/O only.
+"""
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------------------------------
+# DINOv2 ViT/14 (encoder)
+
+
+@dataclass
+class ViTConfig:
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    num_register_tokens: int = 4
+    patch_size: int = 14
+    pos_grid: int = 37  # position embeddings are stored for a 37x37 grid (518 px / 14)
+    mlp_ratio: float = 4.0
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class Block(nn.Module):
+    def __init__(self, dim, num_heads, mlp_ratio):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = SelfAttention(dim, num_heads)
+        self.ls1 = LayerScale(dim)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim)
+
+    def forward(self, x):
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size, dim):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class ViT(nn.Module):
+    """DINOv2 vision transformer. Tokens are [CLS, registers, patches]; registers get no position embedding."""
+
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        c = self.config = config
+        D = c.embed_dim
+        self.patch_embed = PatchEmbed(c.patch_size, D)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + c.pos_grid**2, D))
+        if c.num_register_tokens:
+            self.register_tokens = nn.Parameter(torch.zeros(1, c.num_register_tokens, D))
+        self.mask_token = nn.Parameter(torch.zeros(1, D))  # unused; kept so every DINOv2 file loads strictly
+        self.blocks = nn.ModuleList(Block(D, c.num_heads, c.mlp_ratio) for _ in range(c.depth))
+        self.norm = nn.LayerNorm(D, eps=1e-6)
+
+    def interpolate_pos_encoding(self, h, w):
+        """Position embeddings for an (h, w) patch grid, exactly as the official INP-Former encoder does.
+
+        It passes scale_factor (grid + 0.1) / 37 rather than size=grid: the 0.1 offset is a historical kludge
+        of DINO (facebookresearch/dino#8), and scale_factor also sets the bicubic sampling coordinates, so
+        size= (Hugging Face, timm) gives different features. Kept for checkpoint compatibility.
+        """
+        G = self.config.pos_grid
+        pos = self.pos_embed
+        if h == w == G:
+            return pos
+        cls_pos, patch_pos = pos[:, :1].float(), pos[:, 1:].float()
+        patch_pos = patch_pos.reshape(1, G, G, -1).permute(0, 3, 1, 2)
+        patch_pos = F.interpolate(patch_pos, scale_factor=((h + 0.1) / G, (w + 0.1) / G), mode="bicubic",
+                                  antialias=False)
+        assert patch_pos.shape[-2:] == (h, w), patch_pos.shape
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, h * w, -1)
+        return torch.cat((cls_pos, patch_pos), dim=1).to(pos.dtype)
+
+    def prepare_tokens(self, x):
+        B, _, H, W = x.shape
+        p = self.config.patch_size
+        if H % p or W % p:
+            raise ValueError(f"input size {H}x{W} is not a multiple of the patch size {p}")
+        x = self.patch_embed(x)
+        x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)
+        x = x + self.interpolate_pos_encoding(H // p, W // p).to(x.dtype)
+        if self.config.num_register_tokens:
+            x = torch.cat((x[:, :1], self.register_tokens.expand(B, -1, -1), x[:, 1:]), dim=1)
+        return x
+
+    def forward_layers(self, x, layers):
+        """Raw outputs (no final norm) of the blocks in `layers`, patch tokens only: a list of (B, N, D)."""
+        skip = 1 + self.config.num_register_tokens
+        t, out = self.prepare_tokens(x), []
+        for i, blk in enumerate(self.blocks[: max(layers) + 1]):
+            t = blk(t)
+            if i in layers:
+                out.append(t[:, skip:])
+        return out
+
+    def forward(self, x):
+        """Final-LayerNorm tokens [CLS, registers, patches], as DINOv2 outputs them."""
+        t = self.prepare_tokens(x)
+        for blk in self.blocks:
+            t = blk(t)
+        return self.norm(t)
+
+
+def vit_small(num_register_tokens=4):
+    return ViT(ViTConfig(embed_dim=384, depth=12, num_heads=6, num_register_tokens=num_register_tokens))
+
+
+def vit_base(num_register_tokens=4):
+    return ViT(ViTConfig(embed_dim=768, depth=12, num_heads=12, num_register_tokens=num_register_tokens))
+
+
+def vit_large(num_register_tokens=4):
+    return ViT(ViTConfig(embed_dim=1024, depth=24, num_heads=16, num_register_tokens=num_register_tokens))
+
+
+VIT_FACTORIES = {"small": vit_small, "base": vit_base, "large": vit_large}
+
+# -----------------------------------------------------------------------------------------------------
+# INP Extractor and INP-Guided Decoder (LayerNorm eps 1e-8 in both, as in the official heads)
+
+
+class ExtractorAttention(nn.Module):
+    """Learnable INP queries attend (softmax) to the image tokens."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, queries, tokens):
+        B, M, C = queries.shape
+        h = self.num_heads
+        q = self.q(queries).view(B, M, h, C // h).transpose(1, 2)
+        k, v = self.kv(tokens).view(B, -1, 2, h, C // h).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, M, C))
+
+
+class INPExtractorBlock(nn.Module):
+    def __init__(self, dim, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-8)
+        self.attn = ExtractorAttention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-8)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, queries, tokens):
+        queries = queries + self.attn(self.norm1(queries), self.norm1(tokens))  # one norm for both inputs
+        return queries + self.mlp(self.norm2(queries))
+
+
+class DecoderAttention(nn.Module):
+    """Tokens query the INPs: cosine similarity times a learnable per-head scale, then ReLU, no softmax.
+
+    Without softmax's normalisation a token unlike every INP gets little attention, so it cannot be rebuilt.
+    """
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.learn_scale = nn.Parameter(torch.ones(num_heads, 1, 1))
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, inps):
+        B, N, C = x.shape
+        h = self.num_heads
+        q = F.normalize(self.q(x).view(B, N, h, C // h).transpose(1, 2), dim=-1)
+        k, v = self.kv(inps).view(B, -1, 2, h, C // h).permute(2, 0, 3, 1, 4)
+        attn = F.relu(q @ F.normalize(k, dim=-1).transpose(-2, -1) * self.learn_scale)  # (B, h, N, M)
+        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, dim, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-8)
+        self.attn = DecoderAttention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-8)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x, inps):
+        # No residual around the attention: the output is built from the INPs alone, so an anomalous token
+        # has no path to be copied through.
+        x = self.attn(self.norm1(x), self.norm1(inps))
+        return x + self.mlp(self.norm2(x))
+
+
+# -----------------------------------------------------------------------------------------------------
+# INP-Former
+
+
+def default_target_layers(vit: ViTConfig):
+    """Encoder blocks whose outputs are fused: 2..9 for ViT-S/B, every other block 4..18 for ViT-L."""
+    return list(range(4, 19, 2)) if vit.embed_dim >= 1024 else list(range(2, 10))
+
+
+@dataclass
+class INPFormerConfig:
+    vit: ViTConfig = field(default_factory=ViTConfig)
+    inp_num: int = 6
+    decoder_depth: int = 8
+    target_layers: list = None  # None: default_target_layers(vit)
+    fuse_groups: list = ((0, 1, 2, 3), (4, 5, 6, 7))  # indices into target_layers (and reversed decoder outputs)
+
+    def __post_init__(self):
+        if isinstance(self.vit, dict):
+            self.vit = ViTConfig(**self.vit)
+        if self.target_layers is None:
+            self.target_layers = default_target_layers(self.vit)
+        self.target_layers = [int(i) for i in self.target_layers]
+        self.fuse_groups = [[int(i) for i in g] for g in self.fuse_groups]
+
+
+class INPFormer(nn.Module):
+    """A frozen encoder, one INP Extractor block, a bottleneck MLP and the INP-Guided Decoder.
+
+    forward(x) -> (en, de, coherence_loss): en and de are lists with one (B, D, H/14, W/14) map per fuse group.
+    """
+
+    def __init__(self, encoder: ViT, inp_num=6, decoder_depth=8, target_layers=None,
+                 fuse_groups=((0, 1, 2, 3), (4, 5, 6, 7))):
+        super().__init__()
+        self.config = INPFormerConfig(encoder.config, inp_num, decoder_depth, target_layers, fuse_groups)
+        D, H, r = encoder.config.embed_dim, encoder.config.num_heads, encoder.config.mlp_ratio
+        self.encoder = encoder.requires_grad_(False)
+        # ModuleLists of one element keep the official parameter names (bottleneck.0.*, aggregation.0.*).
+        self.bottleneck = nn.ModuleList([Mlp(D, int(D * r))])
+        self.aggregation = nn.ModuleList([INPExtractorBlock(D, H, r)])
+        self.decoder = nn.ModuleList(DecoderBlock(D, H, r) for _ in range(decoder_depth))
+        self.prototype_token = nn.Parameter(torch.randn(inp_num, D))  # the M learnable INP queries
+        self.init_trainable()
+
+    def init_trainable(self):
+        """The official training initialisation of everything but the INP queries (which stay N(0, 1))."""
+        for m in [*self.bottleneck.modules(), *self.aggregation.modules(), *self.decoder.modules()]:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.01, a=-0.03, b=0.03)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, DecoderAttention):
+                nn.init.ones_(m.learn_scale)
+
+    def trainable_parameters(self):
+        return [p for n, p in self.named_parameters() if not n.startswith("encoder.")]
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.encoder.eval()  # frozen: never in training mode
+        return self
+
+    def encode(self, x):
+        """Fused encoder features: the per-group maps (lists of (B, N, D)) and their all-layer mean F."""
+        with torch.no_grad():
+            layers = self.encoder.forward_layers(x, self.config.target_layers)
+        groups = [torch.stack([layers[i] for i in g], dim=1).mean(dim=1) for g in self.config.fuse_groups]
+        return groups, torch.stack(layers, dim=1).mean(dim=1)
+
+    def extract_inps(self, fused):
+        B = fused.shape[0]
+        return self.aggregation[0](self.prototype_token.unsqueeze(0).expand(B, -1, -1), fused)
+
+    def forward(self, x):
+        h, w = x.shape[-2] // self.encoder.config.patch_size, x.shape[-1] // self.encoder.config.patch_size
+        en, fused = self.encode(x)
+        inps = self.extract_inps(fused)
+        coherence = inp_distance(fused, inps).mean()
+        t = self.bottleneck[0](fused)
+        de = []
+        for blk in self.decoder:
+            t = blk(t, inps)
+            de.append(t)
+        de = de[::-1]  # the last decoder block is matched with the first encoder group
+        de = [torch.stack([de[i] for i in g], dim=1).mean(dim=1) for g in self.config.fuse_groups]
+        to_map = lambda t: t.transpose(1, 2).reshape(t.shape[0], -1, h, w)
+        return [to_map(e) for e in en], [to_map(d) for d in de], coherence
+
+    def loss(self, x, coherence_weight=0.2):
+        """The training objective: soft-mining global cosine loss + 0.2 x INP coherence loss."""
+        en, de, coherence = self(x)
+        return soft_mining_loss(en, de) + coherence_weight * coherence
+
+    @torch.no_grad()
+    def predict(self, x, out_size=256, max_ratio=0.01):
+        """Official evaluation protocol: (B, out_size, out_size) anomaly maps and (B,) image scores.
+
+        out_size=None keeps the maps at the input size.
+        """
+        en, de, _ = self(x)
+        return score_maps(anomaly_map(en, de, x.shape[-2:]), out_size, max_ratio)
+
+    @torch.no_grad()
+    def predict_zero_shot(self, x, out_size=256, max_ratio=0.01):
+        """Zero-shot maps: per token, the cosine distance to its nearest INP (no decoder involved)."""
+        p = self.encoder.config.patch_size
+        h, w = x.shape[-2] // p, x.shape[-1] // p
+        _, fused = self.encode(x)
+        d = inp_distance(fused, self.extract_inps(fused)).view(-1, 1, h, w)
+        d = F.interpolate(d, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=True)
+        return score_maps(d, out_size, max_ratio)
+
+
+def build_model(config: INPFormerConfig):
+    """An INPFormer with fresh weights for `config` (a dict or an INPFormerConfig)."""
+    if isinstance(config, dict):
+        config = INPFormerConfig(**config)
+    return INPFormer(ViT(config.vit), config.inp_num, config.decoder_depth, config.target_layers,
+                     config.fuse_groups)
+
+
+# -----------------------------------------------------------------------------------------------------
+# Losses and the anomaly map
+
+
+def inp_distance(tokens, inps, eps=1e-8):
+    """Per token, 1 - cosine similarity to its nearest INP: (B, N). Its mean is the INP coherence loss."""
+    t = tokens / tokens.norm(dim=-1, keepdim=True).clamp_min(eps)
+    p = inps / inps.norm(dim=-1, keepdim=True).clamp_min(eps)
+    return (1 - t @ p.transpose(1, 2)).min(dim=-1).values
+
+
+def soft_mining_loss(en, de, y=3.0):
+    """Global cosine loss whose gradient is reweighted per pixel by (d / mean d)^y, d = 1 - cos over channels.
+
+    The loss value is the plain mean over groups of mean_b(1 - cos(flatten(en_b), flatten(de_b))); only the
+    gradient reaching each decoder pixel is scaled, so hard (poorly rebuilt) pixels dominate training.
+    """
+    total = 0.0
+    for e, d in zip(en, de):
+        e = e.detach()
+        with torch.no_grad():
+            dist = 1 - F.cosine_similarity(e, d, dim=1).unsqueeze(1)  # (B, 1, h, w)
+            weight = (dist / dist.mean()) ** y
+        d = d.detach() + weight * (d - d.detach())  # same value, gradient scaled by the weight
+        total = total + (1 - F.cosine_similarity(e.flatten(1), d.flatten(1), dim=1)).mean()
+    return total / len(en)
+
+
+def anomaly_map(en, de, size):
+    """Mean over groups of the per-pixel 1 - cos over channels, upsampled (align_corners=True) to `size`."""
+    maps = [1 - F.cosine_similarity(e, d, dim=1).unsqueeze(1) for e, d in zip(en, de)]
+    maps = [F.interpolate(m, size=tuple(size), mode="bilinear", align_corners=True) for m in maps]
+    return torch.cat(maps, dim=1).mean(dim=1, keepdim=True)
+
+
+def gaussian_kernel(size=5, sigma=4.0):
+    r = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+    g = torch.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * sigma**2))
+    return (g / g.sum()).view(1, 1, size, size)
+
+
+def score_maps(maps, out_size=256, max_ratio=0.01):
+    """(B, 1, H, W) maps -> resized (align_corners=False), 5x5 sigma-4 Gaussian with zero padding, and the
+    image score = mean of the top max_ratio of pixels (the maximum when max_ratio is 0)."""
+    if maps.dtype in (torch.float16, torch.bfloat16):  # mixed-precision outputs: smooth and rank in fp32
+        maps = maps.float()
+    if out_size is not None:
+        out = (out_size, out_size) if isinstance(out_size, int) else tuple(out_size)
+        if tuple(maps.shape[-2:]) != out:
+            maps = F.interpolate(maps, size=out, mode="bilinear", align_corners=False)
+    maps = F.conv2d(maps, gaussian_kernel().to(maps), padding=2)[:, 0]
+    flat = maps.flatten(1)
+    k = int(flat.shape[1] * max_ratio)
+    scores = flat.topk(k, dim=1).values.mean(dim=1) if k > 0 else flat.max(dim=1).values
+    return maps, scores
+
+
+# -----------------------------------------------------------------------------------------------------
+# Weights: DINOv2 backbones in torch-hub, Hugging Face or timm names, and INP-Former checkpoints
+
+
+class WeightsError(ValueError):
+    """A weights or checkpoint file that cannot be used; the message is one line naming the file."""
+
+
+def read_state_dict(path):
+    """(tensors, metadata) from a .safetensors file or a torch .pth/.pt state dict."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise WeightsError(f"{path}: no such file")
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
+        except Exception as e:  # truncated or not a safetensors file
+            raise WeightsError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsError(f"{path}: not a readable torch state dict ({_first_line(e)})") from None
+    for wrapper in ("model", "state_dict"):  # training checkpoints often nest the weights
+        if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
+            sd = sd[wrapper]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise WeightsError(f"{path}: not a state dict of tensors")
+    return sd, {}
+
+
+def _first_line(e):
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def _strip_prefix(sd):
+    for prefix in ("module.", "dinov2_with_registers.", "dinov2.", "backbone."):
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def _hf_to_hub(sd):
+    """Hugging Face Dinov2(WithRegisters)Model names -> torch-hub names (q, k, v concatenated into qkv)."""
+    out, rest = {}, dict(sd)
+    renames = {"embeddings.cls_token": "cls_token", "embeddings.position_embeddings": "pos_embed",
+               "embeddings.register_tokens": "register_tokens", "embeddings.mask_token": "mask_token",
+               "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+               "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+               "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias"}
+    layer = {"norm1": "norm1", "norm2": "norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
+             "attention.output.dense": "attn.proj", "layer_scale1.lambda1": "ls1.gamma",
+             "layer_scale2.lambda1": "ls2.gamma"}
+    for k, v in sd.items():
+        if k in renames:
+            out[renames[k]] = rest.pop(k)
+        elif k.startswith("encoder.layer."):
+            i, name = k[len("encoder.layer."):].split(".", 1)
+            for hf, hub in layer.items():
+                if name == hf or name.startswith(hf + "."):
+                    out[f"blocks.{i}.{hub}{name[len(hf):]}"] = rest.pop(k)
+    n = 0
+    while f"encoder.layer.{n}.attention.attention.query.weight" in rest:
+        for s in ("weight", "bias"):
+            parts = [rest.pop(f"encoder.layer.{n}.attention.attention.{p}.{s}", None) for p in ("query", "key", "value")]
+            if any(p is None for p in parts):
+                raise KeyError(f"encoder.layer.{n}.attention.attention.{{query,key,value}}.{s}")
+            out[f"blocks.{n}.attn.qkv.{s}"] = torch.cat(parts)
+        n += 1
+    out.update(rest)  # anything left over is reported as unexpected by the caller
+    return out
+
+
+def _timm_to_hub(sd):
+    """timm names -> torch-hub names. timm folds the class position into cls_token and drops mask_token;
+    putting a zero class slot back is exact, since that slot is only ever added to the class token."""
+    sd = dict(sd)
+    if "reg_token" in sd:
+        sd["register_tokens"] = sd.pop("reg_token")
+    pos = sd.get("pos_embed")
+    if pos is not None and math.isqrt(pos.shape[1]) ** 2 == pos.shape[1]:
+        sd["pos_embed"] = torch.cat((torch.zeros_like(pos[:, :1]), pos), dim=1)
+    if "mask_token" not in sd and "cls_token" in sd:
+        sd["mask_token"] = torch.zeros(1, sd["cls_token"].shape[-1], dtype=sd["cls_token"].dtype)
+    return sd
+
+
+def to_hub_names(sd):
+    """Detect the naming (torch hub, Hugging Face, timm) and return the state dict in torch-hub names."""
+    sd = _strip_prefix(sd)
+    if any(k.startswith(("embeddings.", "encoder.layer.")) for k in sd):
+        return _hf_to_hub(sd), "huggingface"
+    pos = sd.get("pos_embed")
+    if "reg_token" in sd or (pos is not None and math.isqrt(pos.shape[1]) ** 2 == pos.shape[1]):
+        return _timm_to_hub(sd), "timm"
+    return sd, "torch-hub"
+
+
+def vit_config_from_state_dict(sd, num_heads=None):
+    """Infer the ViT size from torch-hub-named tensors. DINOv2 heads are always 64 wide."""
+    for k in ("pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight"):
+        if k not in sd:
+            raise KeyError(k)
+    D = sd["pos_embed"].shape[-1]
+    grid = math.isqrt(sd["pos_embed"].shape[1] - 1)
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    hidden = sd["blocks.0.mlp.fc1.weight"].shape[0] if "blocks.0.mlp.fc1.weight" in sd else 4 * D
+    regs = sd["register_tokens"].shape[1] if "register_tokens" in sd else 0
+    return ViTConfig(embed_dim=D, depth=depth, num_heads=num_heads or D // 64, num_register_tokens=regs,
+                     patch_size=sd["patch_embed.proj.weight"].shape[-1], pos_grid=grid, mlp_ratio=hidden / D)
+
+
+def load_strict(module, sd, path):
+    """Copy `sd` into `module`, failing with one line on any missing or unexpected key or wrong shape."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    if missing:
+        raise WeightsError(f"{path}: missing key {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if unexpected:
+        raise WeightsError(f"{path}: unexpected key {unexpected[0]!r}" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+    for k, v in own.items():
+        if tuple(sd[k].shape) != tuple(v.shape):
+            raise WeightsError(f"{path}: {k!r} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)}")
+    module.load_state_dict({k: v.float() for k, v in sd.items()})
+    return module
+
+
+def load_backbone(path, num_heads=None) -> ViT:
+    """A DINOv2 ViT from .safetensors or .pth in torch-hub, Hugging Face or timm names; size detected."""
+    sd, _ = read_state_dict(path)
+    if any(k.startswith("encoder.blocks.") for k in sd):  # an INP-Former checkpoint: take its encoder
+        sd = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
+    try:
+        sd, _ = to_hub_names(sd)
+        config = vit_config_from_state_dict(sd, num_heads)
+    except KeyError as e:
+        raise WeightsError(f"{path}: not a DINOv2 ViT state dict (no {e.args[0]!r})") from None
+    return load_strict(ViT(config), sd, path)
+
+
+def config_from_official(sd):
+    """INPFormerConfig of an official INP-Former state dict, inferred from its shapes."""
+    enc = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
+    num_heads = sd["decoder.0.attn.learn_scale"].shape[0]
+    vit = vit_config_from_state_dict(enc, num_heads)
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("decoder."))
+    return INPFormerConfig(vit=vit, inp_num=sd["prototype_token"].shape[0], decoder_depth=depth)
+
+
+def save_checkpoint(model: INPFormer, path, metadata=None):
+    """Write the whole model (frozen encoder included) as one .safetensors file with its config in the
+    metadata; atomically (temp file + rename), so a crash never leaves a half-written checkpoint."""
+    from safetensors.torch import save_file
+
+    meta = {"format": "pt", "inpformer_config": json.dumps(asdict(model.config))}
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
+    sd = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = f"{os.fspath(path)}.tmp"
+    save_file(sd, tmp, metadata=meta)
+    os.replace(tmp, path)
+
+
+def load_model(path, device="cpu", target_layers=None) -> INPFormer:
+    """An INPFormer (eval mode) from a project checkpoint or an official INP-Former state dict."""
+    sd, meta = read_state_dict(path)
+    sd = _strip_prefix(sd)
+    if "inpformer_config" in meta:
+        try:
+            config = INPFormerConfig(**json.loads(meta["inpformer_config"]))
+        except (TypeError, ValueError) as e:
+            raise WeightsError(f"{path}: unreadable inpformer_config metadata ({_first_line(e)})") from None
+    elif "prototype_token" in sd and "decoder.0.attn.learn_scale" in sd and "encoder.pos_embed" in sd:
+        try:
+            config = config_from_official(sd)
+        except KeyError as e:
+            raise WeightsError(f"{path}: incomplete INP-Former state dict (no {e.args[0]!r})") from None
+    else:
+        raise WeightsError(f"{path}: not an INP-Former checkpoint (no config metadata, no official keys)")
+    if target_layers is not None:
+        config.target_layers = list(target_layers)
+    model = build_model(config)
+    load_strict(model, sd, path)
+    return model.to(device).eval()
+
+
+def read_checkpoint_metadata(path):
+    """The metadata dict of a project checkpoint (values JSON-decoded where possible)."""
+    _, meta = read_state_dict(path)
+    out = {}
+    for k, v in meta.items():
+        try:
+            out[k] = json.loads(v)
+        except ValueError:
+            out[k] = v
+    return out
