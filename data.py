@@ -1,0 +1,756 @@
+"""Data for INP-Former: MVTec AD, VisA, Real-IAD, any MVTec-layout folder, and a built-in demo set.
+
+The data sets are read exactly as their authors distribute them, and every image goes through the official
+INP-Former preprocessing (luow23/INP-Former `dataset.py`): RGB, 448x448 bilinear resize (aspect not kept),
+centre crop 392, ImageNet mean/std. Masks take the same geometry and are then binarised at 0.5.
+
+Layouts (`data` name -> what `root` points at):
+  mvtec, folder, demo   <root>/<class>/{train/good, test/<defect>, ground_truth/<defect>/<stem>_mask.png}
+  visa                  the raw download with split_csv/1cls.csv, or the prepared 1cls/<class>/... tree
+  realiad               the folder holding realiad_1024/<class>/ and realiad_jsons/[realiad_jsons/]<class>.json
+
+Every problem with the files on disk raises DataError, whose message is one line, "<path>: <problem>".
+
+    python data.py --make-demo DIR          # write the procedural demo set (MVTec layout) in seconds
+    python data.py --check mvtec ROOT       # class counts and a quick file check; exit 2 with one line if bad
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Class orders as the official training scripts list them (`item_list`); results are reported in this order.
+MVTEC_CLASSES = ("carpet", "grid", "leather", "tile", "wood", "bottle", "cable", "capsule", "hazelnut",
+                 "metal_nut", "pill", "screw", "toothbrush", "transistor", "zipper")
+VISA_CLASSES = ("candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2", "pcb1", "pcb2",
+                "pcb3", "pcb4", "pipe_fryum")
+REALIAD_CLASSES = ("audiojack", "bottle_cap", "button_battery", "end_cap", "eraser", "fire_hood", "mint", "mounts",
+                   "pcb", "phone_battery", "plastic_nut", "plastic_plug", "porcelain_doll", "regulator",
+                   "rolled_strip_base", "sim_card_set", "switch", "tape", "terminalblock", "toothbrush", "toy",
+                   "toy_brick", "transistor1", "usb", "usb_adaptor", "u_block", "vcpill", "wooden_beads",
+                   "woodstick", "zipper")
+OFFICIAL_ORDER = {"mvtec": MVTEC_CLASSES, "visa": VISA_CLASSES, "realiad": REALIAD_CLASSES}
+
+DATASETS = ("mvtec", "visa", "realiad", "folder", "demo")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class DataError(Exception):
+    """A problem with the data on disk. str(e) is one line: "<path>: <problem>"."""
+
+
+def _error(path, problem) -> DataError:
+    # Library messages (PIL, json) can span lines; the one-line promise is what lets scripts print them as is.
+    return DataError(re.sub(r"\s*\n\s*", " ", f"{path}: {problem}"))
+
+
+def one_line(exc: BaseException) -> str:
+    """The one-line message of `exc`, also when a DataLoader worker re-raised it.
+
+    PyTorch re-raises a worker's exception with the worker's whole traceback as its message; the original
+    message is the traceback's last line, after the (module-qualified) exception name."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else type(exc).__name__
+    for line in reversed(lines):
+        m = re.match(r"(?:[\w.]+\.)?DataError: (.*)", line)
+        if m:
+            return m.group(1)
+    return lines[-1]
+
+
+@dataclass
+class Sample:
+    image: str
+    mask: str | None      # None: a normal image (all-zero mask) or a training image
+    label: int            # 0 normal, 1 anomalous
+    cls: str
+    defect: str           # "good" for normal images
+    # How a stored mask becomes 0/255 before resizing: None keeps its grey values (0/255 masks, read exactly
+    # as the official loader reads them); an integer t marks a pixel anomalous where its value > t.
+    mask_threshold: int | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Layouts: where each data set keeps its classes, images and masks.
+
+def default_root(data: str) -> str | None:
+    """The folder used when no root is given: the demo set lives beside this file; real data sets need one."""
+    return str(Path(__file__).resolve().parent / "demo_data") if data == "demo" else None
+
+
+def _source(data: str, root) -> tuple[str, Path, Path | None]:
+    """(kind, base, extra) for a data set root, after checking that it exists.
+
+    kind "tree": base holds MVTec-layout class folders.  "visa-csv": base is the raw VisA root, extra the
+    split file.  "realiad": base is realiad_1024, extra the folder of <class>.json files."""
+    if data not in DATASETS:
+        raise _error(data, f"unknown data set (known: {', '.join(DATASETS)})")
+    if data == "demo":
+        root = Path(root or default_root("demo"))
+        if not (root / DEMO_MARKER).is_file():
+            make_demo(root)
+    elif root is None or str(root) == "":
+        raise _error(data, "no data root given (pass --data-root)")
+    root = Path(root)
+    if not root.is_dir():
+        raise _error(root, "data root not found" if not root.exists() else "data root is not a folder")
+
+    if data == "visa":
+        # The split file ships inside the raw download (split_csv/1cls.csv); the prepared tree is what the
+        # official preparation script writes from it. Prefer the split file: it is the source of truth.
+        for split_file in (root / "split_csv" / "1cls.csv", root / "1cls.csv"):
+            if split_file.is_file():
+                return "visa-csv", root, split_file
+        return "tree", (root / "1cls" if (root / "1cls").is_dir() else root), None
+
+    if data == "realiad":
+        images = root / "realiad_1024"
+        if not images.is_dir():
+            raise _error(images, "not found (a Real-IAD root holds realiad_1024/<class>/ and realiad_jsons/)")
+        # The download unpacks to a doubled folder, realiad_jsons/realiad_jsons/, beside variants such as
+        # realiad_jsons_sv; accept it and a single realiad_jsons/ holding the <class>.json files directly.
+        for jsons in (root / "realiad_jsons" / "realiad_jsons", root / "realiad_jsons"):
+            if jsons.is_dir() and any(jsons.glob("*.json")):
+                return "realiad", images, jsons
+        raise _error(root / "realiad_jsons", "no <class>.json files in realiad_jsons/realiad_jsons/ or realiad_jsons/")
+
+    return "tree", root, None
+
+
+def _ordered(found, data: str) -> list[str]:
+    official = OFFICIAL_ORDER.get(data, ())
+    return [c for c in official if c in found] + sorted(set(found) - set(official))
+
+
+def _visible_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _images(folder: Path) -> list[Path]:
+    # Hidden files include macOS "._000.png" resource forks, which carry an image suffix but are not images.
+    return sorted(p for p in folder.iterdir()
+                  if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
+
+
+def _read_split_file(split_file: Path) -> list[dict]:
+    try:
+        with open(split_file, newline="") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise _error(split_file, f"cannot read split file ({e})") from None
+    need = ("object", "split", "label", "image", "mask")
+    if not set(need) <= set(reader.fieldnames or ()):
+        raise _error(split_file, f"not a VisA split file (its header must name {', '.join(need)})")
+    return rows
+
+
+def _read_realiad_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise _error(path, "not found") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise _error(path, f"cannot read Real-IAD json ({e})") from None
+    if not isinstance(meta, dict):
+        raise _error(path, "not a Real-IAD json (expected an object with 'train' and 'test' lists)")
+    return meta
+
+
+def list_classes(data: str, root) -> list[str]:
+    """The classes present under root: official order first where known, then sorted."""
+    kind, base, extra = _source(data, root)
+    if kind == "tree":
+        found = [d.name for d in _visible_dirs(base) if (d / "train" / "good").is_dir() or (d / "test").is_dir()]
+        expected = "<class>/train/good and <class>/test folders"
+        if data == "visa":
+            expected = "split_csv/1cls.csv of the raw download, or the prepared 1cls/<class>/train/good tree"
+    elif kind == "visa-csv":
+        found = {row["object"] for row in _read_split_file(extra) if (base / row["object"]).is_dir()}
+        expected = f"class folders named in {extra.name}"
+    else:
+        # Real-IAD is distributed one zip per class: a class counts once its images are unpacked too.
+        found = [j.stem for j in extra.glob("*.json") if (base / j.stem).is_dir()]
+        expected = f"realiad_1024/<class>/ folders for the json files in {extra}"
+    if not found:
+        raise _error(base, f"no classes found (expected {expected})")
+    return _ordered(found, data)
+
+
+def resolve_classes(data: str, root, spec) -> list[str]:
+    """Classes for spec "all" (or None), "a,b,c" or a list of names; an unknown name is a DataError."""
+    return _pick(spec, [list_classes(data, root)], root or default_root(data), data)[0]
+
+
+def _pick(spec, per_set: list[list[str]], where, what) -> list[list[str]]:
+    """The classes of spec in each set of known classes; a name no set knows is a DataError."""
+    names = _names(spec)
+    if not names or names == ["all"]:
+        return per_set
+    unknown = [c for c in names if not any(c in known for known in per_set)]
+    if unknown:
+        known = dict.fromkeys(c for k in per_set for c in k)
+        raise _error(where, f"unknown class {', '.join(map(repr, unknown))} for {what} (known: {', '.join(known)})")
+    return [[c for c in names if c in known] for known in per_set]
+
+
+def _split(value) -> list[str]:
+    items = value.split(",") if isinstance(value, str) else list(value or ())
+    return [str(s).strip() for s in items if str(s).strip()]
+
+
+def _names(spec) -> list[str]:
+    return list(dict.fromkeys(_split(spec)))
+
+
+def list_samples(data: str, root, cls: str, split: str) -> list[Sample]:
+    """Every image of one class and split, paired with its mask; a DataError names what is missing."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+    kind, base, extra = _source(data, root)
+    if kind == "tree":
+        return _tree_samples(base, cls, split, data, root)
+    if kind == "visa-csv":
+        return _visa_csv_samples(base, extra, cls, split)
+    return _realiad_samples(base, extra, cls, split)
+
+
+def _known_hint(data, root) -> str:
+    try:
+        return f" (known: {', '.join(list_classes(data, root))})"
+    except DataError:
+        return ""
+
+
+def _tree_samples(base: Path, cls: str, split: str, data: str, root) -> list[Sample]:
+    cdir = base / cls
+    if not cdir.is_dir():
+        raise _error(cdir, "class folder not found" + _known_hint(data, root))
+    if split == "train":
+        good = cdir / "train" / "good"
+        if not good.is_dir():
+            raise _error(good, "folder not found")
+        samples = [Sample(str(p), None, 0, cls, "good") for p in _images(good)]
+        if not samples:
+            raise _error(good, f"no images ({', '.join(IMAGE_SUFFIXES)})")
+        return samples
+
+    test = cdir / "test"
+    if not test.is_dir():
+        raise _error(test, "folder not found")
+    samples = []
+    for folder in _visible_dirs(test):
+        defect = folder.name
+        if defect == "good":
+            samples += [Sample(str(p), None, 0, cls, "good") for p in _images(folder)]
+            continue
+        # Pair by file stem, not by sorted order as the official loader does: a missing mask then names its
+        # image instead of silently shifting every later pair. MVTec names masks <stem>_mask.png, the prepared
+        # VisA tree <stem>.png.
+        gt = cdir / "ground_truth" / defect
+        masks = {p.stem: p for p in _images(gt)} if gt.is_dir() else {}
+        for p in _images(folder):
+            mask = masks.get(p.stem + "_mask") or masks.get(p.stem)
+            if mask is None:
+                raise _error(p, f"no mask (expected {gt / (p.stem + '_mask.png')})")
+            samples.append(Sample(str(p), str(mask), 1, cls, defect))
+    if not samples:
+        raise _error(test, f"no images ({', '.join(IMAGE_SUFFIXES)})")
+    return samples
+
+
+def _visa_csv_samples(base: Path, split_file: Path, cls: str, split: str) -> list[Sample]:
+    rows = _read_split_file(split_file)
+    if not any(row["object"] == cls for row in rows):
+        known = sorted({row["object"] for row in rows})
+        raise _error(split_file, f"no rows for class {cls!r} (known: {', '.join(known)})")
+    samples = []
+    for line, row in enumerate(rows, start=2):
+        if row["object"] != cls or row["split"] != split:
+            continue
+        image = base / row["image"]
+        if not image.is_file():
+            raise _error(image, f"not found (listed in {split_file}, line {line})")
+        if row["label"] == "normal" or split == "train":
+            samples.append(Sample(str(image), None, int(row["label"] != "normal"), cls, "good"))
+            continue
+        mask = base / row["mask"] if row["mask"] else None
+        if mask is None or not mask.is_file():
+            raise _error(image, f"no mask ({'none listed' if mask is None else f'{mask} not found'}; "
+                                f"{split_file}, line {line})")
+        # Raw VisA masks are class-index maps (0 background, 1..K defect ids): any non-zero pixel is anomalous,
+        # as the official preparation script makes it before INP-Former reads them.
+        samples.append(Sample(str(image), str(mask), 1, cls, "bad", mask_threshold=0))
+    if not samples:
+        raise _error(split_file, f"no {split} rows for class {cls!r}")
+    return samples
+
+
+def _realiad_samples(images: Path, jsons: Path, cls: str, split: str) -> list[Sample]:
+    path = jsons / f"{cls}.json"
+    if not path.is_file():
+        known = sorted(j.stem for j in jsons.glob("*.json"))
+        raise _error(path, f"not found (known: {', '.join(known)})")
+    records = _read_realiad_json(path).get(split)
+    if not isinstance(records, list) or not records:
+        raise _error(path, f"no '{split}' list of images")
+    cdir = images / cls
+    if not cdir.is_dir():
+        raise _error(cdir, "class image folder not found (unpack the class's realiad_1024 zip here)")
+    samples = []
+    for n, rec in enumerate(records):
+        if not isinstance(rec, dict) or not rec.get("image_path") or "anomaly_class" not in rec:
+            raise _error(path, f"'{split}' entry {n} lacks image_path or anomaly_class")
+        image = cdir / rec["image_path"]
+        if not image.is_file():
+            raise _error(image, f"not found (listed in {path})")
+        # Each of the five camera views is its own record and is scored as its own image, as in the paper.
+        label = int(rec["anomaly_class"] != "OK")
+        if not label or split == "train":
+            samples.append(Sample(str(image), None, label, cls, "good" if not label else str(rec["anomaly_class"])))
+            continue
+        mask = cdir / rec["mask_path"] if rec.get("mask_path") else None
+        if mask is None or not mask.is_file():
+            raise _error(image, f"no mask ({'none listed' if mask is None else f'{mask} not found'} in {path})")
+        # The downsampled copies have soft mask edges; > 127 is ADEval's rule for them.
+        samples.append(Sample(str(image), str(mask), 1, cls, str(rec["anomaly_class"]), mask_threshold=127))
+    return samples
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pre-flight check: find bad files before training starts, without decoding every pixel.
+
+# A truncated download or unpack loses the end marker. Reading a file's last bytes finds that at the cost of
+# a header read; only files without the marker (or in formats without one) are decoded in full.
+_END_MARKERS = {"PNG": b"IEND", "JPEG": b"\xff\xd9"}
+
+
+def _probe(path) -> tuple[int, int]:
+    """(width, height) of an image file; DataError if it is missing, not an image, or does not decode."""
+    try:
+        with Image.open(path) as im:
+            size, marker = im.size, _END_MARKERS.get(im.format)
+            if marker is None or not _tail_has(path, marker):
+                im.load()
+    except FileNotFoundError:
+        raise _error(path, "file not found") from None
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error... for broken files
+        raise _error(path, f"cannot read image ({e})") from None
+    return size
+
+
+def _tail_has(path, marker: bytes, n: int = 1024) -> bool:
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - n))
+        return marker in f.read()
+
+
+def _size_error(mask, msize, image, size) -> DataError:
+    return _error(mask, f"mask is {msize[0]}x{msize[1]} but its image {image} is {size[0]}x{size[1]}")
+
+
+def check_samples(samples) -> None:
+    """Quick pre-flight: every image and mask opens, is complete, and each mask matches its image's size."""
+    for s in samples:
+        size = _probe(s.image)
+        if s.mask is not None:
+            msize = _probe(s.mask)
+            if msize != size:
+                raise _size_error(s.mask, msize, s.image, size)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The official preprocessing.
+
+# Per-image arithmetic runs in numpy, single-threaded. With workers=0 it runs in the training process, where
+# torch's intra-op threads compete for the cores; on a busy 2-core machine that made it 8x slower. The float32
+# operations are those of ToTensor + Normalize, so the values are bit-identical.
+_MEAN = np.array(IMAGENET_MEAN, np.float32).reshape(3, 1, 1)
+_STD = np.array(IMAGENET_STD, np.float32).reshape(3, 1, 1)
+
+
+def _open(path, keep=("RGB", "L"), other="RGB") -> Image.Image:
+    """The decoded image, converted to `other` unless its mode is in `keep`."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            # For images this is the official .convert('RGB') (RGBA drops alpha, P maps to colours), except
+            # that grey stays grey until after the resize: the same pixels for a third of the work.
+            return im if im.mode in keep else im.convert(other)
+    except FileNotFoundError:
+        raise _error(path, "file not found") from None
+    except Exception as e:  # any decode failure of one file must surface as one line naming that file
+        raise _error(path, f"cannot read image ({e})") from None
+
+
+def _geometry(im: Image.Image, image_size: int, crop_size: int) -> Image.Image:
+    # PIL's bilinear resize (antialiased when shrinking) is what torchvision's Resize runs on PIL images; the
+    # crop offset uses torchvision CenterCrop's rounding.
+    im = im.resize((image_size, image_size), Image.BILINEAR)
+    top = int(round((image_size - crop_size) / 2.0))
+    return im.crop((top, top, top + crop_size, top + crop_size))
+
+
+def _to_tensor(im: Image.Image, image_size: int, crop_size: int) -> torch.Tensor:
+    im = _geometry(im, image_size, crop_size).convert("RGB")
+    x = np.asarray(im).transpose(2, 0, 1).astype(np.float32, order="C")
+    x /= np.float32(255)
+    x -= _MEAN
+    x /= _STD
+    return torch.from_numpy(x)
+
+
+def _mask_tensor(m: Image.Image, threshold: int | None, image_size: int, crop_size: int) -> torch.Tensor:
+    # m is "L", or "P" whose indices are class ids when a threshold applies (a P image's grey otherwise).
+    if threshold is not None:
+        m = Image.fromarray(np.where(np.asarray(m) > threshold, 255, 0).astype(np.uint8))
+    elif m.mode == "P":
+        m = m.convert("L")
+    # value/255 > 0.5 is value >= 128 for 8-bit values: the same test without leaving integers.
+    return torch.from_numpy((np.asarray(_geometry(m, image_size, crop_size)) > 127).astype(np.float32)[None])
+
+
+def _zero_mask(size: int) -> torch.Tensor:
+    return torch.from_numpy(np.zeros((1, size, size), np.float32))
+
+
+def load_image(path, image_size: int = 448, crop_size: int = 392) -> torch.Tensor:
+    """One preprocessed image (3, crop, crop), e.g. for unlabelled prediction; DataError on a bad file."""
+    _check_sizes(image_size, crop_size)
+    return _to_tensor(_open(path), image_size, crop_size)
+
+
+def _check_sizes(image_size, crop_size):
+    if not 0 < crop_size <= image_size:
+        raise ValueError(f"crop size {crop_size} must be in 1..image size {image_size}")
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Samples -> dict(image (3,c,c) normalised, mask (1,c,c) in {0,1}, label, path, cls)."""
+
+    def __init__(self, samples, image_size: int = 448, crop_size: int = 392):
+        _check_sizes(image_size, crop_size)
+        self.samples = list(samples)
+        self.image_size, self.crop_size = image_size, crop_size
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        s = self.samples[i]
+        im = _open(s.image)
+        if s.mask is None:
+            mask = _zero_mask(self.crop_size)
+        else:
+            m = _open(s.mask, keep=("L", "P"), other="L")
+            if m.size != im.size:
+                raise _size_error(s.mask, m.size, s.image, im.size)
+            mask = _mask_tensor(m, s.mask_threshold, self.image_size, self.crop_size)
+        return dict(image=_to_tensor(im, self.image_size, self.crop_size), mask=mask, label=s.label,
+                    path=s.image, cls=s.cls)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Few-shot: the official 22-fold expansion of each shot (utils.augmentation), on normalised tensors.
+
+def _affine_theta(matrix) -> torch.Tensor:
+    return torch.tensor(matrix, dtype=torch.float64).float()
+
+
+_ROTATIONS = [-math.pi / 4, -3 * math.pi / 16, -math.pi / 8, -math.pi / 16,
+              math.pi / 16, math.pi / 8, 3 * math.pi / 16, math.pi / 4]
+_SHIFTS = [(0.2, 0.2), (-0.2, 0.2), (-0.2, -0.2), (0.2, -0.2), (0.1, 0.1), (-0.1, 0.1), (-0.1, -0.1), (0.1, -0.1)]
+_WARPS = ([_affine_theta([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0]]) for a in _ROTATIONS]
+          + [_affine_theta([[1, 0, a], [0, 1, b]]) for a, b in _SHIFTS])
+N_AUGMENT = 1 + len(_WARPS) + 2 + 3
+_GREY = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+
+
+def _augment(x: torch.Tensor, j: int) -> torch.Tensor:
+    """The j-th of the 22 views of x (3,H,W): original, 8 rotations, 8 translations, flip, grey, 3 quarter turns."""
+    if j == 0:
+        return x
+    if j <= len(_WARPS):
+        # Normalised coordinates, align_corners=False and reflection padding, as the official rot_img and
+        # translation_img call affine_grid/grid_sample; a shift of 0.2 moves the content by 10% of the side.
+        grid = F.affine_grid(_WARPS[j - 1][None], [1, *x.shape], align_corners=False)
+        return F.grid_sample(x[None], grid, mode="bilinear", padding_mode="reflection", align_corners=False)[0]
+    j -= len(_WARPS)
+    if j == 1:
+        return x.flip(-1)
+    if j == 2:
+        # kornia's rgb_to_grayscale weights, applied (as in the official code) to the normalised tensor.
+        return (x * _GREY).sum(0, keepdim=True).expand(3, -1, -1)
+    # kornia.rotate by 90/180/270 degrees about the centre of a square image lands exactly on the pixel grid,
+    # so it is torch.rot90 (counter-clockwise) up to float rounding.
+    return torch.rot90(x, j - 2, dims=(-2, -1))
+
+
+def few_shot_augment(x: torch.Tensor) -> torch.Tensor:
+    """(3,H,W) -> (22,3,H,W): original, 8 rotations, 8 translations, hflip, grey, rot90 x3 (in this order;
+    the official code shuffles them, which a shuffling DataLoader makes irrelevant)."""
+    return torch.stack([_augment(x, j) for j in range(N_AUGMENT)])
+
+
+class FewShotSet(torch.utils.data.Dataset):
+    """k shots per class, each seen as its 22 views. Views are made on access from the preprocessed shots:
+    the same tensors as the official offline expansion, at 1/22 of the memory (2.4 GB for MVTec 4-shot)."""
+
+    def __init__(self, shots: torch.Tensor, paths, classes):
+        self.shots, self.paths, self.classes = shots, list(paths), list(classes)
+
+    def __len__(self):
+        return len(self.paths) * N_AUGMENT
+
+    def __getitem__(self, i):
+        b, j = divmod(i, N_AUGMENT)
+        x = self.shots[b]
+        return dict(image=_augment(x, j).contiguous(), mask=_zero_mask(x.shape[-1]), label=0,
+                    path=self.paths[b], cls=self.classes[b])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training and test sets.
+
+def train_set(data, root, classes="all", image_size: int = 448, crop_size: int = 392, shots: int | None = None,
+              seed: int = 1, check: bool = True) -> torch.utils.data.Dataset:
+    """The training images of `classes` (single-class: one name; unified multi-class: "all").
+
+    data and root may be comma lists ("mvtec,visa", "/d/mvtec,/d/visa") for the super-multi-class setting;
+    then "all" means all classes of each set, and named classes are taken from every set that has them.
+    shots=k draws k images per class with one random.Random(seed) over the classes in order (the official
+    setup_seed(1) + random.sample) and expands each into its 22 views. check=True runs check_samples first,
+    so a bad file stops the run before training rather than inside a loader worker."""
+    datas, roots = _split(data), (_split(root) if isinstance(root, (str, list, tuple)) else [root])
+    if len(roots) != len(datas):
+        raise _error(root, f"{len(datas)} data sets ({', '.join(datas)}) need as many comma-separated roots")
+    per_set = _pick(classes, [list_classes(d, r) for d, r in zip(datas, roots)],
+                    ",".join(str(r or default_root(d)) for d, r in zip(datas, roots)), ",".join(datas))
+
+    rng = random.Random(seed)
+    parts = []
+    for d, r, clss in zip(datas, roots, per_set):
+        for cls in clss:
+            samples = list_samples(d, r, cls, "train")
+            if shots:
+                if shots > len(samples):
+                    raise _error(Path(samples[0].image).parent, f"{len(samples)} training images, "
+                                                                f"cannot draw {shots} shots")
+                samples = rng.sample(samples, shots)
+            if check:
+                check_samples(samples)
+            parts.append(ImageDataset(samples, image_size, crop_size))
+    if not shots:
+        return torch.utils.data.ConcatDataset(parts)
+    chosen = [s for part in parts for s in part.samples]
+    images = torch.stack([part[i]["image"] for part in parts for i in range(len(part))])
+    return FewShotSet(images, [s.image for s in chosen], [s.cls for s in chosen])
+
+
+def test_set(data, root, cls, image_size: int = 448, crop_size: int = 392, check: bool = True) -> ImageDataset:
+    """All test images of one class with their masks (all-zero for normal images)."""
+    samples = list_samples(data, root, cls, "test")
+    if check:
+        check_samples(samples)
+    return ImageDataset(samples, image_size, crop_size)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The demo data set: procedural textures with scratches, spots and missing pieces, exact masks, seeded.
+
+DEMO_MARKER = "demo.json"   # written last: a folder with it is a complete demo set
+DEMO_DEFECTS = ("scratch", "spot", "missing")
+
+
+def _smooth_noise(rng, size: int, cells: int) -> np.ndarray:
+    coarse = rng.standard_normal((cells, cells)).astype(np.float32)
+    return np.asarray(Image.fromarray(coarse, "F").resize((size, size), Image.BICUBIC))
+
+
+def _texture(recipe: str, rng, size: int, colour: np.ndarray) -> np.ndarray:
+    """A float RGB image in [0,1]: periodic structure at a random phase, smooth shading and fine grain, so that
+    normal images differ while sharing a learnable pattern."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    if recipe == "tiles":
+        period = size / 8
+        u, v = (x + rng.uniform(0, period)) / period, (y + rng.uniform(0, period)) / period
+        tint = rng.normal(0, 0.05, (16, 16, 3)).astype(np.float32)[v.astype(int) % 16, u.astype(int) % 16]
+        edge = np.minimum(np.minimum(u % 1, 1 - u % 1), np.minimum(v % 1, 1 - v % 1)) * period
+        bevel = np.clip(edge / 4, 0, 1)[..., None]
+        img = colour * (1 + tint) * (0.75 + 0.25 * bevel)
+        img = np.where((edge < 1.5)[..., None], 0.38, img)          # grout lines
+    else:  # "fabric": a plain weave, warp and weft threads alternating over and under
+        period = size / 24
+        u, v = (x + rng.uniform(0, 2 * period)) / period, (y + rng.uniform(0, 2 * period)) / period
+        warp, weft = np.sin(np.pi * (u % 1)), np.sin(np.pi * (v % 1))
+        over = (u.astype(int) + v.astype(int)) % 2 == 0
+        img = colour * (0.55 + 0.45 * np.where(over, warp, weft))[..., None]
+    shade = 1 + 0.08 * _smooth_noise(rng, size, 5)[..., None] + rng.uniform(-0.04, 0.04)
+    grain = rng.normal(0, 0.015, (size, size, 1)).astype(np.float32)
+    return np.clip(img * shade + grain, 0, 1)
+
+
+def _defect(kind: str, rng, clean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(defective image, 0/255 mask). Shapes are drawn without antialiasing, so the mask is exactly the set of
+    pixels the defect replaced. Defects stay inside the central 60% so the 392/448 centre crop keeps them."""
+    size = clean.shape[0]
+    canvas = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(canvas)
+    cx, cy = rng.uniform(0.3, 0.7, 2) * size
+    noise = rng.normal(0, 0.03, clean.shape).astype(np.float32)
+    if kind == "scratch":
+        # A quadratic Bezier stroke, bright or dark.
+        length, angle = rng.uniform(0.15, 0.35) * size, rng.uniform(0, np.pi)
+        d = np.array([np.cos(angle), np.sin(angle)]) * length / 2
+        p0, p2 = np.array([cx, cy]) - d, np.array([cx, cy]) + d
+        p1 = (p0 + p2) / 2 + rng.normal(0, length / 4, 2)
+        t = np.linspace(0, 1, 48)[:, None]
+        curve = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t ** 2 * p2
+        draw.line([tuple(p) for p in curve], fill=255, width=int(rng.integers(2, 5)) * size // 256 or 1)
+        fill = np.full_like(clean, rng.choice([rng.uniform(0.85, 0.97), rng.uniform(0.03, 0.15)])) + noise
+    elif kind == "spot":
+        # A blob of overlapping ellipses in a foreign colour, the texture still showing through.
+        for _ in range(int(rng.integers(3, 6))):
+            ox, oy = rng.normal(0, 0.03, 2) * size
+            rx, ry = rng.uniform(0.025, 0.06, 2) * size
+            draw.ellipse([cx + ox - rx, cy + oy - ry, cx + ox + rx, cy + oy + ry], fill=255)
+        colour = clean.reshape(-1, 3).mean(0)
+        stain = np.clip(1 - colour + rng.uniform(-0.15, 0.15, 3), 0, 1).astype(np.float32)
+        fill = 0.35 * clean + 0.65 * stain + noise
+    else:  # "missing": an irregular polygonal hole showing a dark background
+        angles = np.sort(rng.uniform(0, 2 * np.pi, int(rng.integers(7, 12))))
+        radii = rng.uniform(0.04, 0.1, len(angles)) * size
+        draw.polygon([(cx + r * np.cos(a), cy + r * np.sin(a)) for a, r in zip(angles, radii)], fill=255)
+        fill = np.full_like(clean, rng.uniform(0.04, 0.12)) + noise
+    mask = np.asarray(canvas)
+    return np.where((mask > 0)[..., None], np.clip(fill, 0, 1), clean), mask
+
+
+def _save(path: Path, array: np.ndarray):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if array.dtype != np.uint8:
+        array = (array * 255 + 0.5).astype(np.uint8)
+    Image.fromarray(array).save(path, compress_level=1)  # grain does not compress; level 1 encodes about 4x faster
+
+
+def make_demo(out_dir, seed: int = 0, classes=("tiles", "fabric"), n_train: int = 36, n_test_good: int = 12,
+              n_test_defect: int = 18, size: int = 256) -> Path:
+    """Write a small MVTec-layout data set to out_dir (or keep it, if one with these settings is there).
+
+    Per class: train/good, test/good, test/{scratch,spot,missing} (defects dealt round-robin) and
+    ground_truth/<defect>/NNN_mask.png. Files depend only on the arguments (each image has its own seeded
+    generator). Written to a temporary folder and moved in place, so an interrupted run never looks complete."""
+    out = Path(out_dir)
+    settings = dict(version=1, seed=seed, classes=list(classes), n_train=n_train, n_test_good=n_test_good,
+                    n_test_defect=n_test_defect, size=size)
+    if _demo_settings(out) == settings:
+        return out
+    if out.exists() and not (out / DEMO_MARKER).is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise _error(out, "exists and is not a demo data set; not overwriting it")
+
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    palette = np.random.default_rng([seed, 9999])
+    for ci, cls in enumerate(classes):
+        recipe = ("tiles", "fabric")[ci % 2] if cls not in ("tiles", "fabric") else cls
+        colour = {"tiles": np.array([0.72, 0.46, 0.34]), "fabric": np.array([0.30, 0.38, 0.62])}[recipe]
+        if ci >= 2:
+            colour = palette.uniform(0.25, 0.8, 3)
+        colour = colour.astype(np.float32)
+
+        def rng(split, i):
+            return np.random.default_rng([seed, ci, split, i])
+
+        for i in range(n_train):
+            _save(tmp / cls / "train" / "good" / f"{i:03d}.png", _texture(recipe, rng(0, i), size, colour))
+        for i in range(n_test_good):
+            _save(tmp / cls / "test" / "good" / f"{i:03d}.png", _texture(recipe, rng(1, i), size, colour))
+        for i in range(n_test_defect):
+            kind, n = DEMO_DEFECTS[i % len(DEMO_DEFECTS)], i // len(DEMO_DEFECTS)
+            g = rng(2, i)
+            image, mask = _defect(kind, g, _texture(recipe, g, size, colour))
+            _save(tmp / cls / "test" / kind / f"{n:03d}.png", image)
+            _save(tmp / cls / "ground_truth" / kind / f"{n:03d}_mask.png", mask)
+    (tmp / DEMO_MARKER).write_text(json.dumps(settings, indent=1) + "\n")
+
+    if _demo_settings(out) == settings:      # another process finished the same set meanwhile
+        shutil.rmtree(tmp)
+        return out
+    if out.exists():
+        shutil.rmtree(out)                   # an older demo set (it has the marker) or an empty folder
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)
+    return out
+
+
+def _demo_settings(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / DEMO_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line.
+
+def _check(data: str, root, classes: str) -> None:
+    start, files = time.perf_counter(), 0
+    for cls in resolve_classes(data, root, classes):
+        train, test = list_samples(data, root, cls, "train"), list_samples(data, root, cls, "test")
+        check_samples(train + test)
+        files += len(train) + len(test) + sum(s.mask is not None for s in test)
+        defects = {}
+        for s in test:
+            if s.label:
+                defects[s.defect] = defects.get(s.defect, 0) + 1
+        detail = ", ".join(f"{d} {n}" for d, n in sorted(defects.items()))
+        print(f"{cls}: train {len(train)}, test {len(test) - sum(defects.values())} good + "
+              f"{sum(defects.values())} defective ({detail})")
+    print(f"checked {files} files in {time.perf_counter() - start:.1f} s")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--make-demo", metavar="DIR", help="write the demo data set (MVTec layout) to DIR")
+    p.add_argument("--seed", type=int, default=0, help="demo set seed (default 0)")
+    p.add_argument("--check", nargs="+", metavar=("DATA", "ROOT"),
+                   help=f"count the classes of DATA ({', '.join(DATASETS)}) under ROOT and check every file")
+    p.add_argument("--classes", default="all", help="with --check: 'all' or a comma list")
+    args = p.parse_args(argv)
+    if not args.make_demo and not args.check:
+        p.error("give --make-demo DIR or --check DATA ROOT")
+    if args.check and len(args.check) > 2:
+        p.error("--check takes DATA and ROOT")
+    try:
+        if args.make_demo:
+            print(f"demo data set in {make_demo(args.make_demo, seed=args.seed)}")
+        if args.check:
+            data, root = args.check[0], (args.check[1] if len(args.check) > 1 else None)
+            _check(data, root, args.classes)
+    except DataError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
