@@ -482,7 +482,6 @@ _SHIFTS = [(0.2, 0.2), (-0.2, 0.2), (-0.2, -0.2), (0.2, -0.2), (0.1, 0.1), (-0.1
 _WARPS = ([_affine_theta([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0]]) for a in _ROTATIONS]
           + [_affine_theta([[1, 0, a], [0, 1, b]]) for a, b in _SHIFTS])
 N_AUGMENT = 1 + len(_WARPS) + 2 + 3
-_GREY = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
 
 
 def _augment(x: torch.Tensor, j: int) -> torch.Tensor:
@@ -499,7 +498,7 @@ def _augment(x: torch.Tensor, j: int) -> torch.Tensor:
         return x.flip(-1)
     if j == 2:
         # kornia's rgb_to_grayscale weights, applied (as in the official code) to the normalised tensor.
-        return (x * _GREY).sum(0, keepdim=True).expand(3, -1, -1)
+        return (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]).expand(3, -1, -1)
     # kornia.rotate by 90/180/270 degrees about the centre of a square image lands exactly on the pixel grid,
     # so it is torch.rot90 (counter-clockwise) up to float rounding.
     return torch.rot90(x, j - 2, dims=(-2, -1))
@@ -579,6 +578,7 @@ def test_set(data, root, cls, image_size: int = 448, crop_size: int = 392, check
 
 DEMO_MARKER = "demo.json"   # written last: a folder with it is a complete demo set
 DEMO_DEFECTS = ("scratch", "spot", "missing")
+_DEMO_COLOURS = {"tiles": (0.72, 0.46, 0.34), "fabric": (0.30, 0.38, 0.62)}   # terracotta, denim
 
 
 def _smooth_noise(rng, size: int, cells: int) -> np.ndarray:
@@ -669,13 +669,11 @@ def make_demo(out_dir, seed: int = 0, classes=("tiles", "fabric"), n_train: int 
 
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    palette = np.random.default_rng([seed, 9999])
     for ci, cls in enumerate(classes):
-        recipe = ("tiles", "fabric")[ci % 2] if cls not in ("tiles", "fabric") else cls
-        colour = {"tiles": np.array([0.72, 0.46, 0.34]), "fabric": np.array([0.30, 0.38, 0.62])}[recipe]
-        if ci >= 2:
-            colour = palette.uniform(0.25, 0.8, 3)
-        colour = colour.astype(np.float32)
+        # Other class names reuse the two recipes, in a colour of their own.
+        recipe = cls if cls in _DEMO_COLOURS else tuple(_DEMO_COLOURS)[ci % 2]
+        colour = np.float32(_DEMO_COLOURS[cls] if cls in _DEMO_COLOURS
+                            else np.random.default_rng([seed, ci]).uniform(0.25, 0.8, 3))
 
         def rng(split, i):
             return np.random.default_rng([seed, ci, split, i])

@@ -387,7 +387,7 @@ def test_demo_set_is_seeded_complete_and_reused(tmp_path):
 def test_demo_masks_are_exactly_the_replaced_pixels(tmp_path):
     root = data.make_demo(tmp_path, n_train=0, n_test_good=0, n_test_defect=3, size=128, classes=("tiles",))
     rng = np.random.default_rng([0, 0, 2, 1])                # seed, class, split "defect", image 1 (a spot)
-    clean = data._texture("tiles", rng, 128, np.array([0.72, 0.46, 0.34], np.float32))
+    clean = data._texture("tiles", rng, 128, np.float32(data._DEMO_COLOURS["tiles"]))
     clean = (clean * 255 + 0.5).astype(np.uint8)
     image = np.asarray(Image.open(root / "tiles" / "test" / "spot" / "000.png"))
     mask = np.asarray(Image.open(root / "tiles" / "ground_truth" / "spot" / "000_mask.png"))
