@@ -11,9 +11,11 @@ The generated set (make_demo at 1024x1024: 2 classes x 32 train + 32 test images
 folder, so only the first run pays the ~20 s it takes to write.
 """
 import argparse
+import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -63,7 +65,9 @@ def main():
         kind = f"{im.size[0]}x{im.size[1]} {im.mode} {im.format}"
     print(f"data: {args.data} {root} ({', '.join(classes)}): {len(train)} train, {len(test)} test images, {kind}")
     print(f"pipeline: resize {args.image_size}, crop {args.crop_size}, batch {args.batch_size}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"torch {torch.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    # More workers than CPUs is the point of the 4-worker row on small machines; the warning would repeat.
+    warnings.filterwarnings("ignore", message="This DataLoader will create")
     for workers in (int(w) for w in args.workers.split(",")):
         tr = images_per_second(train, workers, args.batch_size, args.passes)
         te = images_per_second(test, workers, args.batch_size, args.passes)

@@ -25,9 +25,8 @@ def write(path, array, fmt=None):
     return path
 
 
-def texture(seed, h=48, w=40, rgb=True):
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, (h, w, 3) if rgb else (h, w))
+def texture(seed, h=48, w=40):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3))
 
 
 def square_mask(h=48, w=40, value=255):
