@@ -326,8 +326,13 @@ class INPFormer(nn.Module):
         return self.aggregation[0](self.prototype_token.unsqueeze(0).expand(B, -1, -1), fused)
 
     def forward(self, x):
-        h, w = x.shape[-2] // self.encoder.config.patch_size, x.shape[-1] // self.encoder.config.patch_size
-        en, fused = self.encode(x)
+        p = self.encoder.config.patch_size
+        return self.decode(*self.encode(x), grid=(x.shape[-2] // p, x.shape[-1] // p))
+
+    def decode(self, en, fused, grid):
+        """Everything after the frozen encoder, from the outputs of encode(); grid is the (h, w) token grid.
+        Split out so that training can reuse encoder features computed once."""
+        h, w = grid
         inps = self.extract_inps(fused)
         coherence = inp_distance(fused, inps).mean()
         t = self.bottleneck[0](fused)
@@ -342,8 +347,17 @@ class INPFormer(nn.Module):
 
     def loss(self, x, coherence_weight=0.2):
         """The training objective: soft-mining global cosine loss + 0.2 x INP coherence loss."""
-        en, de, coherence = self(x)
-        return soft_mining_loss(en, de) + coherence_weight * coherence
+        return self.loss_terms(*self(x), coherence_weight)
+
+    def loss_from_features(self, en, fused, grid, coherence_weight=0.2):
+        return self.loss_terms(*self.decode(en, fused, grid), coherence_weight)
+
+    @staticmethod
+    def loss_terms(en, de, coherence, coherence_weight=0.2):
+        # Computed in fp32 even under autocast: 1 - cos of near-identical vectors needs the precision.
+        with torch.autocast(en[0].device.type, enabled=False):
+            en, de = [e.float() for e in en], [d.float() for d in de]
+            return soft_mining_loss(en, de) + coherence_weight * coherence.float()
 
     @torch.no_grad()
     def predict(self, x, out_size=256, max_ratio=0.01):

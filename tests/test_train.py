@@ -1,0 +1,207 @@
+"""train.py: the optimiser and schedule against the official formulas, loss going down, exact resume, torchrun
+DDP, the safety stops, and the end-to-end run on real photos with a real DINOv2 ViT-S/14."""
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+import inpformer
+import train
+from conftest import ROOT, shared
+
+TINY_WEIGHTS = ("fixtures", "official_tiny", "backbone_hub.safetensors")
+
+
+def reference_stable_adamw_step(p, g, m, v, vmax, t, lr, wd=1e-4, b1=0.9, b2=0.999, eps=1e-10):
+    """One StableAdamW step written from the formula in ../shared/reference/inpformer.md section 5."""
+    p = p * (1 - lr * wd)
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    vmax = torch.maximum(vmax, v)
+    denom = vmax.sqrt() / math.sqrt(1 - b2**t) + eps
+    r = max(1.0, ((g / denom).norm() / math.sqrt(g.numel())).item())
+    return p - (lr / (1 - b1**t) / r) * m / denom, m, v, vmax
+
+
+def test_stable_adamw_matches_the_official_update():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(7, 5, dtype=torch.float64))
+    opt = train.StableAdamW([p], lr=1e-2)
+    ref, m, v, vmax = p.detach().clone(), torch.zeros_like(p), torch.zeros_like(p), torch.zeros_like(p)
+    for t in range(1, 6):
+        g = torch.randn(7, 5, dtype=torch.float64) * (100 if t == 3 else 1)  # t=3 triggers the RMS clip
+        p.grad = g.clone()
+        opt.step()
+        ref, m, v, vmax = reference_stable_adamw_step(ref, g, m, v, vmax, t, lr=1e-2)
+        assert torch.allclose(p.detach(), ref, rtol=1e-12, atol=1e-14), t
+
+
+def test_warm_cosine_is_the_official_table():
+    import numpy as np
+
+    total, warm, base, final = 400, 100, 1e-3, 1e-4
+    cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * np.arange(total - warm) / (total - warm)))
+    table = np.concatenate([np.linspace(0, base, warm), cosine])
+    ours = np.array([train.warm_cosine(i, total, base, final, warm) for i in range(total)])
+    assert np.allclose(ours, table, rtol=0, atol=1e-15)
+    assert train.warm_cosine(total + 5, total, base, final, warm) == final
+
+
+def test_epoch_batches_shard_disjointly_and_replay():
+    shards = [train.EpochBatches(50, 4, seed=1, rank=r, world=3) for r in range(3)]
+    for s in shards:
+        s.epoch = 2
+    idx = [sum(list(s), []) for s in shards]
+    assert all(len(i) == 16 for i in idx)  # 50 // 3 = 16 per rank, 4 full batches
+    flat = sum(idx, [])
+    assert len(set(flat)) == 48 and max(flat) < 50
+    shards[0].skip = 3
+    assert list(shards[0]) == [idx[0][12:16]]
+    other = train.EpochBatches(50, 4, seed=1)
+    other.epoch = 3
+    assert sum(list(other), []) != sum(list(train.EpochBatches(50, 4, seed=1)), [])
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    return str(data.make_demo(tmp_path_factory.mktemp("demo") / "demo", seed=0))
+
+
+def run_train(*argv, env=None, check=True):
+    cmd = [sys.executable, str(ROOT / "train.py"), *map(str, argv)]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    if check:
+        assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+def tiny_args(demo_root, out, *extra):
+    return ["--data", "folder", "--data-root", demo_root, "--weights", shared(*TINY_WEIGHTS), "--image-size", 128,
+            "--crop-size", 112, "--batch-size", 4, "--workers", 0, "--out", out, *extra]
+
+
+def losses(stdout):
+    return [float(x) for x in re.findall(r" loss ([0-9.]+) ", stdout)]
+
+
+def test_loss_decreases_on_the_tiny_configuration(demo_root, tmp_path):
+    r = run_train(*tiny_args(demo_root, tmp_path / "run", "--iters", 30, "--log-every", 1, "--no-eval", "--lr", 3e-3))
+    got = losses(r.stdout)
+    assert len(got) == 30
+    assert sum(got[-5:]) / 5 < 0.8 * sum(got[:5]) / 5, got
+    model = inpformer.load_model(tmp_path / "run" / "model.safetensors")
+    meta = inpformer.read_checkpoint_metadata(tmp_path / "run" / "model.safetensors")
+    assert meta["finished"] is True and meta["iteration"] == 30 and meta["crop_size"] == 112
+    assert model.config.vit.embed_dim == 128
+
+
+def test_resumed_run_ends_with_identical_weights(demo_root, tmp_path):
+    common = ["--iters", 14, "--no-eval", "--lr", 3e-3]
+    run_train(*tiny_args(demo_root, tmp_path / "straight", *common))
+    r = run_train(*tiny_args(demo_root, tmp_path / "stopped", *common, "--stop-at", 6))
+    assert "stopped at iteration 6" in r.stdout
+    assert inpformer.read_checkpoint_metadata(tmp_path / "stopped" / "model.safetensors")["finished"] is False
+    r = run_train(*tiny_args(demo_root, tmp_path / "stopped", *common, "--resume"))
+    assert "resuming" in r.stdout and "iteration 6/14" in r.stdout
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(tmp_path / "stopped" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_torchrun_two_processes_share_weights_and_split_the_data(demo_root, tmp_path):
+    n = len(data.train_set("folder", demo_root, data.list_classes("folder", demo_root), 128, 112))
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           str(ROOT / "train.py"), *map(str, tiny_args(demo_root, out, "--epochs", 1, "--no-eval", "--print-samples"))]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    ranks = dict((int(m[0]), (json.loads(m[1]), m[2])) for m in
+                 re.findall(r"^rank (\d) samples (\[.*\]) weights ([0-9a-f]+)$", r.stdout, re.M))
+    assert set(ranks) == {0, 1}
+    (s0, w0), (s1, w1) = ranks[0], ranks[1]
+    assert w0 == w1, "DDP ranks must end with identical weights"
+    assert not set(s0) & set(s1), "ranks must see disjoint shards"
+    per_rank = n // 2 // 4 * 4
+    assert len(s0) == len(s1) == per_rank and set(s0) | set(s1) <= set(range(n))
+    assert len(set(s0) | set(s1)) == 2 * per_rank >= n - 8  # everything but the dropped partial batch
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "train_state.safetensors"]
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(demo_root, tmp_path, monkeypatch, capsys):
+    per_epoch = len(data.train_set("folder", demo_root, data.list_classes("folder", demo_root), 128, 112)) // 4
+    calls = {"n": 0}
+    real = inpformer.INPFormer.loss_terms
+
+    def poisoned(*a, **k):  # the loss turns NaN two iterations into the second epoch
+        calls["n"] += 1
+        loss = real(*a, **k)
+        return loss * float("nan") if calls["n"] > per_epoch + 2 else loss
+
+    monkeypatch.setattr(inpformer.INPFormer, "loss_terms", staticmethod(poisoned))
+    argv = [str(a) for a in tiny_args(demo_root, tmp_path / "nan", "--epochs", 3, "--no-eval")]
+    with pytest.raises(SystemExit) as e:
+        train.guard(lambda: train.main(argv))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "loss became nan" in err and "last good checkpoint" in err, err
+    meta = inpformer.read_checkpoint_metadata(tmp_path / "nan" / "model.safetensors")
+    assert meta["finished"] is False and meta["iteration"] == per_epoch
+    model = inpformer.load_model(tmp_path / "nan" / "model.safetensors")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_default_weights_download_and_offline_message(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("INPFORMER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(train, "HF_WEIGHTS", "file://" + str(tmp_path / "nowhere" / "{size}.safetensors"))
+    with pytest.raises(train.CliError) as e:
+        train.default_weights("small", print)
+    msg = str(e.value)
+    assert "\n" not in msg and "nowhere/small.safetensors" in msg and str(tmp_path / "cache") in msg
+    (tmp_path / "hub").mkdir()
+    (tmp_path / "hub" / "small.safetensors").write_bytes(shared(*TINY_WEIGHTS).read_bytes())
+    monkeypatch.setattr(train, "HF_WEIGHTS", "file://" + str(tmp_path / "hub" / "{size}.safetensors"))
+    path = train.default_weights("small", print)
+    assert path == tmp_path / "cache" / "dinov2-with-registers-small.safetensors"
+    assert "downloading" in capsys.readouterr().out
+    assert inpformer.load_backbone(path).config.embed_dim == 128
+    assert train.default_weights("small", lambda m: pytest.fail("must not download twice")) == path
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--data", "mvtec"], ["--data-root"]),
+    (["--data", "folder", "--data-root", "/nonexistent/root"], ["/nonexistent/root"]),
+    (["--data", "demo", "--setting", "few-shot"], ["--shots"]),
+    (["--data", "demo", "--crop-size", "100"], ["--crop-size"]),
+    (["--data", "demo", "--weights", "/nonexistent/w.safetensors"], ["/nonexistent/w.safetensors"]),
+])
+def test_bad_command_lines_fail_with_one_line(argv, words, tmp_path):
+    r = run_train(*argv, "--out", tmp_path / "x", check=False)
+    assert r.returncode == 2, r.stdout + r.stderr
+    err = r.stderr.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    for w in words:
+        assert w in err, err
+
+
+def test_end_to_end_texture_ad_with_real_vit_small(tmp_path):
+    """One multi-class model on both texture_ad classes, real DINOv2 ViT-S/14, 224 px, on the CPU."""
+    out = tmp_path / "e2e"
+    r = run_train("--data", "folder", "--data-root", shared("fixtures", "texture_ad"),
+                  "--weights", shared("weights", "dinov2_vits14_imgfocus", "model.safetensors"),
+                  "--image-size", 224, "--crop-size", 224, "--batch-size", 8, "--epochs", 2, "--lr", 2e-3,
+                  "--cache-features", "--workers", 0, "--out", out)
+    results = json.loads((out / "eval" / "metrics.json").read_text())
+    mean = results["mean"]
+    print(r.stdout)
+    assert set(results["classes"]) == {"brick", "grass"}
+    assert mean["I-AUROC"] >= 0.85 and mean["P-AUROC"] >= 0.93, mean
+    assert "| mean |" in r.stdout.replace("**", "")
