@@ -1,0 +1,324 @@
+"""evaluate.py: its metrics against metrics.py on maps computed here independently, the official fixture's maps
+through evaluate's map path, the zero-shot, streaming, float16 and full-resolution protocols, pictures,
+--images, checkpoint defaults, and one-line errors for bad input."""
+import csv
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file
+
+import data
+import evaluate
+import inpformer
+import metrics
+from conftest import ROOT, shared
+
+IMAGE, CROP, BATCH = 128, 112, 4
+DEMO_SIZE = 160  # demo images larger than IMAGE, so that --full-res has a real resize to undo
+TINY = "fixtures", "official_tiny"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The models here are tiny, so a second intra-op thread gains nothing; and where other jobs share the
+    # cores, OpenMP's spinning threads make such small ops 10-50x slower. Restored for the other modules.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo") / "demo"
+    return str(data.make_demo(root, seed=0, n_train=8, n_test_good=4, n_test_defect=6, size=DEMO_SIZE))
+
+
+@pytest.fixture(scope="module")
+def ckpt(demo, tmp_path_factory):
+    """A tiny INP-Former (64-wide, one 64-wide head) after a few Adam steps on the demo set, saved as train.py
+    saves checkpoints."""
+    torch.manual_seed(0)
+    vit = inpformer.ViTConfig(embed_dim=64, depth=10, num_heads=1, num_register_tokens=0)
+    model = inpformer.build_model(inpformer.INPFormerConfig(vit=vit, inp_num=4, decoder_depth=8))
+    train = torch.utils.data.DataLoader(data.train_set("folder", demo, "all", IMAGE, CROP), batch_size=8,
+                                        shuffle=True, generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.Adam(model.trainable_parameters(), lr=3e-3)
+    model.train()
+    for _ in range(4):
+        for batch in train:
+            loss = model.loss(batch["image"])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    path = tmp_path_factory.mktemp("run") / "model.safetensors"
+    inpformer.save_checkpoint(model.eval(), path, dict(
+        data="folder", data_root=demo, classes=data.list_classes("folder", demo), image_size=IMAGE,
+        crop_size=CROP, setting="multi", backbone="tiny"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(ckpt):
+    return inpformer.load_model(ckpt)
+
+
+def reference_maps(model, demo, cls, zero_shot=False):
+    """Labels, scores, 256x256 masks and maps of one class, written from the official protocol, not from
+    evaluate.py: model.predict (or the INP distance of §6.5 by hand), GT nearest to 256 then > 0.5."""
+    loader = torch.utils.data.DataLoader(data.test_set("folder", demo, cls, IMAGE, CROP), batch_size=BATCH)
+    labels, scores, masks, maps, paths = [], [], [], [], []
+    for batch in loader:
+        x = batch["image"]
+        with torch.no_grad():
+            if zero_shot:
+                _, fused = model.encode(x)
+                d = inpformer.inp_distance(fused, model.extract_inps(fused)).view(len(x), 1, CROP // 14, CROP // 14)
+                d = F.interpolate(d, size=(CROP, CROP), mode="bilinear", align_corners=True)
+                d = F.interpolate(d, size=(256, 256), mode="bilinear", align_corners=False)
+                m = F.conv2d(d, inpformer.gaussian_kernel(5, 4.0), padding=2)[:, 0]
+                s = m.flatten(1).topk(655, dim=1).values.mean(dim=1)
+            else:
+                m, s = model.predict(x)
+        labels.append(batch["label"])
+        scores.append(s)
+        maps.append(m)
+        masks.append(F.interpolate(batch["mask"], size=(256, 256), mode="nearest")[:, 0] > 0.5)
+        paths += batch["path"]
+    return torch.cat(labels), torch.cat(scores), torch.cat(masks), torch.cat(maps), paths
+
+
+def assert_metrics_equal(got, want, tol=1e-9):
+    assert list(got) == list(evaluate.METRICS)
+    for k in evaluate.METRICS:
+        assert math.isclose(got[k], want[k], rel_tol=0, abs_tol=tol), (k, got[k], want[k])
+
+
+def run_cli(*argv):
+    return subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *map(str, argv)], capture_output=True,
+                          text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+# -----------------------------------------------------------------------------------------------------
+# The command line on a trained checkpoint
+
+
+def test_ckpt_alone_writes_the_paper_metrics_equal_to_metrics_py_and_pictures(ckpt, model, demo, tmp_path):
+    out = tmp_path / "eval"
+    r = run_cli("--ckpt", ckpt, "--save-maps", 2, "--out", out, "--workers", 0, "--batch-size", BATCH)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "| mean |" in r.stdout and "img/s" in r.stdout
+
+    results = json.loads((out / "metrics.json").read_text())
+    classes = data.list_classes("folder", demo)
+    assert list(results["classes"]) == classes
+    for cls in classes:
+        labels, scores, masks, maps, paths = reference_maps(model, demo, cls)
+        assert_metrics_equal(results["classes"][cls], metrics.compute_all(labels, scores, masks, maps))
+        assert results["counts"][cls] == {"normal": 4, "anomalous": 6}
+
+        # Pictures: image | ground truth | overlay at 256x256 each, the most anomalous image first.
+        pngs = sorted((out / "maps" / cls).glob("*.png"))
+        assert [p.name[:8] for p in pngs] == ["least_01", "least_02", "most_01_", "most_02_"]
+        for p in pngs:
+            with Image.open(p) as im:
+                im.load()
+                assert im.size == (3 * 256, 256) and im.mode == "RGB"
+        top = paths[int(scores.argmax())]
+        assert (out / "maps" / cls / f"most_01_{evaluate._file_stem(top)}.png").is_file()
+    mean = {k: float(np.mean([results["classes"][c][k] for c in classes])) for k in evaluate.METRICS}
+    assert_metrics_equal(results["mean"], mean, tol=1e-12)
+
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["class", *evaluate.METRICS] and [r[0] for r in rows[1:]] == [*classes, "mean"]
+    assert float(rows[1][1]) == results["classes"][classes[0]]["I-AUROC"]
+    assert (out / "metrics.md").read_text().strip() == evaluate.markdown_table(results)
+    with open(out / "image_scores.csv") as f:
+        assert len(list(csv.DictReader(f))) == 20
+
+
+def test_official_state_dict_maps_match_the_fixture():
+    """The official-format tiny model through evaluate's map path: the official map256/score256 tensors."""
+    io = load_file(shared(*TINY, "io.safetensors"))
+    model = inpformer.load_model(shared(*TINY, "inpformer_official.safetensors"))
+    for size in (224, 392):
+        maps, scores = evaluate.predict_maps(model, io[f"x_{size}"])
+        for name, got, ref in (("map256", maps, io[f"map256_{size}"][:, 0]), ("score256", scores, io[f"score256_{size}"])):
+            assert got.shape == ref.shape and got.dtype == torch.float32
+            err = (got - ref).abs().max().item()
+            assert err <= 1e-4 * ref.abs().max().item(), f"{name}_{size}: max|diff| {err:.3g}"
+
+
+def test_official_pth_evaluates_with_data_arguments(demo, tmp_path, capsys):
+    pth = tmp_path / "official" / "model.pth"
+    pth.parent.mkdir()
+    torch.save(load_file(shared(*TINY, "inpformer_official.safetensors")), pth)
+    evaluate.main(["--ckpt", str(pth), "--data", "folder", "--data-root", demo, "--classes", "tiles",
+                   "--image-size", str(IMAGE), "--crop-size", str(CROP), "--workers", "0"])
+    results = json.loads((tmp_path / "official" / "eval" / "metrics.json").read_text())
+    assert list(results["classes"]) == ["tiles"]
+    assert all(math.isfinite(v) for v in results["classes"]["tiles"].values())
+    assert results["protocol"]["crop_size"] == CROP
+    assert "| tiles |" in capsys.readouterr().out
+
+
+def test_images_writes_a_csv_and_heatmaps(ckpt, model, demo, tmp_path):
+    folder = tmp_path / "line"
+    (folder / "b").mkdir(parents=True)
+    shutil.copy(f"{demo}/tiles/test/good/000.png", folder / "000.png")
+    shutil.copy(f"{demo}/tiles/test/spot/000.png", folder / "b" / "000.png")  # same name, other folder
+    shutil.copy(f"{demo}/fabric/test/scratch/001.png", folder / "b" / "x.png")
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "pred"
+    r = run_cli("--ckpt", ckpt, "--images", folder, "--out", out, "--workers", 0)
+    assert r.returncode == 0, r.stdout + r.stderr
+    with open(out / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["path"] for row in rows] == [str(folder / "000.png"), str(folder / "b" / "000.png"),
+                                             str(folder / "b" / "x.png")]
+    x = torch.stack([data.load_image(row["path"], IMAGE, CROP) for row in rows])
+    _, want = model.predict(x)
+    for row, s in zip(rows, want):
+        assert math.isfinite(float(row["score"])) and abs(float(row["score"]) - float(s)) < 1e-5
+    assert len({row["heatmap"] for row in rows}) == 3
+    for row in rows:
+        with Image.open(out / "heatmaps" / row["heatmap"]) as im:
+            assert im.size == (2 * 256, 256)
+
+
+def test_single_class_run_folder_gives_one_table(ckpt, model, demo, tmp_path, capsys):
+    run = tmp_path / "single"
+    meta = inpformer.read_checkpoint_metadata(ckpt)
+    for cls in ("fabric", "tiles"):
+        (run / cls).mkdir(parents=True)
+        inpformer.save_checkpoint(model, run / cls / "model.safetensors",
+                                  dict(data="folder", data_root=demo, classes=[cls], image_size=IMAGE,
+                                       crop_size=CROP, setting="single", backbone=meta["backbone"]))
+    evaluate.main(["--ckpt", str(run), "--workers", "0", "--batch-size", str(BATCH)])
+    results = json.loads((run / "eval" / "metrics.json").read_text())
+    assert list(results["classes"]) == ["fabric", "tiles"]
+    labels, scores, masks, maps, _ = reference_maps(model, demo, "tiles")
+    assert_metrics_equal(results["classes"]["tiles"], metrics.compute_all(labels, scores, masks, maps))
+    assert (run / "eval" / "fabric" / "metrics.json").is_file()
+    assert "| mean |" in capsys.readouterr().out
+
+
+def test_other_data_set_notes_zero_shot_and_writes_apart(ckpt, demo, capsys):
+    # The demo set is in MVTec layout, so it can stand in for "another data set than the checkpoint's".
+    evaluate.main(["--ckpt", str(ckpt), "--data", "mvtec", "--data-root", demo, "--classes", "tiles",
+                   "--workers", "0"])
+    assert "add --zero-shot" in capsys.readouterr().out
+    assert (ckpt.parent / "eval-mvtec" / "metrics.json").is_file()
+
+
+# -----------------------------------------------------------------------------------------------------
+# Protocols, through evaluate()
+
+
+def test_zero_shot_maps_are_the_inp_distance(model, demo):
+    got = evaluate.evaluate(model, "folder", demo, ["tiles"], IMAGE, CROP, BATCH, zero_shot=True, log=lambda m: None)
+    labels, scores, masks, maps, _ = reference_maps(model, demo, "tiles", zero_shot=True)
+    assert_metrics_equal(got["classes"]["tiles"], metrics.compute_all(labels, scores, masks, maps), tol=1e-6)
+    assert got["protocol"]["maps"] == "inp-distance"
+
+
+def test_streaming_is_within_its_error_bounds_and_float16_is_opt_in(model, demo):
+    quiet = dict(log=lambda m: None)
+    exact = evaluate.evaluate(model, "folder", demo, "all", IMAGE, CROP, BATCH, **quiet)
+    stream = evaluate.evaluate(model, "folder", demo, "all", IMAGE, CROP, BATCH, streaming=True, **quiet)
+    for cls, m in exact["classes"].items():
+        s, bound = stream["classes"][cls], stream["error_bounds"][cls]
+        for k in ("I-AUROC", "I-AP", "I-F1max"):
+            assert s[k] == m[k]
+        for k in ("P-AUROC", "P-AP", "P-F1max", "AUPRO"):
+            assert abs(s[k] - m[k]) <= bound[k] + 1e-12, (cls, k)
+    half = evaluate.evaluate(model, "folder", demo, ["tiles"], IMAGE, CROP, BATCH, map_dtype="float16", **quiet)
+    labels, scores, masks, maps, _ = reference_maps(model, demo, "tiles")
+    assert_metrics_equal(half["classes"]["tiles"], metrics.compute_all(labels, scores, masks, maps.half()))
+
+
+def test_full_res_scores_the_crop_region_at_original_resolution(model, demo):
+    got = evaluate.evaluate(model, "folder", demo, ["fabric"], IMAGE, CROP, BATCH, full_res=True, log=lambda m: None)
+    labels, scores, _, maps, paths = reference_maps(model, demo, "fabric")
+    lo, hi = round(8 * DEMO_SIZE / IMAGE), round(120 * DEMO_SIZE / IMAGE)  # crop offset 8 and 8 + 112 at 128 px
+    assert (lo, hi) == (10, 150)
+    big = F.interpolate(maps[:, None], size=(hi - lo, hi - lo), mode="bilinear", align_corners=False)[:, 0]
+    masks = []
+    for p in paths:
+        stem = p.rsplit("/", 1)[1][:-4]
+        defect = p.rsplit("/", 2)[1]
+        if defect == "good":
+            masks.append(np.zeros((hi - lo, hi - lo), bool))
+        else:
+            with Image.open(f"{demo}/fabric/ground_truth/{defect}/{stem}_mask.png") as m:
+                masks.append(np.asarray(m)[lo:hi, lo:hi] > 127)
+    want = metrics.compute_all(labels, scores, np.stack(masks), big)
+    assert_metrics_equal(got["classes"]["fabric"], want, tol=1e-6)
+    assert got["protocol"]["pixels"] == "original"
+
+
+def test_markdown_table_is_the_papers_layout():
+    m = dict(zip(evaluate.METRICS, [0.9974, 0.5, 1.0, float("nan"), 0.25, 0.123, 0.0]))
+    table = evaluate.markdown_table({"classes": {"a": m}, "mean": m}).splitlines()
+    assert table[0] == "| class | I-AUROC | I-AP | I-F1max | P-AUROC | P-AP | P-F1max | AUPRO |"
+    assert table[2] == "| a | 99.7 | 50.0 | 100.0 | n/a | 25.0 | 12.3 | 0.0 |"
+    assert table[3].startswith("| mean | 99.7 |")
+
+
+# -----------------------------------------------------------------------------------------------------
+# Bad input: one line on stderr, exit status 2
+
+
+@pytest.fixture(scope="module")
+def bad_files(ckpt, tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    (d / "junk.safetensors").write_bytes(b"this is no checkpoint")
+    (d / "junk.pth").write_bytes(b"\x80\x04junk")
+    blob = ckpt.read_bytes()
+    (d / "truncated.safetensors").write_bytes(blob[: len(blob) * 3 // 4])
+    moved = d / "moved.safetensors"  # trained on data that is no longer where it was
+    model = inpformer.load_model(ckpt)
+    inpformer.save_checkpoint(model, moved, dict(data="folder", data_root=str(d / "gone"), classes=["tiles"],
+                                                 image_size=IMAGE, crop_size=CROP))
+    return d
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--ckpt", "{bad}/junk.safetensors"], ["{bad}/junk.safetensors"]),
+    (["--ckpt", "{bad}/junk.pth"], ["{bad}/junk.pth"]),
+    (["--ckpt", "{bad}/truncated.safetensors"], ["{bad}/truncated.safetensors"]),
+    (["--ckpt", "{bad}/missing.safetensors"], ["{bad}/missing.safetensors"]),
+    (["--ckpt", "{ckpt}", "--crop-size", "100"], ["--crop-size", "14"]),
+    (["--ckpt", "{ckpt}", "--data", "folder", "--data-root", "/nonexistent/root"], ["/nonexistent/root"]),
+    (["--ckpt", "{bad}/moved.safetensors"], ["{bad}/gone", "--data-root"]),
+    (["--ckpt", "{official}"], ["{official}", "--data"]),
+    (["--ckpt", "{ckpt}", "--classes", "nope"], ["nope"]),
+    (["--ckpt", "{ckpt}", "--images", "/nonexistent/img.png"], ["/nonexistent/img.png"]),
+    (["--ckpt", "{ckpt}", "--no-such-option"], ["--no-such-option"]),
+])
+def test_bad_input_fails_with_one_line(argv, words, ckpt, bad_files, tmp_path, capsys):
+    names = dict(bad=bad_files, ckpt=ckpt, official=shared(*TINY, "inpformer_official.safetensors"))
+    argv = [a.format(**names) for a in argv] + ["--workers", "0", "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as e:
+        evaluate.guard(lambda: evaluate.main(argv))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    for w in words:
+        assert w.format(**names) in err, err
+
+
+def test_bad_checkpoint_exit_status_from_the_shell(bad_files):
+    r = run_cli("--ckpt", bad_files / "truncated.safetensors")
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and str(bad_files / "truncated.safetensors") in r.stderr, r.stderr
