@@ -268,31 +268,34 @@ def _area_up_to(x, y, limit):
     return area
 
 
-# How many scores are counted at the thresholds by one full sort; above this, by bucketing (see below).
+# Up to this many scores, one full sort is simple and fast enough; above it, bucketing (see below).
 _SORT_ALL_MAX = 1 << 22
-_BUCKETS = 1 << 20
-_CHUNK = 1 << 21
+_MAX_BUCKETS = 1 << 22
+_CHUNK = 1 << 22
 
 
 def _count_at_or_above(values, thresholds):
     """For ascending distinct thresholds t (in the key dtype): (#values >= t, #values > t), exactly.
 
-    Sorting 10^8 pixel scores takes most of the time of an exact pixel metric. But only the order of a
-    score relative to the thresholds matters, so the scores are first spread over buckets with a monotone
-    map (a fine uniform grid between the lowest and the highest threshold, plus one bucket below and one
-    above). A bucket without a threshold only needs its count; only the scores that share a bucket with a
-    threshold are kept and sorted, and in a working detector those are a small fraction.
+    Sorting 10^8 pixel scores would take most of the time of the exact pixel metrics, yet only the order of
+    each score relative to the thresholds matters. So the scores are spread over buckets by a monotone map
+    (a uniform grid from the lowest to the highest threshold, with ~4 buckets per threshold, plus one bucket
+    below and one above). A score in a bucket without a threshold is counted by its bucket alone; one in a
+    bucket with a single threshold is compared with that threshold; only the few scores that share a bucket
+    with several thresholds are sorted. Ties, float16 and quantised maps cost nothing extra this way.
     """
     key = _key_dtype(values.dtype)
     n = values.size
     thresholds = np.asarray(thresholds, key)
-    if thresholds.size == 0:
+    k = thresholds.size
+    if k == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
 
     calc = np.float32 if key == np.float32 else np.float64
+    n_buckets = int(min(_MAX_BUCKETS, max(1024, 4 * k)))
     lo, hi = calc(thresholds[0]), calc(thresholds[-1])
     width = float(hi) - float(lo)
-    scale = calc(_BUCKETS / width if width > 0 else 1.0)
+    scale = calc(n_buckets / width if width > 0 else 1.0)
     if n <= _SORT_ALL_MAX or not (np.isfinite(lo) and np.isfinite(hi) and np.isfinite(scale)):
         v = np.sort(values.astype(key, copy=False), kind="quicksort")
         _check_no_nan(v[-1:], "scores")  # NaN sorts last
@@ -305,33 +308,51 @@ def _count_at_or_above(values, thresholds):
         f *= scale
         if np.isnan(f).any():
             raise ValueError("scores contain NaN")
-        np.clip(f, -1, _BUCKETS, out=f)
+        np.clip(f, -1, n_buckets, out=f)
         b = f.astype(np.int64)
         b += 1
         return b
 
-    shared = np.zeros(_BUCKETS + 2, bool)
-    shared[bucket(thresholds)] = True
-    counts = np.zeros(_BUCKETS + 2, np.int64)
-    kept = np.empty(n, key)  # filled only as far as needed; untouched pages cost no memory
-    n_kept = 0
+    home = bucket(thresholds)
+    kind = np.minimum(np.bincount(home, minlength=n_buckets + 2), 2).astype(np.int8)  # 0, 1 or several
+    owner = np.zeros(n_buckets + 2, np.int64)
+    owner[home] = np.arange(k)  # the threshold of a single-threshold bucket
+    counts = np.zeros(n_buckets + 2, np.int64)  # scores per bucket
+    own = np.zeros(3 * k, np.int64)  # [3j + c]: scores below (c=0), at (1) or above (2) t_j in its bucket
+    crowded = np.empty(n, key)  # scores in buckets with several thresholds; untouched pages cost nothing
+    n_crowded = 0
     flat = values.reshape(-1)
     for i in range(0, n, _CHUNK):
-        chunk = flat[i:i + _CHUNK]
-        b = bucket(chunk)
-        counts += np.bincount(b, minlength=_BUCKETS + 2)
-        keep = shared[b]
-        k = int(np.count_nonzero(keep))
-        kept[n_kept:n_kept + k] = chunk[keep]
-        n_kept += k
-    kept = kept[:n_kept]
-    kept.sort(kind="quicksort")
+        v = flat[i:i + _CHUNK]
+        b = bucket(v)
+        counts += np.bincount(b, minlength=n_buckets + 2)
+        kb = kind[b]
+        one = np.flatnonzero(kb == 1)
+        if one.size:
+            j, vj = owner[b[one]], v[one]
+            t = thresholds[j]
+            slot = 3 * j
+            slot += vj >= t
+            slot += vj > t
+            own += np.bincount(slot, minlength=3 * k)
+        several = kb == 2
+        m = int(np.count_nonzero(several))
+        crowded[n_crowded:n_crowded + m] = v[several]
+        n_crowded += m
+    crowded = crowded[:n_crowded]
+    crowded.sort(kind="quicksort")
 
-    counts[shared] = 0  # those scores are all in `kept`
-    above = counts.sum() - np.cumsum(counts)  # [b]: scores not kept, in buckets above b
-    base = above[bucket(thresholds)]
-    return (base + n_kept - np.searchsorted(kept, thresholds, "left"),
-            base + n_kept - np.searchsorted(kept, thresholds, "right"))
+    own = own.reshape(k, 3)
+    at_gt = own[:, 2].copy()
+    at_ge = own[:, 1] + at_gt
+    # In a crowded bucket, the scores >= t_j are the crowded scores >= t_j minus those in higher buckets.
+    in_crowded = np.where(kind == 2, counts, 0)
+    crowded_above = n_crowded - np.cumsum(in_crowded)  # [b]: crowded scores in buckets above b
+    c = kind[home] == 2
+    at_ge[c] = n_crowded - np.searchsorted(crowded, thresholds[c], "left") - crowded_above[home[c]]
+    at_gt[c] = n_crowded - np.searchsorted(crowded, thresholds[c], "right") - crowded_above[home[c]]
+    above = n - np.cumsum(counts)  # [b]: scores in buckets above b
+    return above[home] + at_ge, above[home] + at_gt
 
 
 def _exact_curve(pos_scores, all_scores, weights=None, n_regions=0):
@@ -426,7 +447,8 @@ class PixelHistogram:
 
     Scores are quantised into `bins` equal bins over [lo, hi): bin b holds lo + b*w <= s < lo + (b+1)*w with
     w = `resolution` = (hi - lo) / bins (up to the rounding of (s - lo) * bins / (hi - lo) in float64).
-    Scores below lo are counted in the first bin and scores at or above hi in the last. The defaults, 65536
+    Scores below lo are counted in the first bin and scores at or above hi in the last (compute() then warns:
+    those pixels are all tied, so choose lo and hi to cover the maps). The defaults, 65536
     bins over [0, 2] (w ~ 3.1e-5), cover INP-Former's maps: 1 - cosine similarity lies in [0, 2], and the
     Gaussian smoothing keeps it there.
 
@@ -449,6 +471,7 @@ class PixelHistogram:
         self.anomalous = np.zeros(self.bins, np.int64)  # anomalous pixels per bin
         self.region_mass = np.zeros(self.bins, np.float64)  # sum of 1/|region| of the anomalous pixels
         self.n_regions = 0
+        self.outside = 0  # scores that fell outside [lo, hi) and were clipped into an end bin
 
     @property
     def resolution(self):
@@ -457,20 +480,24 @@ class PixelHistogram:
 
     def bin_index(self, maps):
         """The bin of every score (int64, same shape); scores outside [lo, hi) clip into the end bins."""
-        s = _scores(maps, "maps")
+        return self._bin(_scores(maps, "maps"))[0]
+
+    def _bin(self, s):
         f = s.astype(np.float64)
         _check_no_nan(f, "maps")
         f -= self.lo
         f *= self.bins / (self.hi - self.lo)
         np.floor(f, out=f)
+        outside = int(np.count_nonzero(f < 0) + np.count_nonzero(f >= self.bins))
         np.clip(f, 0, self.bins - 1, out=f)
-        return f.astype(np.int64)
+        return f.astype(np.int64), outside
 
     def update(self, masks, maps):
         """Add one batch: masks and maps (B, H, W) (or one (H, W) image), numpy arrays or torch tensors."""
         mask, score = _volume(masks, maps)
         where, weights, n_regions = _region_pixels(mask)
-        b = self.bin_index(score).reshape(-1)
+        b, outside = self._bin(score.reshape(-1))
+        self.outside += outside
         b_anomalous = b[where]
         anomalous = np.bincount(b_anomalous, minlength=self.bins)
         self.normal += np.bincount(b, minlength=self.bins) - anomalous
@@ -487,6 +514,10 @@ class PixelHistogram:
 
     def compute(self, fpr_limit=0.3):
         """{"P-AUROC", "P-AP", "P-F1max", "AUPRO"} of the quantised scores; NaN where undefined."""
+        if self.outside:
+            total = int(self.normal.sum() + self.anomalous.sum())
+            warnings.warn(f"{self.outside} of {total} scores fell outside [{self.lo}, {self.hi}) and share the "
+                          "end bins, which costs accuracy; pass a wider lo/hi", RuntimeWarning, stacklevel=2)
         c = self._curve()
         return {"P-AUROC": c.auroc("P-AUROC"), "P-AP": c.average_precision("P-AP"),
                 "P-F1max": c.f1_max("P-F1max"), "AUPRO": c.aupro(fpr_limit)}
