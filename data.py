@@ -15,6 +15,7 @@ Every problem with the files on disk raises DataError, whose message is one line
     python data.py --check mvtec ROOT       # class counts and a quick file check; exit 2 with one line if bad
 """
 import argparse
+import contextlib
 import csv
 import json
 import math
@@ -343,18 +344,23 @@ def _realiad_samples(images: Path, jsons: Path, cls: str, split: str) -> list[Sa
 _END_MARKERS = {"PNG": b"IEND", "JPEG": b"\xff\xd9"}
 
 
-def _probe(path) -> tuple[int, int]:
-    """(width, height) of an image file; DataError if it is missing, not an image, or does not decode."""
+@contextlib.contextmanager
+def _reading(path):
+    """Any failure to read one image file becomes a one-line DataError naming that file."""
     try:
-        with Image.open(path) as im:
-            size, marker = im.size, _END_MARKERS.get(im.format)
-            if marker is None or not _tail_has(path, marker):
-                im.load()
+        yield
     except FileNotFoundError:
         raise _error(path, "file not found") from None
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error... for broken files
         raise _error(path, f"cannot read image ({e})") from None
-    return size
+
+
+def _probe(path) -> tuple[int, int]:
+    """(width, height) of an image file; DataError if it is missing, not an image, or does not decode."""
+    with _reading(path), Image.open(path) as im:
+        if (marker := _END_MARKERS.get(im.format)) is None or not _tail_has(path, marker):
+            im.load()
+        return im.size
 
 
 def _tail_has(path, marker: bytes, n: int = 1024) -> bool:
@@ -390,16 +396,11 @@ _STD = np.array(IMAGENET_STD, np.float32).reshape(3, 1, 1)
 
 def _open(path, keep=("RGB", "L"), other="RGB") -> Image.Image:
     """The decoded image, converted to `other` unless its mode is in `keep`."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            # For images this is the official .convert('RGB') (RGBA drops alpha, P maps to colours), except
-            # that grey stays grey until after the resize: the same pixels for a third of the work.
-            return im if im.mode in keep else im.convert(other)
-    except FileNotFoundError:
-        raise _error(path, "file not found") from None
-    except Exception as e:  # any decode failure of one file must surface as one line naming that file
-        raise _error(path, f"cannot read image ({e})") from None
+    with _reading(path), Image.open(path) as im:
+        im.load()
+        # For images this is the official .convert('RGB') (RGBA drops alpha, P maps to colours), except that
+        # grey stays grey until after the resize: the same pixels for a third of the work.
+        return im if im.mode in keep else im.convert(other)
 
 
 def _geometry(im: Image.Image, image_size: int, crop_size: int) -> Image.Image:
