@@ -24,7 +24,7 @@ Definitions (scikit-learn's for AUROC, AP and F1-max; the MVTec AD evaluation co
 Inputs: scores are used at their exact values (float16 is widened to float32, which is exact); NaN scores
 raise ValueError. Masks and labels: bool or integer, nonzero = anomalous (so 0/255 PNG masks work); float
 masks must hold only 0 and 1, because a resized soft mask needs a threshold that only the caller can choose.
-Everything is float64/int64 inside, so results agree with exact arithmetic to about 1e-12.
+Counts are int64 and sums float64, so results agree with exact rational arithmetic far inside 1e-9.
 
 For pixel sets too large to keep in memory (Real-IAD), `PixelHistogram` accumulates fixed-width score
 histograms batch by batch; it states its resolution and bounds its own error.
@@ -319,7 +319,7 @@ def _count_at_or_above(values, thresholds):
     owner[home] = np.arange(k)  # the threshold of a single-threshold bucket
     counts = np.zeros(n_buckets + 2, np.int64)  # scores per bucket
     own = np.zeros(3 * k, np.int64)  # [3j + c]: scores below (c=0), at (1) or above (2) t_j in its bucket
-    crowded = np.empty(n, key)  # scores in buckets with several thresholds; untouched pages cost nothing
+    crowded = np.empty(n, values.dtype)  # scores in buckets with several thresholds; untouched pages are free
     n_crowded = 0
     flat = values.reshape(-1)
     for i in range(0, n, _CHUNK):
@@ -339,7 +339,7 @@ def _count_at_or_above(values, thresholds):
         m = int(np.count_nonzero(several))
         crowded[n_crowded:n_crowded + m] = v[several]
         n_crowded += m
-    crowded = crowded[:n_crowded]
+    crowded = crowded[:n_crowded].astype(key, copy=False)
     crowded.sort(kind="quicksort")
 
     own = own.reshape(k, 3)
@@ -447,10 +447,10 @@ class PixelHistogram:
 
     Scores are quantised into `bins` equal bins over [lo, hi): bin b holds lo + b*w <= s < lo + (b+1)*w with
     w = `resolution` = (hi - lo) / bins (up to the rounding of (s - lo) * bins / (hi - lo) in float64).
-    Scores below lo are counted in the first bin and scores at or above hi in the last (compute() then warns:
-    those pixels are all tied, so choose lo and hi to cover the maps). The defaults, 65536
-    bins over [0, 2] (w ~ 3.1e-5), cover INP-Former's maps: 1 - cosine similarity lies in [0, 2], and the
-    Gaussian smoothing keeps it there.
+    Scores below lo are counted in the first bin and scores at or above hi in the last; compute() then warns,
+    because those pixels are all tied: choose lo and hi to cover the maps. The defaults, 65536 bins over
+    [0, 2] (w ~ 3.1e-5), cover INP-Former's maps: 1 - cosine similarity lies in [0, 2], and the Gaussian
+    smoothing keeps it there.
 
     The results are the exact metrics of the quantised scores (pixels in one bin are tied), so they differ
     from the exact ones only where anomalous and normal pixels share a bin; `error_bounds()` turns the
@@ -516,8 +516,9 @@ class PixelHistogram:
         """{"P-AUROC", "P-AP", "P-F1max", "AUPRO"} of the quantised scores; NaN where undefined."""
         if self.outside:
             total = int(self.normal.sum() + self.anomalous.sum())
-            warnings.warn(f"{self.outside} of {total} scores fell outside [{self.lo}, {self.hi}) and share the "
-                          "end bins, which costs accuracy; pass a wider lo/hi", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"{self.outside} of {total} scores fell outside [{self.lo}, {self.hi}) and share "
+                          "the end bins, which costs accuracy; pass a wider lo/hi",
+                          RuntimeWarning, stacklevel=2)
         c = self._curve()
         return {"P-AUROC": c.auroc("P-AUROC"), "P-AP": c.average_precision("P-AP"),
                 "P-F1max": c.f1_max("P-F1max"), "AUPRO": c.aupro(fpr_limit)}
@@ -555,6 +556,7 @@ class PixelHistogram:
             pro = np.minimum(c.pro, 1.0)
             x0, x1 = fp_gt / n, fp_ge / n
             rise = pro - np.concatenate(([0.0], pro[:-1]))
-            inside = np.where(x1 <= limit, (x1 - x0) * rise / 2, np.where(x0 < limit, (limit - x0) * rise, 0.0))
+            crossing = np.where(x0 < limit, (limit - x0) * rise, 0.0)  # the bin that straddles the limit
+            inside = np.where(x1 <= limit, (x1 - x0) * rise / 2, crossing)
             b_aupro = float(inside.sum() / limit)
         return {"P-AUROC": b_auroc, "P-AP": b_ap, "P-F1max": b_f1, "AUPRO": b_aupro}

@@ -359,7 +359,8 @@ def test_volume_labelling_matches_per_image():
 
 def exact_pixel(masks, maps):
     v = pixel_curve_values(masks, maps)
-    return {"P-AUROC": v["auroc"], "P-AP": v["average_precision"], "P-F1max": v["f1_max"], "AUPRO": v["aupro"]}
+    return {"P-AUROC": v["auroc"], "P-AP": v["average_precision"], "P-F1max": v["f1_max"],
+            "AUPRO": v["aupro"]}
 
 
 def stream(masks, maps, batch=7, **kw):
