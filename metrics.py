@@ -268,8 +268,8 @@ def _area_up_to(x, y, limit):
     return area
 
 
-# Up to this many scores, one full sort is simple and fast enough; above it, bucketing (see below).
-_SORT_ALL_MAX = 1 << 22
+# Up to this many scores (image scores), one full sort is simplest; above it, bucketing is faster.
+_SORT_ALL_MAX = 1 << 16
 _MAX_BUCKETS = 1 << 22
 _CHUNK = 1 << 22
 

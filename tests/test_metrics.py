@@ -69,7 +69,7 @@ def assert_matches(values, expected):
 
 def bucketed(monkeypatch, n, max_buckets=None):
     """Force the bucketed counting (no full sort), in about five chunks, optionally with few buckets."""
-    monkeypatch.setattr(metrics, "_SORT_ALL_MAX", 0)
+    monkeypatch.setattr(metrics, "_SORT_ALL_MAX", -1)
     monkeypatch.setattr(metrics, "_CHUNK", n // 5 + 1)
     if max_buckets:
         monkeypatch.setattr(metrics, "_MAX_BUCKETS", max_buckets)
@@ -101,12 +101,16 @@ def test_pixel_case(name):
     check(lambda: aupro(masks, maps), e["aupro"])  # 0.3 is the default
 
 
-@pytest.mark.parametrize("crowded", [False, True], ids=["buckets", "crowded-buckets"])
+@pytest.mark.parametrize("path", ["sort", "buckets", "crowded-buckets"])
 @pytest.mark.parametrize("name", PIXEL)
-def test_pixel_case_bucketed_counting(monkeypatch, name, crowded):
-    """The counting used for large sets (buckets, comparisons, partial sort) gives the same values."""
+def test_pixel_case_counting_paths(monkeypatch, name, path):
+    """Both ways of counting scores at the thresholds give the same values: one full sort, and buckets
+    (comparisons, partial sort), here also with so few buckets that most are shared by several thresholds."""
     masks, maps = arrays(name)
-    bucketed(monkeypatch, maps.size, max_buckets=16 if crowded else None)
+    if path == "sort":
+        monkeypatch.setattr(metrics, "_SORT_ALL_MAX", maps.size)
+    else:
+        bucketed(monkeypatch, maps.size, max_buckets=16 if path == "crowded-buckets" else None)
     assert_matches(pixel_curve_values(masks, maps), CASES[name]["expected"])
 
 
