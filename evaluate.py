@@ -29,19 +29,21 @@ is scored on its own; "mean" is the plain average over classes (NaN when a class
 Metrics come from metrics.py and are exact (every distinct score is a threshold), not the 200-bin
 approximations the authors' GPU code reports; expect pixel AP a little off the paper's numbers.
 
-Memory: one class's maps at a time. Exact metrics keep that class's maps in float32 (Real-IAD's largest
-class, ~5k images, is ~1.3 GB). --map-dtype float16 halves that but rounds the scores the metrics rank
-(spacing 2^-11 .. 2^-12 for maps in [0.25, 1)); ties created by the rounding move the metrics, so it is an
-explicit option, never the default. --streaming keeps only metrics.py's 65536-bin histograms over [0, 2]
-(resolution 3.1e-5, 16x finer than float16 there): memory is constant, the pixel metrics are those of the
-binned scores and the largest possible difference to the exact ones is written to metrics.json.
+Memory: one class at a time. Exact metrics keep the class's maps in float32 and its masks as bool, and
+scoring them peaks at about 2.4x the maps' bytes (bench/bench_eval.py: 1725 maps of 256x256 as one class are
+432 MiB and peak at +1.0 GiB; a 5000-image class needs about 3 GB). --map-dtype float16 stores the maps rounded
+to float16 (spacing 2.4e-4 to 4.9e-4 for values in [0.25, 1)); the ties that rounding creates move the metrics
+(by ~0.015 points in the bench), so it is an explicit option, never the default, and saves about a third of
+the peak. --streaming keeps only the image scores and metrics.py's 65536-bin histograms over [0, 2]
+(resolution 3.1e-5, 8-16x finer than float16 there): ~0.1 GB whatever the class size (Real-IAD), pixel metrics
+of the binned scores, and the largest possible difference from the exact ones in metrics.json ("error_bounds").
 
 --full-res (the MVTec AD protocol: pixel metrics at each image's own resolution). The preprocessing resizes to
 image-size and centre-crops, so the map covers only the crop's part of the original image. That part (the
 crop box scaled back to the original size, rounded to whole pixels) is what is scored: the 256x256 smoothed
 map is resized bilinearly to it, and compared with the original mask cut to the same box (binarised as at 256:
-> 127 for 0/255 masks, > 0 for raw VisA index masks). The ~6% border outside the crop is left out rather than
-filled with invented scores. Image scores are the official ones (from the 256 map). Exact --full-res needs one
+> 127 for 0/255 masks, > 0 for raw VisA index masks). The border outside the crop (1/16 of the side on each
+side at 448 -> 392) is left out rather than filled with invented scores. Image scores are the official ones (from the 256 map). Exact --full-res needs one
 image size per class; use --streaming for mixed sizes.
 
 --zero-shot (paper Table S8, official INP_Former_Zero_Shot.py): the map is the INP distance, per token the
@@ -97,7 +99,7 @@ def add_data_args(parser, required=False):
     g.add_argument("--crop-size", type=int,
                    help="side of the centre crop fed to the model, a multiple of the patch size 14 (default 392)")
     g.add_argument("--batch-size", type=int, help="images per batch (default 16)")
-    g.add_argument("--workers", type=int, help="data-loading processes (default: 4, at most the number of CPUs)")
+    g.add_argument("--workers", type=int, help="data-loading processes (default: up to 4)")
     g.add_argument("--device", help='"auto" (default: cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...')
     return g
 
@@ -280,15 +282,19 @@ class ClassScores:
             for m, s in (zip(masks, maps) if isinstance(maps, list) else [(masks, maps)]):
                 self.hist.update(m, s)
             return
-        for j, (m, s) in enumerate(zip(masks, maps)):
-            if self.maps is None:
-                self.maps = torch.empty((self.n, *s.shape), dtype=self.map_dtype)
-                self.masks = torch.empty((self.n, *s.shape), dtype=torch.bool)
-            elif s.shape != self.maps.shape[1:]:
-                raise CliError(f"test images of one class have different sizes ({tuple(s.shape)} and "
-                               f"{tuple(self.maps.shape[1:])}); exact --full-res needs one size, use --streaming")
-            self.maps[i + j] = s
-            self.masks[i + j] = m
+        shapes = {tuple(s.shape) for s in maps} if isinstance(maps, list) else {tuple(maps.shape[1:])}
+        if self.maps is None:
+            shape = shapes.pop() if len(shapes) == 1 else None
+            if shape:
+                self.maps = torch.empty((self.n, *shape), dtype=self.map_dtype)
+                self.masks = torch.empty((self.n, *shape), dtype=torch.bool)
+        if self.maps is None or shapes - {tuple(self.maps.shape[1:])}:
+            raise CliError(f"test images of one class have different sizes ({', '.join(map(str, sorted(shapes)))}); "
+                           "exact --full-res needs one size per class, use --streaming")
+        if isinstance(maps, list):
+            maps, masks = torch.stack(maps), torch.stack(list(masks))
+        self.maps[i:i + b] = maps
+        self.masks[i:i + b] = masks
 
     def compute(self, warn=None):
         """{metric: float} in METRICS order; undefined metrics are NaN, and warn(message) says why."""
@@ -303,8 +309,8 @@ class ClassScores:
                           "I-AP": metrics.average_precision(self.labels, self.scores),
                           "I-F1max": metrics.f1_max(self.labels, self.scores),
                           **self.hist.compute(fpr_limit=FPR_LIMIT)}
-        for w in caught:
-            if warn and issubclass(w.category, metrics.UndefinedMetricWarning):
+        for w in caught:  # one log line each instead of python's two-line warning format
+            if warn:
                 warn(str(w.message))
         return {k: float(result[k]) for k in METRICS}
 
@@ -648,7 +654,7 @@ def parse_args(argv=None):
                    help="anomaly map = INP distance (paper's zero-shot protocol, e.g. a Real-IAD model on MVTec)")
     p.add_argument("--full-res", action="store_true",
                    help="pixel metrics at each image's original resolution over the centre-crop region (the "
-                        "MVTec AD protocol; the ~6%% border outside the crop is not scored)")
+                        "MVTec AD protocol; the border outside the crop is not scored)")
     p.add_argument("--streaming", action="store_true",
                    help="pixel metrics from 65536-bin histograms (constant memory; error bounds in metrics.json)")
     p.add_argument("--map-dtype", choices=["float32", "float16"], default="float32",
@@ -719,9 +725,13 @@ def plan_sets(args, meta, ckpt):
         raise CliError(f"--data names {len(wanted)} data set(s) but --data-root gives {len(roots)} folder(s)")
     per_set = meta.get("classes_per_set")
     sets = []
+    same = lambda a, b: Path(a).resolve() == Path(b).resolve()  # noqa: E731
     for i, d in enumerate(wanted):
         known = d in trained
         k = trained.index(d) if known else None
+        if not known and roots and trained_roots:  # another name for the same folder (demo vs folder)
+            k = next((j for j, r in enumerate(trained_roots) if same(r, roots[i])), None)
+            known = k is not None
         if roots:
             root = roots[i]
         elif known and trained_roots:

@@ -213,12 +213,17 @@ def test_single_class_run_folder_gives_one_table(ckpt, model, demo, tmp_path, ca
     assert "| mean |" in capsys.readouterr().out
 
 
-def test_other_data_set_notes_zero_shot_and_writes_apart(ckpt, demo, capsys):
-    # The demo set is in MVTec layout, so it can stand in for "another data set than the checkpoint's".
-    evaluate.main(["--ckpt", str(ckpt), "--data", "mvtec", "--data-root", demo, "--classes", "tiles",
-                   "--workers", "0"])
+def test_other_data_set_notes_zero_shot_and_writes_apart(ckpt, demo, tmp_path, capsys):
+    # A copy of a demo class in MVTec layout stands in for "another data set than the checkpoint's".
+    shutil.copytree(f"{demo}/tiles", tmp_path / "other" / "tiles")
+    evaluate.main(["--ckpt", str(ckpt), "--data", "mvtec", "--data-root", str(tmp_path / "other"), "--workers", "0"])
     assert "add --zero-shot" in capsys.readouterr().out
-    assert (ckpt.parent / "eval-mvtec" / "metrics.json").is_file()
+    results = json.loads((ckpt.parent / "eval-mvtec" / "metrics.json").read_text())
+    assert list(results["classes"]) == ["tiles"]  # all classes of the other set, not the checkpoint's list
+    # The same folder under another data-set name is the checkpoint's own data: no note, the usual folder.
+    evaluate.main(["--ckpt", str(ckpt), "--data", "mvtec", "--data-root", demo, "--classes", "tiles",
+                   "--workers", "0", "--out", str(tmp_path / "same")])
+    assert "add --zero-shot" not in capsys.readouterr().out
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -265,6 +270,16 @@ def test_full_res_scores_the_crop_region_at_original_resolution(model, demo):
     want = metrics.compute_all(labels, scores, np.stack(masks), big)
     assert_metrics_equal(got["classes"]["fabric"], want, tol=1e-6)
     assert got["protocol"]["pixels"] == "original"
+
+
+def test_exact_metrics_need_one_map_size_per_class_streaming_does_not():
+    maps = [torch.rand(30, 40), torch.rand(30, 50)]
+    masks = [m > 0.9 for m in maps]
+    with pytest.raises(evaluate.CliError, match="--streaming"):
+        evaluate.ClassScores(2).add(torch.tensor([1, 1]), torch.rand(2), masks, maps)
+    acc = evaluate.ClassScores(2, streaming=True)
+    acc.add(torch.tensor([0, 1]), torch.tensor([0.1, 0.2]), masks, maps)
+    assert acc.compute()["I-AUROC"] == 1.0
 
 
 def test_markdown_table_is_the_papers_layout():
