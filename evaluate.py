@@ -635,14 +635,14 @@ def predict_images(model, files, image_size=448, crop_size=392, batch_size=16, d
 # Command line
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     def error(self, message):  # a one-line error and exit status 2 through guard(), like every other bad input
         raise CliError(f"{message} (see --help)")
 
 
 def parse_args(argv=None):
     doc = __doc__.split("\n\n")
-    p = _Parser(description=doc[0], epilog="examples:\n" + "\n\n".join(doc[1:4]),
+    p = Parser(description=doc[0], epilog="examples:\n" + "\n\n".join(doc[1:4]),
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True,
                    help="project checkpoint (.safetensors), official state dict (model.pth or .safetensors), or "

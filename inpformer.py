@@ -17,6 +17,8 @@ Depends on torch; safetensors is used for file I/O only.
 import json
 import math
 import os
+import pickle
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -466,7 +468,12 @@ def read_state_dict(path):
         except Exception as e:  # truncated or not a safetensors file
             raise WeightsError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's multi-line pickle-protocol warnings would break the one line
+            warnings.simplefilter("ignore")
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's own message suggests weights_only=False, i.e. running arbitrary code from the file: never
+        raise WeightsError(f"{path}: not a torch state dict of tensors (it holds other Python objects)") from None
     except Exception as e:
         raise WeightsError(f"{path}: not a readable torch state dict ({_first_line(e)})") from None
     for wrapper in ("model", "state_dict"):  # training checkpoints often nest the weights
@@ -633,8 +640,18 @@ def load_model(path, device="cpu", target_layers=None) -> INPFormer:
 
 
 def read_checkpoint_metadata(path):
-    """The metadata dict of a project checkpoint (values JSON-decoded where possible)."""
-    _, meta = read_state_dict(path)
+    """The metadata dict of a project checkpoint (values JSON-decoded where possible); reads no tensor."""
+    path = os.fspath(path)
+    if path.endswith(".safetensors") and os.path.isfile(path):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+        except Exception as e:
+            raise WeightsError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+    else:
+        _, meta = read_state_dict(path)
     out = {}
     for k, v in meta.items():
         try:

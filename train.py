@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 
 import data
 import inpformer
-from evaluate import CliError, add_data_args, evaluate, format_time, guard, markdown_table, pick_device
+from evaluate import CliError, Parser, add_data_args, evaluate, format_time, guard, markdown_table, pick_device
 
 HF_WEIGHTS = "https://huggingface.co/facebook/dinov2-with-registers-{size}/resolve/main/model.safetensors"
 
@@ -265,8 +265,8 @@ def train_one(args, sets, out, device, ddp, log):
                 image_size=args.image_size, crop_size=args.crop_size, setting=args.setting,
                 backbone=args.backbone if encoder is not None else "demo", shots=args.shots, seed=args.seed)
 
-    parts = [data.train_set(d, r, cs, args.image_size, args.crop_size, shots=args.shots, seed=args.seed)
-             for d, r, cs in sets]
+    parts = [data.train_set(d, r, cs, args.image_size, args.crop_size, shots=args.shots, seed=args.seed, check=False)
+             for d, r, cs in sets]  # main() already checked every file
     dataset = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
     batches = EpochBatches(len(dataset), args.batch_size, args.seed, rank, world)
     per_epoch = len(batches)
@@ -377,9 +377,9 @@ def load_encoder(args, log):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[1],
+    p = Parser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_data_args(p)
+    add_data_args(p, required=True)
     p.add_argument("--setting", choices=["multi", "single", "few-shot"], default="multi",
                    help="one model for all classes (default), one per class, or one on k shots per class")
     p.add_argument("--shots", type=int, default=None, help="few-shot: training images per class")
@@ -449,8 +449,9 @@ def main(argv=None):
     sets = [(d, r, data.resolve_classes(d, r, args.classes if len(kinds) == 1 else "all")) for d, r in zip(kinds, roots)]
     for d, r, cs in sets:
         log(f"{d}: {len(cs)} classes from {r}: {', '.join(cs)}")
-        for c in cs:  # quick pre-flight so a bad file fails now, not hours into the run
-            data.check_samples(data.list_samples(d, r, c, "train"))
+        for c in cs:  # quick pre-flight of every file, so a bad one fails now, not hours into the run
+            for split in ("train", "test"):
+                data.check_samples(data.list_samples(d, r, c, split))
     log(f"device {device}, precision {args.precision}" + (f", {dist.get_world_size()} processes" if ddp else ""))
 
     if args.setting == "single":

@@ -1,0 +1,71 @@
+"""The README's commands: the ones that need no download run as written; every other train.py/evaluate.py/
+data.py command line in it is accepted by the script's argument parser."""
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import evaluate
+import train
+from conftest import ROOT
+
+README = (ROOT / "README.md").read_text()
+
+
+def section(title):
+    return README.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
+
+
+def commands(text):
+    """Command lines of the ```bash blocks of `text`, comments dropped."""
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.splitlines():
+            line = line.split("  #")[0].strip()
+            if line and not line.startswith("#"):
+                out.append(line)
+    return out
+
+
+def test_main_job_runs_as_written(tmp_path):
+    """`python train.py --data demo` and the evaluate commands after it, in a fresh copy of the project."""
+    for f in ROOT.glob("*.py"):
+        shutil.copy(f, tmp_path)
+    cmds = commands(section("The main job, with nothing downloaded"))
+    assert cmds[0] == "python train.py --data demo" and len(cmds) >= 3
+    for cmd in cmds:
+        argv = shlex.split(cmd)
+        assert argv[0] == "python"
+        r = subprocess.run([sys.executable, *argv[1:]], cwd=tmp_path, capture_output=True, text=True)
+        assert r.returncode == 0, f"{cmd}\n{r.stdout}\n{r.stderr}"
+        if cmd == cmds[0]:
+            assert "randomly initialised ViT" in r.stdout
+            assert re.search(r"^\| mean \|( [0-9.]+ \|){7}$", r.stdout, re.M), r.stdout
+    assert (tmp_path / "runs" / "demo-multi" / "eval" / "metrics.json").is_file()
+    assert list((tmp_path / "runs" / "demo-multi" / "eval" / "maps").rglob("*.png"))
+    assert (tmp_path / "runs" / "demo-multi" / "predictions" / "predictions.csv").is_file()
+
+
+def test_set_up_commands_are_the_two_promised():
+    assert commands(section("Set up")) == ["pip install -r requirements.txt", "python -m pytest -q"]
+
+
+PARSERS = {"train.py": train.parse_args, "evaluate.py": evaluate.parse_args}
+
+
+@pytest.mark.parametrize("cmd", [c for c in commands(README) if re.search(r"\b(train|evaluate|data)\.py\b", c)])
+def test_every_command_line_parses(cmd):
+    argv = shlex.split(cmd)
+    script = next(a for a in argv if a.endswith(".py"))
+    rest = argv[argv.index(script) + 1:]
+    if script == "data.py":
+        r = subprocess.run([sys.executable, str(ROOT / "data.py"), "--help"], capture_output=True, text=True)
+        assert all(opt in r.stdout for opt in rest if opt.startswith("--")), cmd
+        return
+    try:
+        PARSERS[script](rest)
+    except evaluate.CliError as e:  # a missing data set or checkpoint is fine here: only the syntax is checked
+        assert "see --help" not in str(e), f"{cmd}: {e}"  # the parser's own complaint
