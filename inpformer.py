@@ -471,10 +471,11 @@ def read_state_dict(path):
         with warnings.catch_warnings():  # torch's multi-line pickle-protocol warnings would break the one line
             warnings.simplefilter("ignore")
             sd = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # torch's own message suggests weights_only=False, i.e. running arbitrary code from the file: never
-        raise WeightsError(f"{path}: not a torch state dict of tensors (it holds other Python objects)") from None
     except Exception as e:
+        if isinstance(e, pickle.UnpicklingError) and "weights_only" in str(e):
+            # torch's own message suggests weights_only=False, i.e. running code from the file: never
+            raise WeightsError(f"{path}: not a readable torch state dict (damaged, or holds objects other than "
+                              "tensors)") from None
         raise WeightsError(f"{path}: not a readable torch state dict ({_first_line(e)})") from None
     for wrapper in ("model", "state_dict"):  # training checkpoints often nest the weights
         if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
