@@ -435,6 +435,17 @@ def _mean(per_class):
     return {k: float(np.mean([m[k] for m in per_class.values()])) for k in METRICS}
 
 
+def combine(parts, **protocol):
+    """One results dict (classes, mean, counts) from the results of disjoint sets of classes, e.g. the models
+    of a single-class run."""
+    per_class, counts = {}, {}
+    for r in parts:
+        per_class.update(r["classes"])
+        counts.update(r["counts"])
+    return {"classes": per_class, "mean": _mean(per_class), "counts": counts,
+            "protocol": dict(parts[-1]["protocol"], **protocol)}
+
+
 def evaluate(model, data, root, classes, image_size=448, crop_size=392, batch_size=16, device="cpu", workers=0,
              zero_shot=False, full_res=False, streaming=False, save_maps=0, out_dir=None, log=print,
              precision="fp32", map_dtype="float32"):
@@ -831,7 +842,7 @@ def main(argv=None):
 def evaluate_single_class_run(ckpts, args, sets, out, options):
     """Each <class>/model.safetensors on its own class (results in <out>/<class>/), then one table."""
     wanted = set(_split(args.classes))
-    per_class, counts, used = {}, {}, []
+    parts, used = [], []
     for ckpt in ckpts:
         meta = read_checkpoint(ckpt, metadata_only=True)
         d = (_split(meta.get("data")) or [sets[0][0]])[0]
@@ -841,15 +852,12 @@ def evaluate_single_class_run(ckpts, args, sets, out, options):
             continue
         model = read_checkpoint(ckpt, options["device"])
         check_sizes(model, options["image_size"], options["crop_size"])
-        r = evaluate(model, d, root, [c for c in classes if not wanted or c in wanted],
-                     out_dir=out / ckpt.parent.name, **options)
-        per_class.update(r["classes"])
-        counts.update(r["counts"])
+        parts.append(evaluate(model, d, root, [c for c in classes if not wanted or c in wanted],
+                              out_dir=out / ckpt.parent.name, **options))
         used.append(str(ckpt))
-    if not per_class:
+    if not parts:
         raise CliError(f"{args.ckpt}: no model for --classes {args.classes}")
-    results = {"classes": per_class, "mean": _mean(per_class), "counts": counts,
-               "protocol": dict(r["protocol"], models=used)}
+    results = combine(parts, models=used)
     write_results(results, out)
     return results
 

@@ -582,13 +582,32 @@ def load_strict(module, sd, path):
     return module
 
 
+def _heads_from_config_json(path, embed_dim):
+    """num_attention_heads of a Hugging Face config.json (or <stem>_config.json) beside the weights, if any."""
+    folder, stem = os.path.split(os.fspath(path))
+    for name in ("config.json", f"{os.path.splitext(stem)[0]}_config.json"):
+        try:
+            with open(os.path.join(folder, name)) as f:
+                cfg = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if cfg.get("hidden_size") == embed_dim and "num_attention_heads" in cfg:
+            return int(cfg["num_attention_heads"])
+    return None
+
+
 def load_backbone(path, num_heads=None) -> ViT:
-    """A DINOv2 ViT from .safetensors or .pth in torch-hub, Hugging Face or timm names; size detected."""
+    """A DINOv2 ViT from .safetensors or .pth in torch-hub, Hugging Face or timm names; size detected.
+
+    The head count is not in the tensors: it is num_heads, else a Hugging Face config.json beside the file,
+    else embed_dim / 64 (every released DINOv2)."""
     sd, _ = read_state_dict(path)
     if any(k.startswith("encoder.blocks.") for k in sd):  # an INP-Former checkpoint: take its encoder
         sd = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
     try:
         sd, _ = to_hub_names(sd)
+        if num_heads is None and "pos_embed" in sd:
+            num_heads = _heads_from_config_json(path, sd["pos_embed"].shape[-1])
         config = vit_config_from_state_dict(sd, num_heads)
     except KeyError as e:
         raise WeightsError(f"{path}: not a DINOv2 ViT state dict (no {e.args[0]!r})") from None

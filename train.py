@@ -34,7 +34,8 @@ from safetensors.torch import save_file
 
 import data
 import inpformer
-from evaluate import CliError, Parser, add_data_args, evaluate, format_time, guard, markdown_table, pick_device
+from evaluate import (CliError, Parser, add_data_args, combine, evaluate, format_time, guard, markdown_table,
+                      pick_device, write_results)
 
 HF_WEIGHTS = "https://huggingface.co/facebook/dinov2-with-registers-{size}/resolve/main/model.safetensors"
 
@@ -458,6 +459,7 @@ def main(argv=None):
         runs = [([(d, r, [c])], args.out / c) for d, r, cs in sets for c in cs]
     else:
         runs = [(sets, args.out)]
+    results = {}  # (data set, root) -> evaluation results of each model trained on it
     for run_sets, out in runs:
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
@@ -465,11 +467,18 @@ def main(argv=None):
             log(f"== class {run_sets[0][2][0]}")
         model, finished = train_one(args, run_sets, out, device, ddp, log)
         if rank == 0 and finished and not args.no_eval:
-            for d, r, cs in run_sets:
-                results = evaluate(model.eval(), d, r, cs, args.image_size, args.crop_size, args.batch_size,
-                                   device, args.workers, out_dir=out / "eval" / d if len(run_sets) > 1 else out / "eval",
-                                   log=log)
-                print(markdown_table(results), flush=True)
+            for i, (d, r, cs) in enumerate(run_sets):
+                sub = "" if len(run_sets) == 1 else d if kinds.count(d) == 1 else f"{d}{i + 1}"
+                results.setdefault((d, r), []).append(evaluate(
+                    model.eval(), d, r, cs, args.image_size, args.crop_size, args.batch_size, device, args.workers,
+                    out_dir=out / "eval" / sub, log=log))
+    for (d, r), parts in results.items():  # one table per data set, every class in it
+        table = combine(parts)
+        if len(parts) > 1:
+            write_results(table, args.out / "eval")
+        if len(results) > 1:
+            print(f"{d} ({r}):")
+        print(markdown_table(table), flush=True)
     if ddp:
         dist.destroy_process_group()
 

@@ -205,3 +205,26 @@ def test_end_to_end_texture_ad_with_real_vit_small(tmp_path):
     assert set(results["classes"]) == {"brick", "grass"}
     assert mean["I-AUROC"] >= 0.85 and mean["P-AUROC"] >= 0.93, mean
     assert "| mean |" in r.stdout.replace("**", "")
+
+
+def test_single_class_few_shot_and_super_multi_class_settings(demo_root, tmp_path):
+    classes = data.list_classes("folder", demo_root)
+    r = run_train(*tiny_args(demo_root, tmp_path / "single", "--setting", "single", "--iters", 2))
+    for c in classes:  # one model per class, each knowing its class
+        meta = inpformer.read_checkpoint_metadata(tmp_path / "single" / c / "model.safetensors")
+        assert meta["classes"] == [c] and meta["setting"] == "single"
+    table = [line for line in r.stdout.splitlines() if line.startswith("| ")]
+    assert [line.split(" | ")[0][2:] for line in table[1:]] == [*classes, "mean"]  # one table, every class
+    assert set(json.loads((tmp_path / "single" / "eval" / "metrics.json").read_text())["classes"]) == set(classes)
+
+    r = run_train(*tiny_args(demo_root, tmp_path / "few", "--setting", "few-shot", "--shots", 1, "--epochs", 1,
+                             "--no-eval"))
+    per_epoch = 22 * len(classes) // 4  # each shot expanded into 22 views
+    assert f"iter {per_epoch}/{per_epoch}" in r.stdout
+    assert inpformer.read_checkpoint_metadata(tmp_path / "few" / "model.safetensors")["shots"] == 1
+
+    other = data.make_demo(tmp_path / "other", seed=1)
+    r = run_train(*tiny_args(f"{demo_root},{other}", tmp_path / "super", "--iters", 2), "--data", "folder,folder")
+    meta = inpformer.read_checkpoint_metadata(tmp_path / "super" / "model.safetensors")
+    assert meta["data"] == "folder,folder" and meta["classes_per_set"] == [classes, data.list_classes("folder", other)]
+    assert r.stdout.count("| mean |") == 2  # evaluated per data set
