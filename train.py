@@ -13,6 +13,9 @@ StableAdamW (lr 1e-3, betas 0.9/0.999, weight decay 1e-4, AMSGrad, eps 1e-10), 1
 cosine to lr/10, gradient-norm clipping 0.1, 200 epochs, seed 1. On CUDA the model runs in bf16 autocast
 (fp16 with a gradient scaler on request); on the CPU in fp32.
 
+Under torchrun each process loads --batch-size images per step (the paper's recipe is 16 in all, on one GPU),
+the data is sharded with one seeded permutation per epoch, and only rank 0 writes files.
+
 Every epoch (and at the end) `<out>/model.safetensors` (the model, config in its metadata, what
 `evaluate.py --ckpt` reads) and `<out>/train_state.safetensors` (optimizer, schedule position, RNG) are
 written atomically; `--resume` continues from them and ends with the same weights as an uninterrupted run.
@@ -185,16 +188,17 @@ def default_weights(backbone, log):
 def demo_backbone():
     """A small randomly initialised ViT, so the demo runs with nothing downloaded. Random features still
     separate the demo's defects from its textures, though far less well than DINOv2's."""
-    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)  # the same backbone every run, whatever --seed
     vit = inpformer.ViT(inpformer.ViTConfig(embed_dim=128, depth=10, num_heads=2, num_register_tokens=0))
-    for m in vit.modules():
-        if isinstance(m, torch.nn.Linear):
-            torch.nn.init.trunc_normal_(m.weight, std=0.02)
-            torch.nn.init.zeros_(m.bias)
-    for blk in vit.blocks:  # small layer scale: each block refines the patch features instead of scrambling them
-        blk.ls1.gamma.data.fill_(0.1)
-        blk.ls2.gamma.data.fill_(0.1)
-    torch.nn.init.trunc_normal_(vit.pos_embed, std=0.02)
+    with torch.no_grad():
+        for name, p in vit.named_parameters():
+            if name.endswith("gamma"):  # small layer scale: blocks refine the patch features, not scramble them
+                p.fill_(0.1)
+            elif p.ndim > 1 or name in ("cls_token", "pos_embed"):
+                torch.nn.init.trunc_normal_(p, std=0.02, generator=g)
+            elif name.endswith("bias"):
+                p.zero_()
+    torch.nn.init.kaiming_uniform_(vit.patch_embed.proj.weight, a=math.sqrt(5), generator=g)  # conv's default
     return vit
 
 
