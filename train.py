@@ -268,7 +268,8 @@ def train_one(args, sets, out, device, ddp, log):
     meta = dict(data=",".join(kinds), data_root=",".join(str(r) for _, r, _ in sets),
                 classes=[c for _, _, cs in sets for c in cs], classes_per_set=[cs for _, _, cs in sets],
                 image_size=args.image_size, crop_size=args.crop_size, setting=args.setting,
-                backbone=args.backbone if encoder is not None else "demo", shots=args.shots, seed=args.seed)
+                backbone=str(args.weights) if args.weights else "random-demo" if args.data == "demo" else args.backbone,
+                shots=args.shots, seed=args.seed)
 
     parts = [data.train_set(d, r, cs, args.image_size, args.crop_size, shots=args.shots, seed=args.seed, check=False)
              for d, r, cs in sets]  # main() already checked every file
@@ -298,7 +299,6 @@ def train_one(args, sets, out, device, ddp, log):
     elif args.resume:
         log(f"--resume: nothing to resume in {out}, starting from scratch")
     meta["total_iters"] = total
-    meta["inpformer_version"] = 1
 
     net = LossModule(model)
     if ddp:
