@@ -151,14 +151,6 @@ def guard(main) -> None:
         sys.exit(rc)
 
 
-def read_checkpoint(path, device="cpu", metadata_only=False):
-    """inpformer.load_model or read_checkpoint_metadata, without torch's warning about legacy (non-zip) pickles:
-    it would print three lines ahead of the one-line error that a bad file gives anyway."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-        return inpformer.read_checkpoint_metadata(path) if metadata_only else inpformer.load_model(path, device)
-
-
 def check_sizes(model, image_size, crop_size):
     p = model.encoder.config.patch_size
     if crop_size % p:
@@ -788,7 +780,7 @@ def main(argv=None):
     if args.precision != "fp32" and device.type != "cuda":
         log(f"note: --precision {args.precision} applies on CUDA only; running fp32 on {device}")
     ckpts = checkpoint_files(args.ckpt)
-    meta = read_checkpoint(ckpts[0], metadata_only=True)  # a junk or truncated file fails here, naming itself
+    meta = inpformer.read_checkpoint_metadata(ckpts[0])  # a junk or truncated file fails here, naming itself
     image_size = args.image_size or meta.get("image_size") or 448
     crop_size = args.crop_size or meta.get("crop_size") or 392
     batch_size = args.batch_size or 16
@@ -800,7 +792,7 @@ def main(argv=None):
         if len(ckpts) > 1:
             raise CliError(f"{args.ckpt}: --images needs one model file, not a folder of {len(ckpts)} models")
         files = image_files(args.images)
-        model = read_checkpoint(ckpts[0], device)
+        model = inpformer.load_model(ckpts[0], device)
         out = args.out or default_out(args, ckpts[0], [])
         log(f"{ckpts[0]}: scoring {len(files)} images at {image_size} -> {crop_size} px on {device}")
         predict_images(model, files, out_dir=out, heat_range=args.heat_range, **common)
@@ -826,7 +818,7 @@ def main(argv=None):
         log(f"wrote {out}/metrics.json, metrics.csv, metrics.md and per-class folders")
         return 0
 
-    model = read_checkpoint(ckpts[0], device)
+    model = inpformer.load_model(ckpts[0], device)
     check_sizes(model, image_size, crop_size)
     for d, root, classes, _ in sets:
         set_out = out / d if len(sets) > 1 else out
@@ -844,13 +836,13 @@ def evaluate_single_class_run(ckpts, args, sets, out, options):
     wanted = set(_split(args.classes))
     parts, used = [], []
     for ckpt in ckpts:
-        meta = read_checkpoint(ckpt, metadata_only=True)
+        meta = inpformer.read_checkpoint_metadata(ckpt)
         d = (_split(meta.get("data")) or [sets[0][0]])[0]
         root = (_split(args.data_root) or _split(meta.get("data_root")) or [sets[0][1]])[0]
         classes = _split(meta.get("classes")) or [ckpt.parent.name]
         if wanted and not wanted & set(classes):
             continue
-        model = read_checkpoint(ckpt, options["device"])
+        model = inpformer.load_model(ckpt, options["device"])
         check_sizes(model, options["image_size"], options["crop_size"])
         parts.append(evaluate(model, d, root, [c for c in classes if not wanted or c in wanted],
                               out_dir=out / ckpt.parent.name, **options))
