@@ -358,8 +358,8 @@ class INPFormer(nn.Module):
     def loss_terms(en, de, coherence, coherence_weight=0.2):
         # Computed in fp32 even under autocast: 1 - cos of near-identical vectors needs the precision.
         with torch.autocast(en[0].device.type, enabled=False):
-            en, de = [e.float() for e in en], [d.float() for d in de]
-            return soft_mining_loss(en, de) + coherence_weight * coherence.float()
+            en, de = [_full(e) for e in en], [_full(d) for d in de]
+            return soft_mining_loss(en, de) + coherence_weight * _full(coherence)
 
     @torch.no_grad()
     def predict(self, x, out_size=256, max_ratio=0.01):
@@ -394,10 +394,13 @@ def build_model(config: INPFormerConfig):
 
 
 def inp_distance(tokens, inps, eps=1e-8):
-    """Per token, 1 - cosine similarity to its nearest INP: (B, N). Its mean is the INP coherence loss."""
-    t = tokens / tokens.norm(dim=-1, keepdim=True).clamp_min(eps)
-    p = inps / inps.norm(dim=-1, keepdim=True).clamp_min(eps)
-    return (1 - t @ p.transpose(1, 2)).min(dim=-1).values
+    """Per token, 1 - cosine similarity to its nearest INP: (B, N). Its mean is the INP coherence loss.
+    In fp32 also under autocast (it is cheap: M is a handful of INPs)."""
+    with torch.autocast(tokens.device.type, enabled=False):
+        tokens, inps = _full(tokens), _full(inps)
+        t = tokens / tokens.norm(dim=-1, keepdim=True).clamp_min(eps)
+        p = inps / inps.norm(dim=-1, keepdim=True).clamp_min(eps)
+        return (1 - t @ p.transpose(1, 2)).min(dim=-1).values
 
 
 def soft_mining_loss(en, de, y=3.0):
@@ -418,10 +421,12 @@ def soft_mining_loss(en, de, y=3.0):
 
 
 def anomaly_map(en, de, size):
-    """Mean over groups of the per-pixel 1 - cos over channels, upsampled (align_corners=True) to `size`."""
-    maps = [1 - F.cosine_similarity(e, d, dim=1).unsqueeze(1) for e, d in zip(en, de)]
-    maps = [F.interpolate(m, size=tuple(size), mode="bilinear", align_corners=True) for m in maps]
-    return torch.cat(maps, dim=1).mean(dim=1, keepdim=True)
+    """Mean over groups of the per-pixel 1 - cos over channels, upsampled (align_corners=True) to `size`.
+    Always in fp32, also under autocast: the maps' small differences are the whole signal."""
+    with torch.autocast(en[0].device.type, enabled=False):
+        maps = [1 - F.cosine_similarity(_full(e), _full(d), dim=1).unsqueeze(1) for e, d in zip(en, de)]
+        maps = [F.interpolate(m, size=tuple(size), mode="bilinear", align_corners=True) for m in maps]
+        return torch.cat(maps, dim=1).mean(dim=1, keepdim=True)
 
 
 def gaussian_kernel(size=5, sigma=4.0):
@@ -432,18 +437,23 @@ def gaussian_kernel(size=5, sigma=4.0):
 
 def score_maps(maps, out_size=256, max_ratio=0.01):
     """(B, 1, H, W) maps -> resized (align_corners=False), 5x5 sigma-4 Gaussian with zero padding, and the
-    image score = mean of the top max_ratio of pixels (the maximum when max_ratio is 0)."""
-    if maps.dtype in (torch.float16, torch.bfloat16):  # mixed-precision outputs: smooth and rank in fp32
-        maps = maps.float()
-    if out_size is not None:
-        out = (out_size, out_size) if isinstance(out_size, int) else tuple(out_size)
-        if tuple(maps.shape[-2:]) != out:
-            maps = F.interpolate(maps, size=out, mode="bilinear", align_corners=False)
-    maps = F.conv2d(maps, gaussian_kernel().to(maps), padding=2)[:, 0]
-    flat = maps.flatten(1)
-    k = int(flat.shape[1] * max_ratio)
-    scores = flat.topk(k, dim=1).values.mean(dim=1) if k > 0 else flat.max(dim=1).values
+    image score = mean of the top max_ratio of pixels (the maximum when max_ratio is 0). In fp32 always."""
+    with torch.autocast(maps.device.type, enabled=False):
+        maps = _full(maps)
+        if out_size is not None:
+            out = (out_size, out_size) if isinstance(out_size, int) else tuple(out_size)
+            if tuple(maps.shape[-2:]) != out:
+                maps = F.interpolate(maps, size=out, mode="bilinear", align_corners=False)
+        maps = F.conv2d(maps, gaussian_kernel().to(maps), padding=2)[:, 0]
+        flat = maps.flatten(1)
+        k = int(flat.shape[1] * max_ratio)
+        scores = flat.topk(k, dim=1).values.mean(dim=1) if k > 0 else flat.max(dim=1).values
     return maps, scores
+
+
+def _full(t):
+    """fp32 for half-precision tensors (autocast outputs); fp32/fp64 tensors stay as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 # -----------------------------------------------------------------------------------------------------

@@ -240,3 +240,19 @@ def test_zero_shot_map_is_the_inp_distance(io):
     d = inpformer.inp_distance(fused, model.extract_inps(fused))
     assert_scalar("coherence", d.mean(), io["g_loss_224"])
     assert 0 <= maps.min() and maps.max() <= 2
+
+
+def test_autocast_keeps_maps_scores_and_loss_in_fp32(io):
+    """Under bf16 autocast (CUDA's default in train.py; CPU autocast exercises the same code) the network runs
+    in bf16 but the loss, maps and scores are computed in fp32."""
+    model = model_from("official")
+    x = io["x_224"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        maps, scores = model.predict(x)
+        zmaps, _ = model.predict_zero_shot(x)
+        loss = model.train().loss(x)
+    assert maps.dtype == zmaps.dtype == scores.dtype == loss.dtype == torch.float32
+    assert (scores - io["score256_224"]).abs().max() < 0.02  # bf16 network, close to the fp32 reference
+    assert abs(loss.item() - io["loss_224"].item()) < 0.01
+    loss.backward()
+    assert model.prototype_token.grad.dtype == torch.float32 and torch.isfinite(model.prototype_token.grad).all()
