@@ -327,9 +327,12 @@ class INPFormer(nn.Module):
         B = fused.shape[0]
         return self.aggregation[0](self.prototype_token.unsqueeze(0).expand(B, -1, -1), fused)
 
-    def forward(self, x):
+    def token_grid(self, x):
         p = self.encoder.config.patch_size
-        return self.decode(*self.encode(x), grid=(x.shape[-2] // p, x.shape[-1] // p))
+        return x.shape[-2] // p, x.shape[-1] // p
+
+    def forward(self, x):
+        return self.decode(*self.encode(x), grid=self.token_grid(x))
 
     def decode(self, en, fused, grid):
         """Everything after the frozen encoder, from the outputs of encode(); grid is the (h, w) token grid.
@@ -373,8 +376,7 @@ class INPFormer(nn.Module):
     @torch.no_grad()
     def predict_zero_shot(self, x, out_size=256, max_ratio=0.01):
         """Zero-shot maps: per token, the cosine distance to its nearest INP (no decoder involved)."""
-        p = self.encoder.config.patch_size
-        h, w = x.shape[-2] // p, x.shape[-1] // p
+        h, w = self.token_grid(x)
         _, fused = self.encode(x)
         d = inp_distance(fused, self.extract_inps(fused)).view(-1, 1, h, w)
         d = F.interpolate(d, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=True)
@@ -464,8 +466,9 @@ class WeightsError(ValueError):
     """A weights or checkpoint file that cannot be used; the message is one line naming the file."""
 
 
-def read_state_dict(path):
-    """(tensors, metadata) from a .safetensors file or a torch .pth/.pt state dict."""
+def read_state_dict(path, tensors=True):
+    """(tensors, metadata) from a .safetensors file or a torch .pth/.pt state dict. tensors=False reads only
+    a .safetensors file's header (the tensors come back empty); a .pth has to be read whole anyway."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise WeightsError(f"{path}: no such file")
@@ -474,7 +477,7 @@ def read_state_dict(path):
 
         try:
             with safe_open(path, framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
+                return {k: f.get_tensor(k) for k in f.keys() if tensors}, (f.metadata() or {})
         except Exception as e:  # truncated or not a safetensors file
             raise WeightsError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
     try:
@@ -579,12 +582,10 @@ def vit_config_from_state_dict(sd, num_heads=None):
 def load_strict(module, sd, path):
     """Copy `sd` into `module`, failing with one line on any missing or unexpected key or wrong shape."""
     own = module.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    if missing:
-        raise WeightsError(f"{path}: missing key {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    if unexpected:
-        raise WeightsError(f"{path}: unexpected key {unexpected[0]!r}" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+    for what, keys in (("missing", [k for k in own if k not in sd]), ("unexpected", [k for k in sd if k not in own])):
+        if keys:
+            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+            raise WeightsError(f"{path}: {what} key {keys[0]!r}{more}")
     for k, v in own.items():
         if tuple(sd[k].shape) != tuple(v.shape):
             raise WeightsError(f"{path}: {k!r} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)}")
@@ -671,17 +672,7 @@ def load_model(path, device="cpu", target_layers=None) -> INPFormer:
 
 def read_checkpoint_metadata(path):
     """The metadata dict of a project checkpoint (values JSON-decoded where possible); reads no tensor."""
-    path = os.fspath(path)
-    if path.endswith(".safetensors") and os.path.isfile(path):
-        from safetensors import safe_open
-
-        try:
-            with safe_open(path, framework="pt") as f:
-                meta = f.metadata() or {}
-        except Exception as e:
-            raise WeightsError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
-    else:
-        _, meta = read_state_dict(path)
+    _, meta = read_state_dict(path, tensors=False)
     out = {}
     for k, v in meta.items():
         try:

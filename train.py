@@ -37,8 +37,8 @@ from safetensors.torch import save_file
 
 import data
 import inpformer
-from evaluate import (CliError, Parser, add_data_args, combine, evaluate, format_time, guard, markdown_table,
-                      pick_device, write_results)
+from evaluate import (CliError, Parser, add_data_args, autocast, combine, evaluate, format_time, guard,
+                      markdown_table, pick_device, write_results)
 
 HF_WEIGHTS = "https://huggingface.co/facebook/dinov2-with-registers-{size}/resolve/main/model.safetensors"
 
@@ -84,6 +84,16 @@ class StableAdamW(torch.optim.Optimizer):
                 p.addcdiv_(state["exp_avg"], denom * scale, value=-group["lr"] / (1 - beta1**t))
 
 
+def optimizer_step(loss, opt, scaler, params, max_norm=0.1):
+    """Backward, then the official global gradient-norm clipping (on unscaled fp16 gradients), then a step."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_(params, max_norm=max_norm)
+    scaler.step(opt)
+    scaler.update()
+
+
 def warm_cosine(it, total, base, final, warmup):
     """Learning rate of iteration `it`: linear from 0 over `warmup` iterations, then cosine from base to final."""
     if it < warmup:
@@ -123,18 +133,17 @@ class CachedFeatures:
     """Encoder outputs of every training image, computed once: the encoder is frozen and the training images
     are not augmented on the fly, so they never change. Trades memory for skipping the encoder each epoch."""
 
-    def __init__(self, model, dataset, batch_size, device, autocast, workers):
+    def __init__(self, model, dataset, batch_size, device, amp, workers):
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
         en, fused = [], []
         for batch in loader:
             x = batch["image"].to(device)
-            with autocast:
+            with amp:
                 e, f = model.encode(x)
             en.append(torch.stack(e, 1).cpu())
             fused.append(f.cpu())
         self.en, self.fused = torch.cat(en), torch.cat(fused)
-        p = model.encoder.config.patch_size
-        self.grid = (x.shape[-2] // p, x.shape[-1] // p)
+        self.grid = model.token_grid(x)
 
     def batch(self, idx, device):
         en = self.en[idx].to(device)
@@ -283,8 +292,7 @@ def train_one(args, sets, out, device, ddp, log):
     warmup = min(args.warmup, total // 10)  # a short run still spends most of its time at full lr
 
     opt = StableAdamW(model.trainable_parameters(), lr=args.lr, weight_decay=1e-4)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
-    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    amp = autocast(device, args.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
 
     ckpt, state_path = out / "model.safetensors", out / "train_state.safetensors"
@@ -307,7 +315,7 @@ def train_one(args, sets, out, device, ddp, log):
     cache = None
     if args.cache_features and start < total:
         t0 = time.time()
-        cache = CachedFeatures(model, dataset, args.batch_size, device, autocast, args.workers)
+        cache = CachedFeatures(model, dataset, args.batch_size, device, amp, args.workers)
         log(f"cached encoder features of {len(dataset)} images in {time.time() - t0:.0f}s "
             f"({(cache.en.nbytes + cache.fused.nbytes) / 2**30:.2f} GiB)")
         loader = None
@@ -328,7 +336,7 @@ def train_one(args, sets, out, device, ddp, log):
                 seen.extend(idx)
             for g in opt.param_groups:
                 g["lr"] = warm_cosine(it, total, args.lr, args.lr * 0.1, warmup)
-            with autocast:
+            with amp:
                 if cache:
                     loss = net(features=cache.batch(idx, device), grid=cache.grid)
                 else:
@@ -338,12 +346,7 @@ def train_one(args, sets, out, device, ddp, log):
                 kept = f"the last good checkpoint {ckpt} is kept" if ckpt.is_file() else "no checkpoint was written"
                 raise CliError(f"loss became {value} at iteration {it} (epoch {epoch}); {kept}. "
                                "Try --precision fp32 or a lower --lr")
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), max_norm=0.1)
-            scaler.step(opt)
-            scaler.update()
+            optimizer_step(loss, opt, scaler, model.trainable_parameters())
             it += 1
             loss_sum, n_log = loss_sum + value, n_log + 1
             end_of_epoch = it % per_epoch == 0 or it == total
@@ -383,7 +386,7 @@ def load_encoder(args, log):
 
 def parse_args(argv=None):
     p = Parser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_args(p, required=True)
     p.add_argument("--setting", choices=["multi", "single", "few-shot"], default="multi",
                    help="one model for all classes (default), one per class, or one on k shots per class")

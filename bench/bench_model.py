@@ -43,17 +43,7 @@ def train_step(impl, model, official, precision):
     params = model.trainable_parameters()
     opt = train.StableAdamW(params)
     scaler = torch.amp.GradScaler(enabled=precision == "fp16")
-
-    def step(x):
-        loss = model.loss(x)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(params, max_norm=0.1)
-        scaler.step(opt)
-        scaler.update()
-
-    return step
+    return lambda x: train.optimizer_step(model.loss(x), opt, scaler, params)
 
 
 def measure(mode, impl, device, precision, batch, iters, size, official):
