@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import inpformer
-from conftest import shared
+from conftest import ROOT, shared
 
 TINY = "fixtures", "official_tiny"
 SIZES = (224, 392)
@@ -256,3 +256,19 @@ def test_autocast_keeps_maps_scores_and_loss_in_fp32(io):
     assert abs(loss.item() - io["loss_224"].item()) < 0.01
     loss.backward()
     assert model.prototype_token.grad.dtype == torch.float32 and torch.isfinite(model.prototype_token.grad).all()
+
+
+def test_checkpoint_written_by_an_earlier_main_still_loads_and_predicts_the_same():
+    """tests/golden/main_2b6638c.safetensors: a tiny model saved by commit 2b6638c's save_checkpoint, with the
+    maps (every 8th pixel), scores and loss that commit computed for the stored input."""
+    golden = ROOT / "tests" / "golden"
+    model = inpformer.load_model(golden / "main_2b6638c.safetensors")
+    io = load_file(golden / "main_2b6638c_io.safetensors")
+    assert model.config.inp_num == 3 and model.config.vit.num_register_tokens == 1
+    meta = inpformer.read_checkpoint_metadata(golden / "main_2b6638c.safetensors")
+    assert meta["classes"] == ["a", "b"] and meta["crop_size"] == 56 and meta["finished"] is True
+    maps, scores = model.predict(io["x"])
+    assert_close("maps", maps[:, ::8, ::8], io["maps_every_8th"], 1e-5)
+    assert_close("scores", scores, io["scores"], 1e-5)
+    assert_close("zero-shot scores", model.predict_zero_shot(io["x"])[1], io["zero_shot_scores"], 1e-5)
+    assert_scalar("loss", model.train().loss(io["x"]), io["loss"])
