@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+import inpformer
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -52,7 +54,7 @@ DATASETS = ("mvtec", "visa", "realiad", "folder", "demo")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
-class DataError(Exception):
+class DataError(ValueError):
     """A problem with the data on disk. str(e) is one line: "<path>: <problem>"."""
 
 
@@ -79,7 +81,7 @@ def one_line(exc: BaseException) -> str:
 @dataclass
 class Sample:
     image: str
-    mask: str | None      # None: a normal image (all-zero mask) or a training image
+    mask: str | None      # None: a normal or training image (all-zero mask), or any image of an image-only class
     label: int            # 0 normal, 1 anomalous
     cls: str
     defect: str           # "good" for normal images
@@ -96,30 +98,32 @@ def default_root(data: str) -> str | None:
     return str(Path(__file__).resolve().parent / "demo_data") if data == "demo" else None
 
 
-def _source(data: str, root) -> tuple[str, Path, Path | None]:
-    """(kind, base, extra) for a data set root, after checking that it exists.
+@dataclass
+class _Layout:
+    base: Path                      # MVTec-layout class folders; the raw VisA root; or Real-IAD's realiad_1024
+    split_file: Path | None = None  # raw VisA: split_csv/1cls.csv
+    jsons: Path | None = None       # Real-IAD: the folder of <class>.json files
 
-    kind "tree": base holds MVTec-layout class folders.  "visa-csv": base is the raw VisA root, extra the
-    split file.  "realiad": base is realiad_1024, extra the folder of <class>.json files."""
+
+def _source(data: str, root) -> _Layout:
+    """Where a data set root keeps its classes, after checking that it exists. Reads, never writes."""
     if data not in DATASETS:
         raise _error(data, f"unknown data set (known: {', '.join(DATASETS)})")
-    if data == "demo":
-        root = Path(root or default_root("demo"))
-        if not (root / DEMO_MARKER).is_file():
-            make_demo(root)
-    elif root is None or str(root) == "":
+    root = root or default_root(data)
+    if not root:
         raise _error(data, "no data root given (pass --data-root)")
     root = Path(root)
     if not root.is_dir():
-        raise _error(root, "data root not found" if not root.exists() else "data root is not a folder")
+        hint = "; make it with: python data.py --make-demo DIR" if data == "demo" else ""
+        raise _error(root, ("data root not found" if not root.exists() else "data root is not a folder") + hint)
 
     if data == "visa":
         # The split file ships inside the raw download (split_csv/1cls.csv); the prepared tree is what the
         # official preparation script writes from it. Prefer the split file: it is the source of truth.
         for split_file in (root / "split_csv" / "1cls.csv", root / "1cls.csv"):
             if split_file.is_file():
-                return "visa-csv", root, split_file
-        return "tree", (root / "1cls" if (root / "1cls").is_dir() else root), None
+                return _Layout(root, split_file=split_file)
+        return _Layout(root / "1cls" if (root / "1cls").is_dir() else root)
 
     if data == "realiad":
         images = root / "realiad_1024"
@@ -129,10 +133,10 @@ def _source(data: str, root) -> tuple[str, Path, Path | None]:
         # realiad_jsons_sv; accept it and a single realiad_jsons/ holding the <class>.json files directly.
         for jsons in (root / "realiad_jsons" / "realiad_jsons", root / "realiad_jsons"):
             if jsons.is_dir() and any(jsons.glob("*.json")):
-                return "realiad", images, jsons
+                return _Layout(images, jsons=jsons)
         raise _error(root / "realiad_jsons", "no <class>.json files in realiad_jsons/realiad_jsons/ or realiad_jsons/")
 
-    return "tree", root, None
+    return _Layout(root)
 
 
 def _ordered(found, data: str) -> list[str]:
@@ -178,19 +182,20 @@ def _read_realiad_json(path: Path) -> dict:
 
 def list_classes(data: str, root) -> list[str]:
     """The classes present under root: official order first where known, then sorted."""
-    kind, base, extra = _source(data, root)
-    if kind == "tree":
+    src = _source(data, root)
+    base = src.base
+    if src.split_file:
+        found = {row["object"] for row in _read_split_file(src.split_file) if (base / row["object"]).is_dir()}
+        expected = f"class folders named in {src.split_file.name}"
+    elif src.jsons:
+        # Real-IAD is distributed one zip per class: a class counts once its images are unpacked too.
+        found = [j.stem for j in src.jsons.glob("*.json") if (base / j.stem).is_dir()]
+        expected = f"realiad_1024/<class>/ folders for the json files in {src.jsons}"
+    else:
         found = [d.name for d in _visible_dirs(base) if (d / "train" / "good").is_dir() or (d / "test").is_dir()]
         expected = "<class>/train/good and <class>/test folders"
         if data == "visa":
             expected = "split_csv/1cls.csv of the raw download, or the prepared 1cls/<class>/train/good tree"
-    elif kind == "visa-csv":
-        found = {row["object"] for row in _read_split_file(extra) if (base / row["object"]).is_dir()}
-        expected = f"class folders named in {extra.name}"
-    else:
-        # Real-IAD is distributed one zip per class: a class counts once its images are unpacked too.
-        found = [j.stem for j in extra.glob("*.json") if (base / j.stem).is_dir()]
-        expected = f"realiad_1024/<class>/ folders for the json files in {extra}"
     if not found:
         raise _error(base, f"no classes found (expected {expected})")
     return _ordered(found, data)
@@ -226,12 +231,12 @@ def list_samples(data: str, root, cls: str, split: str) -> list[Sample]:
     """Every image of one class and split, paired with its mask; a DataError names what is missing."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', not {split!r}")
-    kind, base, extra = _source(data, root)
-    if kind == "tree":
-        return _tree_samples(base, cls, split, data, root)
-    if kind == "visa-csv":
-        return _visa_csv_samples(base, extra, cls, split)
-    return _realiad_samples(base, extra, cls, split)
+    src = _source(data, root)
+    if src.split_file:
+        return _visa_csv_samples(src.base, src.split_file, cls, split)
+    if src.jsons:
+        return _realiad_samples(src.base, src.jsons, cls, split)
+    return _tree_samples(src.base, cls, split, data, root)
 
 
 def _known_hint(data, root) -> str:
@@ -265,14 +270,14 @@ def _tree_samples(base: Path, cls: str, split: str, data: str, root) -> list[Sam
             continue
         # Pair by file stem, not by sorted order as the official loader does: a missing mask then names its
         # image instead of silently shifting every later pair. MVTec names masks <stem>_mask.png, the prepared
-        # VisA tree <stem>.png.
+        # VisA tree <stem>.png. A class without any ground_truth/ folder is image-only: no masks at all.
         gt = cdir / "ground_truth" / defect
         masks = {p.stem: p for p in _images(gt)} if gt.is_dir() else {}
         for p in _images(folder):
             mask = masks.get(p.stem + "_mask") or masks.get(p.stem)
-            if mask is None:
+            if mask is None and (cdir / "ground_truth").is_dir():
                 raise _error(p, f"no mask (expected {gt / (p.stem + '_mask.png')})")
-            samples.append(Sample(str(p), str(mask), 1, cls, defect))
+            samples.append(Sample(str(p), mask and str(mask), 1, cls, defect))
     if not samples:
         raise _error(test, f"no images ({', '.join(IMAGE_SUFFIXES)})")
     return samples
@@ -403,11 +408,22 @@ def _open(path, keep=("RGB", "L"), other="RGB") -> Image.Image:
         return im if im.mode in keep else im.convert(other)
 
 
+def crop_offset(image_size: int, crop_size: int) -> int:
+    """Where the centre crop starts in the resized image: torchvision CenterCrop's rounding."""
+    return int(round((image_size - crop_size) / 2.0))
+
+
+def crop_box(width, height, image_size: int, crop_size: int) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the centre crop in an original width x height image's pixels, rounded
+    (the resize to image_size x image_size does not keep the aspect)."""
+    o, sx, sy = crop_offset(image_size, crop_size), width / image_size, height / image_size
+    return round(o * sx), round(o * sy), round((o + crop_size) * sx), round((o + crop_size) * sy)
+
+
 def _geometry(im: Image.Image, image_size: int, crop_size: int) -> Image.Image:
-    # PIL's bilinear resize (antialiased when shrinking) is what torchvision's Resize runs on PIL images; the
-    # crop offset uses torchvision CenterCrop's rounding.
+    # PIL's bilinear resize (antialiased when shrinking) is what torchvision's Resize runs on PIL images.
     im = im.resize((image_size, image_size), Image.BILINEAR)
-    top = int(round((image_size - crop_size) / 2.0))
+    top = crop_offset(image_size, crop_size)
     return im.crop((top, top, top + crop_size, top + crop_size))
 
 
@@ -420,14 +436,13 @@ def _to_tensor(im: Image.Image, image_size: int, crop_size: int) -> torch.Tensor
     return torch.from_numpy(x)
 
 
-def _mask_tensor(m: Image.Image, threshold: int | None, image_size: int, crop_size: int) -> torch.Tensor:
-    # m is "L", or "P" whose indices are class ids when a threshold applies (a P image's grey otherwise).
+def _grey_mask(m: Image.Image, threshold: int | None) -> Image.Image:
+    """An "L" mask whose pixels > 127 are anomalous. m is "L", or "P" whose indices are class ids when a
+    threshold applies (a P image's grey otherwise). 0/255 masks keep their grey values, so that at 256 they
+    are binarised after the resize, as the official loader does (value/255 > 0.5 is value >= 128)."""
     if threshold is not None:
-        m = Image.fromarray(np.where(np.asarray(m) > threshold, 255, 0).astype(np.uint8))
-    elif m.mode == "P":
-        m = m.convert("L")
-    # value/255 > 0.5 is value >= 128 for 8-bit values: the same test without leaving integers.
-    return torch.from_numpy((np.asarray(_geometry(m, image_size, crop_size)) > 127).astype(np.float32)[None])
+        return Image.fromarray(np.where(np.asarray(m) > threshold, 255, 0).astype(np.uint8))
+    return m.convert("L") if m.mode == "P" else m
 
 
 def _zero_mask(size: int) -> torch.Tensor:
@@ -435,22 +450,29 @@ def _zero_mask(size: int) -> torch.Tensor:
 
 
 def load_image(path, image_size: int = 448, crop_size: int = 392) -> torch.Tensor:
-    """One preprocessed image (3, crop, crop), e.g. for unlabelled prediction; DataError on a bad file."""
-    _check_sizes(image_size, crop_size)
-    return _to_tensor(_open(path), image_size, crop_size)
+    """One preprocessed image (3, crop, crop) from a file or a PIL image; DataError on a bad file."""
+    check_sizes(image_size, crop_size)
+    return _to_tensor(path if isinstance(path, Image.Image) else _open(path), image_size, crop_size)
 
 
-def _check_sizes(image_size, crop_size):
-    if not 0 < crop_size <= image_size:
-        raise ValueError(f"crop size {crop_size} must be in 1..image size {image_size}")
+def check_sizes(image_size: int, crop_size: int, patch_size: int = 1):
+    """The one rule for --image-size/--crop-size: the crop is a positive multiple of the model's patch size
+    and at most the image size."""
+    if crop_size < patch_size or crop_size % patch_size:
+        raise ValueError(f"--crop-size {crop_size} must be a multiple of the model's patch size {patch_size} "
+                         f"(e.g. {max(crop_size // patch_size, 1) * patch_size})")
+    if crop_size > image_size:
+        raise ValueError(f"--crop-size {crop_size} must be at most --image-size {image_size}")
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Samples -> dict(image (3,c,c) normalised, mask (1,c,c) in {0,1}, label, path, cls)."""
+    """Samples -> dict(image (3,c,c) normalised, mask (1,c,c) in {0,1}, label, path, cls). With native=True
+    items also carry native_mask: bool (h, w), the mask at the original resolution cut to the crop box
+    (batch them with collate, which keeps these as a list: sizes can differ)."""
 
-    def __init__(self, samples, image_size: int = 448, crop_size: int = 392):
-        _check_sizes(image_size, crop_size)
-        self.samples = list(samples)
+    def __init__(self, samples, image_size: int = 448, crop_size: int = 392, native: bool = False):
+        check_sizes(image_size, crop_size)
+        self.samples, self.native = list(samples), native
         self.image_size, self.crop_size = image_size, crop_size
 
     def __len__(self):
@@ -459,15 +481,29 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         s = self.samples[i]
         im = _open(s.image)
-        if s.mask is None:
+        m = None if s.mask is None else _open(s.mask, keep=("L", "P"), other="L")
+        if m is None:
             mask = _zero_mask(self.crop_size)
+        elif m.size != im.size:
+            raise _size_error(s.mask, m.size, s.image, im.size)
         else:
-            m = _open(s.mask, keep=("L", "P"), other="L")
-            if m.size != im.size:
-                raise _size_error(s.mask, m.size, s.image, im.size)
-            mask = _mask_tensor(m, s.mask_threshold, self.image_size, self.crop_size)
-        return dict(image=_to_tensor(im, self.image_size, self.crop_size), mask=mask, label=s.label,
-                    path=s.image, cls=s.cls)
+            m = _grey_mask(m, s.mask_threshold)
+            mask = torch.from_numpy((np.asarray(_geometry(m, self.image_size, self.crop_size)) > 127)[None].astype(np.float32))
+        item = dict(image=_to_tensor(im, self.image_size, self.crop_size), mask=mask, label=s.label, path=s.image,
+                    cls=s.cls)
+        if self.native:
+            left, top, right, bottom = crop_box(*im.size, self.image_size, self.crop_size)
+            cut = np.zeros((bottom - top, right - left), bool) if m is None else np.asarray(m)[top:bottom, left:right] > 127
+            item["native_mask"] = torch.from_numpy(cut)
+        return item
+
+    @staticmethod
+    def collate(items):
+        native = [item.pop("native_mask") for item in items] if "native_mask" in items[0] else None
+        batch = torch.utils.data.default_collate(items)
+        if native is not None:
+            batch["native_mask"] = native
+        return batch
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -531,24 +567,30 @@ class FewShotSet(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------------------------------------
 # Training and test sets.
 
+def resolve_sets(data, root, classes="all") -> list[tuple[str, str, list[str]]]:
+    """[(data set, root, classes)] for data and root that may be comma lists ("mvtec,visa", "/d/mvtec,/d/visa",
+    the super-multi-class setting): "all" means all classes of each set, and named classes are taken from
+    every set that has them. A class no set knows is a DataError."""
+    datas = _split(data)
+    roots = _split(root) if isinstance(root, (str, list, tuple)) else [root] if root else []
+    roots = roots or [default_root(d) for d in datas]
+    if len(roots) != len(datas) or None in roots:
+        raise _error(root or data, f"{len(datas)} data set(s) ({', '.join(datas)}) need as many comma-separated "
+                                   "roots (--data-root)")
+    per_set = _pick(classes, [list_classes(d, r) for d, r in zip(datas, roots)], ",".join(map(str, roots)), ",".join(datas))
+    return [(d, str(r), cs) for d, r, cs in zip(datas, roots, per_set) if cs]
+
+
 def train_set(data, root, classes="all", image_size: int = 448, crop_size: int = 392, shots: int | None = None,
               seed: int = 1, check: bool = True) -> torch.utils.data.Dataset:
-    """The training images of `classes` (single-class: one name; unified multi-class: "all").
-
-    data and root may be comma lists ("mvtec,visa", "/d/mvtec,/d/visa") for the super-multi-class setting;
-    then "all" means all classes of each set, and named classes are taken from every set that has them.
-    shots=k draws k images per class with one random.Random(seed) over the classes in order (the official
-    setup_seed(1) + random.sample) and expands each into its 22 views. check=True runs check_samples first,
-    so a bad file stops the run before training rather than inside a loader worker."""
-    datas, roots = _split(data), (_split(root) if isinstance(root, (str, list, tuple)) else [root])
-    if len(roots) != len(datas):
-        raise _error(root, f"{len(datas)} data sets ({', '.join(datas)}) need as many comma-separated roots")
-    per_set = _pick(classes, [list_classes(d, r) for d, r in zip(datas, roots)],
-                    ",".join(str(r or default_root(d)) for d, r in zip(datas, roots)), ",".join(datas))
-
+    """The training images of `classes` (single-class: one name; unified multi-class: "all") of the data sets
+    of resolve_sets(data, root, classes). shots=k draws k images per class with one random.Random(seed) over the
+    classes in order (the official setup_seed(1) + random.sample) and expands each into its 22 views.
+    check=True runs check_samples first, so a bad file stops the run before training rather than inside a
+    loader worker."""
     rng = random.Random(seed)
     parts = []
-    for d, r, clss in zip(datas, roots, per_set):
+    for d, r, clss in resolve_sets(data, root, classes):
         for cls in clss:
             samples = list_samples(d, r, cls, "train")
             if shots:
@@ -566,12 +608,13 @@ def train_set(data, root, classes="all", image_size: int = 448, crop_size: int =
     return FewShotSet(images, [s.image for s in chosen], [s.cls for s in chosen])
 
 
-def test_set(data, root, cls, image_size: int = 448, crop_size: int = 392, check: bool = True) -> ImageDataset:
-    """All test images of one class with their masks (all-zero for normal images)."""
+def test_set(data, root, cls, image_size: int = 448, crop_size: int = 392, check: bool = True,
+             native: bool = False) -> ImageDataset:
+    """All test images of one class with their masks (all-zero for normal images); native: see ImageDataset."""
     samples = list_samples(data, root, cls, "test")
     if check:
         check_samples(samples)
-    return ImageDataset(samples, image_size, crop_size)
+    return ImageDataset(samples, image_size, crop_size, native)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -701,6 +744,24 @@ def make_demo(out_dir, seed: int = 0, classes=("tiles", "fabric"), n_train: int 
     return out
 
 
+def demo_backbone():
+    """The demo's encoder: a small randomly initialised ViT, so the demo runs with nothing downloaded. Random
+    features still separate the demo's defects from its textures, though far less well than DINOv2's."""
+    g = torch.Generator().manual_seed(0)  # the same backbone every run, whatever --seed
+    vit = inpformer.ViT(inpformer.ViTConfig(embed_dim=128, depth=10, num_heads=2, num_register_tokens=0))
+    with torch.no_grad():
+        for name, p in vit.named_parameters():
+            if name.endswith("gamma"):  # small layer scale: blocks refine the patch features, not scramble them
+                p.fill_(0.1)
+            elif p.ndim > 1 or name in ("cls_token", "pos_embed"):
+                torch.nn.init.trunc_normal_(p, std=0.02, generator=g)
+            elif name.endswith("bias"):
+                p.zero_()
+    torch.nn.init.kaiming_uniform_(vit.patch_embed.proj.weight, a=math.sqrt(5), generator=g)  # conv's default
+    vit.source = "random (demo)"
+    return vit
+
+
 def _demo_settings(folder: Path) -> dict | None:
     try:
         return json.loads((folder / DEMO_MARKER).read_text())
@@ -709,7 +770,102 @@ def _demo_settings(folder: Path) -> dict | None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Command line.
+# Command line: `python data.py`, and the pieces train.py and evaluate.py share (data flags, their checks,
+# the device, and the one-line error guard).
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # a ValueError, so that guard() prints it as one line with exit status 2
+        raise ValueError(f"{message} (see --help)")
+
+
+def number(kind=int, low=1):
+    """An argparse type: a whole number of at least `low`, or (kind=float) a finite number above `low`."""
+    def parse(text):
+        try:
+            v = kind(text)
+            if v >= low if kind is int else math.isfinite(v) and v > low:
+                return v
+        except ValueError:
+            pass
+        raise argparse.ArgumentTypeError(f"{text!r} is not " + (f"a whole number of at least {low}" if kind is int
+                                                                else f"a number above {low}"))
+    return parse
+
+
+def data_names(text):
+    """An argparse type: a comma list of known data set names."""
+    names = _split(text)
+    unknown = [n for n in names if n not in DATASETS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown data set {', '.join(map(repr, unknown)) or repr(text)} "
+                                         f"(known: {', '.join(DATASETS)})")
+    return ",".join(names)
+
+
+def add_args(parser, required=False):
+    """The data and device options of train.py and evaluate.py. Defaults are None: each script fills them in
+    (evaluate.py from the checkpoint's metadata, train.py from the data set)."""
+    g = parser.add_argument_group("data and device")
+    g.add_argument("--data", type=data_names, required=required,
+                   help=f"data set: {', '.join(DATASETS)}, or a comma list of them")
+    g.add_argument("--data-root", help="folder holding the data set (comma list, one per --data; demo: demo_data/)")
+    g.add_argument("--classes", help='"all" (default) or a comma list of class names')
+    g.add_argument("--image-size", type=number(), help="side of the square resize before the centre crop (default 448)")
+    g.add_argument("--crop-size", type=number(),
+                   help="side of the centre crop fed to the model, a multiple of the patch size 14 (default 392)")
+    g.add_argument("--batch-size", type=number(), help="images per batch (default 16)")
+    g.add_argument("--workers", type=number(low=0), help="data-loading processes (default: up to 4, at most the CPUs)")
+    g.add_argument("--device", help='"auto" (default: cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...')
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="autocast dtype (auto: bf16 for CUDA training, else fp32; bf16 also runs on CPUs)")
+    return g
+
+
+def format_time(s) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def workers(asked=None, default=4) -> int:
+    """Loader processes: as asked, else up to `default`; never more than the CPUs this process may use."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(default if asked is None else asked, cpus)
+
+
+def device(name) -> torch.device:
+    """"auto" (or None) -> cuda if available, else cpu; anything else must name a device that is there."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available here (use --device cpu)")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return dev
+
+
+def guard(main) -> None:
+    """Run main(); bad input ends with one line "error: ..." on stderr and exit status 2, never a traceback.
+
+    Bad input is what the user can fix: data (DataError), weights (inpformer.WeightsError), an argument
+    (ValueError) or the file system (OSError). INPFORMER_TRACEBACK=1 shows the traceback instead (a
+    ValueError can also be a bug)."""
+    try:
+        rc = main()
+        sys.exit(rc if isinstance(rc, int) else 0)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except (ValueError, OSError, torch.cuda.OutOfMemoryError) as e:
+        if os.environ.get("INPFORMER_TRACEBACK"):
+            raise
+        msg = "out of GPU memory; lower --batch-size" if isinstance(e, torch.cuda.OutOfMemoryError) else one_line(e)
+        print(f"error: {' '.join(msg.split())}", file=sys.stderr)
+        sys.exit(2)
+
 
 def _check(data: str, root, classes: str) -> None:
     start, files = time.perf_counter(), 0
@@ -728,28 +884,21 @@ def _check(data: str, root, classes: str) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = Parser(description=__doc__.split("\n")[0])
     p.add_argument("--make-demo", metavar="DIR", help="write the demo data set (MVTec layout) to DIR")
     p.add_argument("--seed", type=int, default=0, help="demo set seed (default 0)")
-    p.add_argument("--check", nargs="+", metavar=("DATA", "ROOT"),
+    p.add_argument("--check", nargs=2, metavar=("DATA", "ROOT"),
                    help=f"count the classes of DATA ({', '.join(DATASETS)}) under ROOT and check every file")
     p.add_argument("--classes", default="all", help="with --check: 'all' or a comma list")
     args = p.parse_args(argv)
     if not args.make_demo and not args.check:
         p.error("give --make-demo DIR or --check DATA ROOT")
-    if args.check and len(args.check) > 2:
-        p.error("--check takes DATA and ROOT")
-    try:
-        if args.make_demo:
-            print(f"demo data set in {make_demo(args.make_demo, seed=args.seed)}")
-        if args.check:
-            data, root = args.check[0], (args.check[1] if len(args.check) > 1 else None)
-            _check(data, root, args.classes)
-    except DataError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
+    if args.make_demo:
+        print(f"demo data set in {make_demo(args.make_demo, seed=args.seed)}")
+    if args.check:
+        _check(*args.check, args.classes)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    guard(main)

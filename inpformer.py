@@ -14,10 +14,13 @@ state dict, so the authors' `model.pth` loads as is.
 
 Depends on torch; safetensors is used for file I/O only.
 """
+import contextlib
+import copy
 import json
 import math
 import os
 import pickle
+import re
 import warnings
 from dataclasses import asdict, dataclass, field
 
@@ -44,20 +47,10 @@ class Mlp(nn.Module):
     def __init__(self, dim, hidden):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class LayerScale(nn.Module):
-    def __init__(self, dim):
-        super().__init__()
-        self.gamma = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        return x * self.gamma
+        return self.fc2(F.gelu(self.fc1(x)))
 
 
 class SelfAttention(nn.Module):
@@ -79,23 +72,15 @@ class Block(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = SelfAttention(dim, num_heads)
-        self.ls1 = LayerScale(dim)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.ls2 = LayerScale(dim)
+        # Layer scales, as dicts so that their parameters keep DINOv2's names (ls1.gamma, ls2.gamma).
+        self.ls1 = nn.ParameterDict(dict(gamma=nn.Parameter(torch.ones(dim))))
+        self.ls2 = nn.ParameterDict(dict(gamma=nn.Parameter(torch.ones(dim))))
 
     def forward(self, x):
-        x = x + self.ls1(self.attn(self.norm1(x)))
-        return x + self.ls2(self.mlp(self.norm2(x)))
-
-
-class PatchEmbed(nn.Module):
-    def __init__(self, patch_size, dim):
-        super().__init__()
-        self.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)
+        x = x + self.ls1.gamma * self.attn(self.norm1(x))
+        return x + self.ls2.gamma * self.mlp(self.norm2(x))
 
 
 class ViT(nn.Module):
@@ -105,7 +90,7 @@ class ViT(nn.Module):
         super().__init__()
         c = self.config = config
         D = c.embed_dim
-        self.patch_embed = PatchEmbed(c.patch_size, D)
+        self.patch_embed = nn.ModuleDict(dict(proj=nn.Conv2d(3, D, kernel_size=c.patch_size, stride=c.patch_size)))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + c.pos_grid**2, D))
         if c.num_register_tokens:
@@ -125,20 +110,17 @@ class ViT(nn.Module):
         pos = self.pos_embed
         if h == w == G:
             return pos
-        cls_pos, patch_pos = pos[:, :1].float(), pos[:, 1:].float()
-        patch_pos = patch_pos.reshape(1, G, G, -1).permute(0, 3, 1, 2)
-        patch_pos = F.interpolate(patch_pos, scale_factor=((h + 0.1) / G, (w + 0.1) / G), mode="bicubic",
-                                  antialias=False)
-        assert patch_pos.shape[-2:] == (h, w), patch_pos.shape
-        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, h * w, -1)
-        return torch.cat((cls_pos, patch_pos), dim=1).to(pos.dtype)
+        grid = pos[:, 1:].float().reshape(1, G, G, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, scale_factor=((h + 0.1) / G, (w + 0.1) / G), mode="bicubic", antialias=False)
+        assert grid.shape[-2:] == (h, w), grid.shape
+        return torch.cat((pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, h * w, -1).to(pos.dtype)), dim=1)
 
     def prepare_tokens(self, x):
         B, _, H, W = x.shape
         p = self.config.patch_size
         if H % p or W % p:
             raise ValueError(f"input size {H}x{W} is not a multiple of the patch size {p}")
-        x = self.patch_embed(x)
+        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
         x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)
         x = x + self.interpolate_pos_encoding(H // p, W // p).to(x.dtype)
         if self.config.num_register_tokens:
@@ -174,8 +156,6 @@ def vit_base(num_register_tokens=4):
 def vit_large(num_register_tokens=4):
     return ViT(ViTConfig(embed_dim=1024, depth=24, num_heads=16, num_register_tokens=num_register_tokens))
 
-
-VIT_FACTORIES = {"small": vit_small, "base": vit_base, "large": vit_large}
 
 # -----------------------------------------------------------------------------------------------------
 # INP Extractor and INP-Guided Decoder (LayerNorm eps 1e-8 in both, as in the official heads)
@@ -255,24 +235,19 @@ class DecoderBlock(nn.Module):
 # INP-Former
 
 
-def default_target_layers(vit: ViTConfig):
-    """Encoder blocks whose outputs are fused: 2..9 for ViT-S/B, every other block 4..18 for ViT-L."""
-    return list(range(4, 19, 2)) if vit.embed_dim >= 1024 else list(range(2, 10))
-
-
 @dataclass
 class INPFormerConfig:
     vit: ViTConfig = field(default_factory=ViTConfig)
     inp_num: int = 6
     decoder_depth: int = 8
-    target_layers: list = None  # None: default_target_layers(vit)
+    target_layers: list = None  # encoder blocks fused; None: 2..9 for ViT-S/B, every other block 4..18 for ViT-L
     fuse_groups: list = ((0, 1, 2, 3), (4, 5, 6, 7))  # indices into target_layers (and reversed decoder outputs)
 
     def __post_init__(self):
         if isinstance(self.vit, dict):
             self.vit = ViTConfig(**self.vit)
-        if self.target_layers is None:
-            self.target_layers = default_target_layers(self.vit)
+        if not self.target_layers:
+            self.target_layers = range(4, 19, 2) if self.vit.embed_dim >= 1024 else range(2, 10)
         self.target_layers = [int(i) for i in self.target_layers]
         self.fuse_groups = [[int(i) for i in g] for g in self.fuse_groups]
 
@@ -280,33 +255,26 @@ class INPFormerConfig:
 class INPFormer(nn.Module):
     """A frozen encoder, one INP Extractor block, a bottleneck MLP and the INP-Guided Decoder.
 
+    INPFormer(encoder, **options): options are the fields of INPFormerConfig, whose defaults are the paper's.
     forward(x) -> (en, de, coherence_loss): en and de are lists with one (B, D, H/14, W/14) map per fuse group.
     """
 
-    def __init__(self, encoder: ViT, inp_num=6, decoder_depth=8, target_layers=None,
-                 fuse_groups=((0, 1, 2, 3), (4, 5, 6, 7))):
+    def __init__(self, encoder: ViT, **options):
         super().__init__()
-        self.config = INPFormerConfig(encoder.config, inp_num, decoder_depth, target_layers, fuse_groups)
+        self.config = INPFormerConfig(encoder.config, **options)
         D, H, r = encoder.config.embed_dim, encoder.config.num_heads, encoder.config.mlp_ratio
         self.encoder = encoder.requires_grad_(False)
         # ModuleLists of one element keep the official parameter names (bottleneck.0.*, aggregation.0.*).
         self.bottleneck = nn.ModuleList([Mlp(D, int(D * r))])
         self.aggregation = nn.ModuleList([INPExtractorBlock(D, H, r)])
-        self.decoder = nn.ModuleList(DecoderBlock(D, H, r) for _ in range(decoder_depth))
-        self.prototype_token = nn.Parameter(torch.randn(inp_num, D))  # the M learnable INP queries
-        self.init_trainable()
-
-    def init_trainable(self):
-        """The official training initialisation of everything but the INP queries (which stay N(0, 1))."""
+        self.decoder = nn.ModuleList(DecoderBlock(D, H, r) for _ in range(self.config.decoder_depth))
+        self.prototype_token = nn.Parameter(torch.randn(self.config.inp_num, D))  # the M learnable INP queries
+        self._cast = None  # (dtype, device, encoder copy): see encode()
+        # The official training initialisation of everything but the INP queries (which stay N(0, 1)).
         for m in [*self.bottleneck.modules(), *self.aggregation.modules(), *self.decoder.modules()]:
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.01, a=-0.03, b=0.03)
                 nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, DecoderAttention):
-                nn.init.ones_(m.learn_scale)
 
     def trainable_parameters(self):
         return [p for n, p in self.named_parameters() if not n.startswith("encoder.")]
@@ -317,9 +285,18 @@ class INPFormer(nn.Module):
         return self
 
     def encode(self, x):
-        """Fused encoder features: the per-group maps (lists of (B, N, D)) and their all-layer mean F."""
+        """Fused encoder features: the per-group maps (lists of (B, N, D)) and their all-layer mean F.
+
+        Under autocast the frozen encoder runs as a copy cast once to the autocast dtype: autocast caches the
+        casts of trainable weights only, so it would cast the frozen ones again on every call."""
+        encoder, kind = self.encoder, x.device.type
+        if torch.is_autocast_enabled(kind) and encoder.pos_embed.dtype == torch.float32:
+            key = (torch.get_autocast_dtype(kind), x.device)
+            if self._cast is None or self._cast[:2] != key:
+                self._cast = (*key, copy.deepcopy(encoder).to(key[0]))
+            encoder = self._cast[2]
         with torch.no_grad():
-            layers = self.encoder.forward_layers(x, self.config.target_layers)
+            layers = encoder.forward_layers(x, self.config.target_layers)
         groups = [torch.stack([layers[i] for i in g], dim=1).mean(dim=1) for g in self.config.fuse_groups]
         return groups, torch.stack(layers, dim=1).mean(dim=1)
 
@@ -335,8 +312,7 @@ class INPFormer(nn.Module):
         return self.decode(*self.encode(x), grid=self.token_grid(x))
 
     def decode(self, en, fused, grid):
-        """Everything after the frozen encoder, from the outputs of encode(); grid is the (h, w) token grid.
-        Split out so that training can reuse encoder features computed once."""
+        """Everything after the frozen encoder, from the outputs of encode(); grid is the (h, w) token grid."""
         h, w = grid
         inps = self.extract_inps(fused)
         coherence = inp_distance(fused, inps).mean()
@@ -347,22 +323,19 @@ class INPFormer(nn.Module):
             de.append(t)
         de = de[::-1]  # the last decoder block is matched with the first encoder group
         de = [torch.stack([de[i] for i in g], dim=1).mean(dim=1) for g in self.config.fuse_groups]
-        to_map = lambda t: t.transpose(1, 2).reshape(t.shape[0], -1, h, w)
+        to_map = lambda t: t.transpose(1, 2).reshape(t.shape[0], -1, h, w)  # noqa: E731
         return [to_map(e) for e in en], [to_map(d) for d in de], coherence
 
     def loss(self, x, coherence_weight=0.2):
         """The training objective: soft-mining global cosine loss + 0.2 x INP coherence loss."""
-        return self.loss_terms(*self(x), coherence_weight)
+        return self.loss_from_features(*self.encode(x), self.token_grid(x), coherence_weight)
 
     def loss_from_features(self, en, fused, grid, coherence_weight=0.2):
-        return self.loss_terms(*self.decode(en, fused, grid), coherence_weight)
-
-    @staticmethod
-    def loss_terms(en, de, coherence, coherence_weight=0.2):
-        # Computed in fp32 even under autocast: 1 - cos of near-identical vectors needs the precision.
-        with torch.autocast(en[0].device.type, enabled=False):
-            en, de = [_full(e) for e in en], [_full(d) for d in de]
-            return soft_mining_loss(en, de) + coherence_weight * _full(coherence)
+        """model.loss from encode()'s outputs, so that training can reuse encoder features computed once.
+        In fp32 even under autocast: 1 - cos of near-identical vectors needs the precision."""
+        en, de, coherence = self.decode(en, fused, grid)
+        with torch.autocast(fused.device.type, enabled=False):
+            return soft_mining_loss([_full(e) for e in en], [_full(d) for d in de]) + coherence_weight * _full(coherence)
 
     @torch.no_grad()
     def predict(self, x, out_size=256, max_ratio=0.01):
@@ -381,14 +354,6 @@ class INPFormer(nn.Module):
         d = inp_distance(fused, self.extract_inps(fused)).view(-1, 1, h, w)
         d = F.interpolate(d, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=True)
         return score_maps(d, out_size, max_ratio)
-
-
-def build_model(config: INPFormerConfig):
-    """An INPFormer with fresh weights for `config` (a dict or an INPFormerConfig)."""
-    if isinstance(config, dict):
-        config = INPFormerConfig(**config)
-    return INPFormer(ViT(config.vit), config.inp_num, config.decoder_depth, config.target_layers,
-                     config.fuse_groups)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -466,117 +431,86 @@ class WeightsError(ValueError):
     """A weights or checkpoint file that cannot be used; the message is one line naming the file."""
 
 
+def _first_line(e):
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
 def read_state_dict(path, tensors=True):
-    """(tensors, metadata) from a .safetensors file or a torch .pth/.pt state dict. tensors=False reads only
-    a .safetensors file's header (the tensors come back empty); a .pth has to be read whole anyway."""
-    path = os.fspath(path)
+    """(tensors, metadata) from a .safetensors file or a torch .pth/.pt state dict, wrapper prefixes (DDP's
+    module.) removed. tensors=False reads only a .safetensors file's header (no tensors)."""
+    path, meta = os.fspath(path), {}
     if not os.path.isfile(path):
         raise WeightsError(f"{path}: no such file")
-    if path.endswith(".safetensors"):
-        from safetensors import safe_open
-
-        try:
-            with safe_open(path, framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys() if tensors}, (f.metadata() or {})
-        except Exception as e:  # truncated or not a safetensors file
-            raise WeightsError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
     try:
-        with warnings.catch_warnings():  # torch's multi-line pickle-protocol warnings would break the one line
-            warnings.simplefilter("ignore")
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                sd, meta = {k: f.get_tensor(k) for k in f.keys() if tensors}, f.metadata() or {}
+        else:
+            with warnings.catch_warnings():  # torch's multi-line pickle-protocol warnings would break the one line
+                warnings.simplefilter("ignore")
+                sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        if isinstance(e, pickle.UnpicklingError) and "weights_only" in str(e):
-            # torch's own message suggests weights_only=False, i.e. running code from the file: never
-            raise WeightsError(f"{path}: not a readable torch state dict (damaged, or holds objects other than "
-                              "tensors)") from None
-        raise WeightsError(f"{path}: not a readable torch state dict ({_first_line(e)})") from None
+        # torch's own message suggests weights_only=False, i.e. running code from the file: never
+        why = ("damaged, or holds objects other than tensors" if isinstance(e, pickle.UnpicklingError)
+               and "weights_only" in str(e) else _first_line(e))
+        kind = "safetensors file" if path.endswith(".safetensors") else "torch state dict"
+        raise WeightsError(f"{path}: not a readable {kind} ({why})") from None
     for wrapper in ("model", "state_dict"):  # training checkpoints often nest the weights
         if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
             sd = sd[wrapper]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise WeightsError(f"{path}: not a state dict of tensors")
-    return sd, {}
-
-
-def _first_line(e):
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-
-
-def _strip_prefix(sd):
     for prefix in ("module.", "dinov2_with_registers.", "dinov2.", "backbone."):
         if sd and all(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items()}
-    return sd
+    return sd, meta
 
 
-def _hf_to_hub(sd):
-    """Hugging Face Dinov2(WithRegisters)Model names -> torch-hub names (q, k, v concatenated into qkv)."""
-    out, rest = {}, dict(sd)
-    renames = {"embeddings.cls_token": "cls_token", "embeddings.position_embeddings": "pos_embed",
-               "embeddings.register_tokens": "register_tokens", "embeddings.mask_token": "mask_token",
-               "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
-               "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
-               "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias"}
-    layer = {"norm1": "norm1", "norm2": "norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
-             "attention.output.dense": "attn.proj", "layer_scale1.lambda1": "ls1.gamma",
-             "layer_scale2.lambda1": "ls2.gamma"}
-    for k, v in sd.items():
-        if k in renames:
-            out[renames[k]] = rest.pop(k)
-        elif k.startswith("encoder.layer."):
-            i, name = k[len("encoder.layer."):].split(".", 1)
-            for hf, hub in layer.items():
-                if name == hf or name.startswith(hf + "."):
-                    out[f"blocks.{i}.{hub}{name[len(hf):]}"] = rest.pop(k)
-    n = 0
-    while f"encoder.layer.{n}.attention.attention.query.weight" in rest:
-        for s in ("weight", "bias"):
-            parts = [rest.pop(f"encoder.layer.{n}.attention.attention.{p}.{s}", None) for p in ("query", "key", "value")]
-            if any(p is None for p in parts):
-                raise KeyError(f"encoder.layer.{n}.attention.attention.{{query,key,value}}.{s}")
-            out[f"blocks.{n}.attn.qkv.{s}"] = torch.cat(parts)
-        n += 1
-    out.update(rest)  # anything left over is reported as unexpected by the caller
-    return out
-
-
-def _timm_to_hub(sd):
-    """timm names -> torch-hub names. timm folds the class position into cls_token and drops mask_token;
-    putting a zero class slot back is exact, since that slot is only ever added to the class token."""
-    sd = dict(sd)
-    if "reg_token" in sd:
-        sd["register_tokens"] = sd.pop("reg_token")
-    pos = sd.get("pos_embed")
-    if pos is not None and math.isqrt(pos.shape[1]) ** 2 == pos.shape[1]:
-        sd["pos_embed"] = torch.cat((torch.zeros_like(pos[:, :1]), pos), dim=1)
-    if "mask_token" not in sd and "cls_token" in sd:
-        sd["mask_token"] = torch.zeros(1, sd["cls_token"].shape[-1], dtype=sd["cls_token"].dtype)
-    return sd
+# Hugging Face Dinov2(WithRegisters)Model names -> torch-hub names: replacements applied in order to every key.
+_HF_NAMES = (("embeddings.patch_embeddings.projection", "patch_embed.proj"), ("embeddings.position_embeddings",
+              "pos_embed"), ("embeddings.", ""), ("encoder.layer.", "blocks."), ("attention.output.dense", "attn.proj"),
+             ("attention.attention.", "attn."), ("layer_scale1.lambda1", "ls1.gamma"),
+             ("layer_scale2.lambda1", "ls2.gamma"), ("layernorm.", "norm."))
 
 
 def to_hub_names(sd):
-    """Detect the naming (torch hub, Hugging Face, timm) and return the state dict in torch-hub names."""
-    sd = _strip_prefix(sd)
+    """(state dict in torch-hub names, "torch-hub" | "huggingface" | "timm"), the naming detected from the keys."""
     if any(k.startswith(("embeddings.", "encoder.layer.")) for k in sd):
-        return _hf_to_hub(sd), "huggingface"
+        out = {}
+        for k, v in sd.items():
+            for hf, hub in _HF_NAMES:
+                k = k.replace(hf, hub)
+            out[k] = v
+        for q in [k for k in out if re.fullmatch(r"blocks\.\d+\.attn\.query\.(weight|bias)", k)]:  # q, k, v -> qkv
+            parts = [q.replace("query", p) for p in ("query", "key", "value")]
+            out[q.replace("query", "qkv")] = torch.cat([out.pop(p) for p in parts])
+        return out, "huggingface"
     pos = sd.get("pos_embed")
     if "reg_token" in sd or (pos is not None and math.isqrt(pos.shape[1]) ** 2 == pos.shape[1]):
-        return _timm_to_hub(sd), "timm"
+        # timm folds the class position into cls_token and drops mask_token; putting a zero class slot back
+        # is exact, since that slot is only ever added to the class token.
+        sd = dict(sd)
+        if "reg_token" in sd:
+            sd["register_tokens"] = sd.pop("reg_token")
+        if pos is not None and math.isqrt(pos.shape[1]) ** 2 == pos.shape[1]:
+            sd["pos_embed"] = torch.cat((torch.zeros_like(pos[:, :1]), pos), dim=1)
+        if "mask_token" not in sd and "cls_token" in sd:
+            sd["mask_token"] = torch.zeros(1, sd["cls_token"].shape[-1], dtype=sd["cls_token"].dtype)
+        return sd, "timm"
     return sd, "torch-hub"
 
 
 def vit_config_from_state_dict(sd, num_heads=None):
-    """Infer the ViT size from torch-hub-named tensors. DINOv2 heads are always 64 wide."""
-    for k in ("pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight"):
-        if k not in sd:
-            raise KeyError(k)
+    """The ViT size of torch-hub-named tensors. The head count is not in them: DINOv2 heads are 64 wide."""
     D = sd["pos_embed"].shape[-1]
-    grid = math.isqrt(sd["pos_embed"].shape[1] - 1)
-    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-    hidden = sd["blocks.0.mlp.fc1.weight"].shape[0] if "blocks.0.mlp.fc1.weight" in sd else 4 * D
-    regs = sd["register_tokens"].shape[1] if "register_tokens" in sd else 0
-    return ViTConfig(embed_dim=D, depth=depth, num_heads=num_heads or D // 64, num_register_tokens=regs,
-                     patch_size=sd["patch_embed.proj.weight"].shape[-1], pos_grid=grid, mlp_ratio=hidden / D)
+    hidden = sd["blocks.0.mlp.fc1.weight"].shape[0]
+    return ViTConfig(embed_dim=D, depth=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks.")),
+                     num_heads=num_heads or D // 64,
+                     num_register_tokens=sd["register_tokens"].shape[1] if "register_tokens" in sd else 0,
+                     patch_size=sd["patch_embed.proj.weight"].shape[-1],
+                     pos_grid=math.isqrt(sd["pos_embed"].shape[1] - 1), mlp_ratio=hidden / D)
 
 
 def load_strict(module, sd, path):
@@ -593,88 +527,80 @@ def load_strict(module, sd, path):
     return module
 
 
-def _heads_from_config_json(path, embed_dim):
-    """num_attention_heads of a Hugging Face config.json (or <stem>_config.json) beside the weights, if any."""
-    folder, stem = os.path.split(os.fspath(path))
-    for name in ("config.json", f"{os.path.splitext(stem)[0]}_config.json"):
-        try:
-            with open(os.path.join(folder, name)) as f:
-                cfg = json.load(f)
-        except (OSError, ValueError):
-            continue
-        if cfg.get("hidden_size") == embed_dim and "num_attention_heads" in cfg:
-            return int(cfg["num_attention_heads"])
-    return None
-
-
 def load_backbone(path, num_heads=None) -> ViT:
-    """A DINOv2 ViT from .safetensors or .pth in torch-hub, Hugging Face or timm names; size detected.
-
-    The head count is not in the tensors: it is num_heads, else a Hugging Face config.json beside the file,
-    else embed_dim / 64 (every released DINOv2)."""
+    """A DINOv2 ViT from .safetensors or .pth in torch-hub, Hugging Face or timm names; size detected, the
+    naming kept in vit.source. The head count is num_heads, else that of a Hugging Face config.json beside
+    the file, else embed_dim / 64 (every released DINOv2)."""
     sd, _ = read_state_dict(path)
     if any(k.startswith("encoder.blocks.") for k in sd):  # an INP-Former checkpoint: take its encoder
         sd = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
     try:
-        sd, _ = to_hub_names(sd)
-        if num_heads is None and "pos_embed" in sd:
-            num_heads = _heads_from_config_json(path, sd["pos_embed"].shape[-1])
+        sd, source = to_hub_names(sd)
+        folder, stem = os.path.split(os.fspath(path))
+        for name in ("config.json", f"{os.path.splitext(stem)[0]}_config.json"):
+            with contextlib.suppress(OSError, ValueError, KeyError, AttributeError), open(os.path.join(folder, name)) as f:
+                cfg = json.load(f)
+                if num_heads is None and cfg.get("hidden_size") == sd["pos_embed"].shape[-1]:
+                    num_heads = int(cfg["num_attention_heads"])
         config = vit_config_from_state_dict(sd, num_heads)
     except KeyError as e:
         raise WeightsError(f"{path}: not a DINOv2 ViT state dict (no {e.args[0]!r})") from None
-    return load_strict(ViT(config), sd, path)
-
-
-def config_from_official(sd):
-    """INPFormerConfig of an official INP-Former state dict, inferred from its shapes."""
-    enc = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
-    num_heads = sd["decoder.0.attn.learn_scale"].shape[0]
-    vit = vit_config_from_state_dict(enc, num_heads)
-    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("decoder."))
-    return INPFormerConfig(vit=vit, inp_num=sd["prototype_token"].shape[0], decoder_depth=depth)
+    vit = load_strict(ViT(config), sd, path)
+    vit.source = source
+    return vit
 
 
 def save_checkpoint(model: INPFormer, path, metadata=None):
     """Write the whole model (frozen encoder included) as one .safetensors file with its config in the
-    metadata; atomically (temp file + rename), so a crash never leaves a half-written checkpoint."""
+    metadata; atomically, so a crash never leaves a half-written checkpoint."""
     from safetensors.torch import save_file
 
     meta = {"format": "pt", "inpformer_config": json.dumps(asdict(model.config))}
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
     sd = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = f"{os.fspath(path)}.tmp"
-    save_file(sd, tmp, metadata=meta)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        save_file(sd, tmp, metadata=meta)
 
 
-def load_model(path, device="cpu", target_layers=None) -> INPFormer:
-    """An INPFormer (eval mode) from a project checkpoint or an official INP-Former state dict."""
+@contextlib.contextmanager
+def atomic_write(path):
+    """Yields a temporary name beside `path`, renamed to `path` once the block succeeds (removed if it fails),
+    so that `path` is always either the old file or the whole new one."""
+    tmp = f"{os.fspath(path)}.{os.getpid()}.tmp"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_model(path, device="cpu") -> INPFormer:
+    """An INPFormer (eval mode) from a project checkpoint or an official INP-Former state dict (the authors'
+    model.pth), whose config is inferred from its shapes."""
     sd, meta = read_state_dict(path)
-    sd = _strip_prefix(sd)
-    if "inpformer_config" in meta:
-        try:
-            config = INPFormerConfig(**json.loads(meta["inpformer_config"]))
-        except (TypeError, ValueError) as e:
-            raise WeightsError(f"{path}: unreadable inpformer_config metadata ({_first_line(e)})") from None
-    elif "prototype_token" in sd and "decoder.0.attn.learn_scale" in sd and "encoder.pos_embed" in sd:
-        try:
-            config = config_from_official(sd)
-        except KeyError as e:
-            raise WeightsError(f"{path}: incomplete INP-Former state dict (no {e.args[0]!r})") from None
-    else:
+    if "inpformer_config" not in meta and "decoder.0.attn.learn_scale" not in sd:
         raise WeightsError(f"{path}: not an INP-Former checkpoint (no config metadata, no official keys)")
-    if target_layers is not None:
-        config.target_layers = list(target_layers)
-    model = build_model(config)
-    load_strict(model, sd, path)
-    return model.to(device).eval()
+    try:
+        if "inpformer_config" in meta:
+            config = INPFormerConfig(**json.loads(meta["inpformer_config"]))
+        else:
+            encoder = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
+            config = INPFormerConfig(vit_config_from_state_dict(encoder, sd["decoder.0.attn.learn_scale"].shape[0]),
+                                     inp_num=sd["prototype_token"].shape[0],
+                                     decoder_depth=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("decoder.")))
+    except KeyError as e:
+        raise WeightsError(f"{path}: incomplete INP-Former state dict (no {e.args[0]!r})") from None
+    except (TypeError, ValueError) as e:
+        raise WeightsError(f"{path}: unreadable inpformer_config metadata ({_first_line(e)})") from None
+    options = {k: v for k, v in asdict(config).items() if k != "vit"}
+    return load_strict(INPFormer(ViT(config.vit), **options), sd, path).to(device).eval()
 
 
 def read_checkpoint_metadata(path):
     """The metadata dict of a project checkpoint (values JSON-decoded where possible); reads no tensor."""
-    _, meta = read_state_dict(path, tensors=False)
     out = {}
-    for k, v in meta.items():
+    for k, v in read_state_dict(path, tensors=False)[1].items():
         try:
             out[k] = json.loads(v)
         except ValueError:

@@ -11,36 +11,34 @@
 Defaults are the official multi-class recipe: DINOv2-B/14 with registers, 448 -> 392, batch 16, 6 INPs,
 StableAdamW (lr 1e-3, betas 0.9/0.999, weight decay 1e-4, AMSGrad, eps 1e-10), 100 warm-up iterations then
 cosine to lr/10, gradient-norm clipping 0.1, 200 epochs, seed 1. On CUDA the model runs in bf16 autocast
-(fp16 with a gradient scaler on request); on the CPU in fp32.
+(fp16 with a gradient scaler on request), on the CPU in fp32 (bf16 on request).
 
 Under torchrun each process loads --batch-size images per step (the paper's recipe is 16 in all, on one GPU),
 the data is sharded with one seeded permutation per epoch, and only rank 0 writes files.
 
-Every epoch (and at the end) `<out>/model.safetensors` (the model, config in its metadata, what
-`evaluate.py --ckpt` reads) and `<out>/train_state.safetensors` (optimizer, schedule position, RNG) are
-written atomically; `--resume` continues from them and ends with the same weights as an uninterrupted run.
+Every epoch `<out>/model.safetensors` (the model, config in its metadata, what `evaluate.py --ckpt` reads) and
+`<out>/train_state.pt` (optimizer, schedule position, RNG) are written atomically; `--resume`
+continues from them and ends with the same weights as an uninterrupted run. A new run never replaces an
+existing one unless asked to (--overwrite).
 """
 import argparse
-import hashlib
 import json
 import math
 import os
-import sys
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 import data
+import evaluate
 import inpformer
-from evaluate import (CliError, Parser, add_data_args, autocast, combine, evaluate, format_time, guard,
-                      markdown_table, pick_device, write_results)
 
 HF_WEIGHTS = "https://huggingface.co/facebook/dinov2-with-registers-{size}/resolve/main/model.safetensors"
+WIDTHS = {"small": 384, "base": 768, "large": 1024}
 
 # -----------------------------------------------------------------------------------------------------
 # Optimiser and schedule
@@ -59,23 +57,17 @@ class StableAdamW(torch.optim.Optimizer):
     def step(self):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                state = self.state[p]
+            for p in (p for p in group["params"] if p.grad is not None):
+                g, state = p.grad, self.state[p]
                 if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
+                    state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
                     if group["amsgrad"]:
                         state["max_exp_avg_sq"] = torch.zeros_like(p)
                 state["step"] += 1
                 t = state["step"]
                 p.mul_(1 - group["lr"] * group["weight_decay"])
                 state["exp_avg"].mul_(beta1).add_(g, alpha=1 - beta1)
-                state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                v = state["exp_avg_sq"]
+                v = state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
                 if group["amsgrad"]:
                     v = torch.maximum(state["max_exp_avg_sq"], v, out=state["max_exp_avg_sq"])
                 denom = (v.sqrt() / math.sqrt(1 - beta2**t)).add_(group["eps"])
@@ -103,13 +95,9 @@ def warm_cosine(it, total, base, final, warmup):
     return final + 0.5 * (base - final) * (1 + math.cos(math.pi * (it - warmup) / (total - warmup)))
 
 
-# -----------------------------------------------------------------------------------------------------
-# Data order: one seeded permutation per epoch, sharded over ranks, so a resumed run replays it exactly
-
-
 class EpochBatches(torch.utils.data.Sampler):
-    """Batches of one epoch: permutation seeded by (seed, epoch), every world-th index from `rank`, no
-    partial batch; the first `skip` batches are left out when resuming mid-epoch."""
+    """Batches of one epoch: permutation seeded by (seed, epoch), every world-th index from `rank`, no partial
+    batch; the first `skip` batches are left out when resuming mid-epoch. So a resumed run replays the order."""
 
     def __init__(self, n, batch_size, seed, rank=0, world=1):
         self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
@@ -118,266 +106,192 @@ class EpochBatches(torch.utils.data.Sampler):
     def __len__(self):
         return self.n // self.world // self.batch_size
 
-    def indices(self):
-        g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
-        perm = torch.randperm(self.n, generator=g)[: len(self) * self.batch_size * self.world]
-        return perm[self.rank :: self.world].tolist()
-
     def __iter__(self):
-        idx = self.indices()
+        g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
+        idx = torch.randperm(self.n, generator=g)[: len(self) * self.batch_size * self.world][self.rank :: self.world]
         for b in range(self.skip, len(self)):
-            yield idx[b * self.batch_size : (b + 1) * self.batch_size]
-
-
-class CachedFeatures:
-    """Encoder outputs of every training image, computed once: the encoder is frozen and the training images
-    are not augmented on the fly, so they never change. Trades memory for skipping the encoder each epoch."""
-
-    def __init__(self, model, dataset, batch_size, device, amp, workers):
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
-        en, fused = [], []
-        for batch in loader:
-            x = batch["image"].to(device)
-            with amp:
-                e, f = model.encode(x)
-            en.append(torch.stack(e, 1).cpu())
-            fused.append(f.cpu())
-        self.en, self.fused = torch.cat(en), torch.cat(fused)
-        self.grid = model.token_grid(x)
-
-    def batch(self, idx, device):
-        en = self.en[idx].to(device)
-        return list(en.unbind(1)), self.fused[idx].to(device)
+            yield idx[b * self.batch_size : (b + 1) * self.batch_size].tolist()
 
 
 class LossModule(torch.nn.Module):
-    """model.loss as a forward(), so that DistributedDataParallel can wrap it and average the gradients."""
+    """model.loss as a forward(), so that DistributedDataParallel can wrap it and average the gradients. The
+    frozen encoder's features are computed here or, with --cache-features, once for the whole run."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, x=None, features=None, grid=None):
-        if features is not None:
-            return self.model.loss_from_features(*features, grid)
-        return self.model.loss(x)
+    def forward(self, x=None, features=None):
+        return self.model.loss(x) if features is None else self.model.loss_from_features(*features)
+
+
+def cache_features(model, dataset, args, device, amp):
+    """The frozen encoder's outputs for every training image, (en groups, fused, grid), on the CPU. The
+    training images are not augmented on the fly, so these never change."""
+    en, fused = [], []
+    for batch in torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers):
+        with amp:
+            e, f = model.encode(batch["image"].to(device))
+        en.append(torch.stack(e, 1).cpu())
+        fused.append(f.cpu())
+    return torch.cat(en), torch.cat(fused), model.token_grid(batch["image"])
 
 
 # -----------------------------------------------------------------------------------------------------
-# Backbone weights
-
-
-def default_weights(backbone, log):
-    """The Hugging Face DINOv2-with-registers file for `backbone`, from the cache or downloaded there once."""
-    cache = Path(os.environ.get("INPFORMER_CACHE", Path.home() / ".cache" / "inpformer"))
-    path = cache / f"dinov2-with-registers-{backbone}.safetensors"
-    if path.is_file():
-        return path
-    url = HF_WEIGHTS.format(size=backbone)
-    log(f"downloading {url} to {path}")
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".part")
-    try:
-        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
-            total, done, shown = int(r.headers.get("Content-Length") or 0), 0, -1
-            while chunk := r.read(1 << 20):
-                f.write(chunk)
-                done += len(chunk)
-                if total and (pct := 100 * done // total) // 10 != shown:
-                    shown = pct // 10
-                    log(f"  {done >> 20} / {total >> 20} MiB ({pct}%)")
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise CliError(f"could not download the DINOv2 weights ({getattr(e, 'reason', e)}): download {url} and "
-                       f"save it as {path}, or pass --weights PATH") from None
-    return path
-
-
-def demo_backbone():
-    """A small randomly initialised ViT, so the demo runs with nothing downloaded. Random features still
-    separate the demo's defects from its textures, though far less well than DINOv2's."""
-    g = torch.Generator().manual_seed(0)  # the same backbone every run, whatever --seed
-    vit = inpformer.ViT(inpformer.ViTConfig(embed_dim=128, depth=10, num_heads=2, num_register_tokens=0))
-    with torch.no_grad():
-        for name, p in vit.named_parameters():
-            if name.endswith("gamma"):  # small layer scale: blocks refine the patch features, not scramble them
-                p.fill_(0.1)
-            elif p.ndim > 1 or name in ("cls_token", "pos_embed"):
-                torch.nn.init.trunc_normal_(p, std=0.02, generator=g)
-            elif name.endswith("bias"):
-                p.zero_()
-    torch.nn.init.kaiming_uniform_(vit.patch_embed.proj.weight, a=math.sqrt(5), generator=g)  # conv's default
-    return vit
-
-
-# -----------------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def save_state(path, model, opt, it, epoch, meta):
-    """Everything --resume needs (trainable weights, optimizer, RNG, position), as one atomic file."""
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-               if not k.startswith("encoder.")}
-    sd = opt.state_dict()
-    steps = {}
-    for i, st in sd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"optim.{i}.{k}"] = v.detach().cpu().contiguous()
-            else:
-                steps[f"{i}.{k}"] = v
-    tensors["rng.torch"] = torch.get_rng_state()
-    info = dict(meta, iteration=it, epoch=epoch, optim_scalars=steps,
-                param_groups=[{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]])
-    tmp = f"{path}.tmp"
-    save_file(tensors, tmp, metadata={"train_state": json.dumps(info)})
-    os.replace(tmp, path)
-
-
-def load_state(path, model, opt):
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            info = json.loads(f.metadata()["train_state"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise CliError(f"{path}: not a readable training state ({inpformer._first_line(e)})") from None
-    own = {k: v for k, v in model.state_dict().items() if not k.startswith("encoder.")}
-    weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    bad = [k for k in own if k not in weights or weights[k].shape != own[k].shape]
-    if bad or len(weights) != len(own):
-        raise CliError(f"{path}: training state does not match this model ({bad[0] if bad else 'extra tensors'}); "
-                       "use the same --backbone/--inp-num/--weights, or a new --out")
-    model.load_state_dict(weights, strict=False)
-    state = {}
-    for k, v in tensors.items():
-        if k.startswith("optim."):
-            _, i, name = k.split(".", 2)
-            state.setdefault(int(i), {})[name] = v
-    for k, v in info["optim_scalars"].items():
-        i, name = k.split(".", 1)
-        state.setdefault(int(i), {})[name] = v
-    groups = [dict(g, params=list(range(len(opt.param_groups[0]["params"])))) for g in info["param_groups"]]
-    opt.load_state_dict({"state": state, "param_groups": groups})
-    torch.set_rng_state(tensors["rng.torch"])
-    return info
-
-
-# -----------------------------------------------------------------------------------------------------
-# One training run
-
-
-def train_one(args, sets, out, device, ddp, log):
-    """Train one model on the union of `sets` ([(data, root, classes)]), writing checkpoints under `out`."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    torch.manual_seed(args.seed)
-    encoder = load_encoder(args, log)
-    model = inpformer.INPFormer(encoder, inp_num=args.inp_num).to(device)
-    kinds = [d for d, _, _ in sets]
-    meta = dict(data=",".join(kinds), data_root=",".join(str(r) for _, r, _ in sets),
-                classes=[c for _, _, cs in sets for c in cs], classes_per_set=[cs for _, _, cs in sets],
-                image_size=args.image_size, crop_size=args.crop_size, setting=args.setting,
-                backbone=str(args.weights) if args.weights else "random-demo" if args.data == "demo" else args.backbone,
-                shots=args.shots, seed=args.seed)
-
-    parts = [data.train_set(d, r, cs, args.image_size, args.crop_size, shots=args.shots, seed=args.seed, check=False)
-             for d, r, cs in sets]  # main() already checked every file
-    dataset = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
-    batches = EpochBatches(len(dataset), args.batch_size, args.seed, rank, world)
-    per_epoch = len(batches)
-    if per_epoch == 0:
-        raise CliError(f"the training set has {len(dataset)} images, fewer than one batch of "
-                       f"{args.batch_size} x {world} process(es): lower --batch-size")
-    total = args.iters or args.epochs * per_epoch
-    warmup = min(args.warmup, total // 10)  # a short run still spends most of its time at full lr
-
-    opt = StableAdamW(model.trainable_parameters(), lr=args.lr, weight_decay=1e-4)
-    amp = autocast(device, args.precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-
-    ckpt, state_path = out / "model.safetensors", out / "train_state.safetensors"
-    start = 0
-    if args.resume and state_path.is_file():
-        info = load_state(state_path, model, opt)
-        start = info["iteration"]
-        log(f"resuming {out} at iteration {start}/{total}")
-        if info.get("total_iters", total) != total:
-            raise CliError(f"{state_path}: saved for {info['total_iters']} iterations, this run has {total}; "
-                           "resume with the same --epochs/--iters/--batch-size")
-    elif args.resume:
-        log(f"--resume: nothing to resume in {out}, starting from scratch")
-    meta["total_iters"] = total
-
-    net = LossModule(model)
-    if ddp:
-        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-
-    cache = None
-    if args.cache_features and start < total:
-        t0 = time.time()
-        cache = CachedFeatures(model, dataset, args.batch_size, device, amp, args.workers)
-        log(f"cached encoder features of {len(dataset)} images in {time.time() - t0:.0f}s "
-            f"({(cache.en.nbytes + cache.fused.nbytes) / 2**30:.2f} GiB)")
-        loader = None
-    else:
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=args.workers,
-                                             pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
-
-    seen = []
-    it, t_log, n_log, loss_sum = start, time.time(), 0, 0.0
-    t_start, it_start = time.time(), start
-    model.train()
-    while it < total:
-        epoch = it // per_epoch
-        batches.epoch, batches.skip = epoch, it % per_epoch
-        # the loader consumes the same batch sampler, so zip pairs each batch with its indices
-        for idx, batch in zip(batches, loader) if loader else ((idx, None) for idx in batches):
-            if args.print_samples:
-                seen.extend(idx)
-            for g in opt.param_groups:
-                g["lr"] = warm_cosine(it, total, args.lr, args.lr * 0.1, warmup)
-            with amp:
-                if cache:
-                    loss = net(features=cache.batch(idx, device), grid=cache.grid)
-                else:
-                    loss = net(batch["image"].to(device, non_blocking=True))
-            value = loss.item()
-            if not math.isfinite(value):
-                kept = f"the last good checkpoint {ckpt} is kept" if ckpt.is_file() else "no checkpoint was written"
-                raise CliError(f"loss became {value} at iteration {it} (epoch {epoch}); {kept}. "
-                               "Try --precision fp32 or a lower --lr")
-            optimizer_step(loss, opt, scaler, model.trainable_parameters())
-            it += 1
-            loss_sum, n_log = loss_sum + value, n_log + 1
-            end_of_epoch = it % per_epoch == 0 or it == total
-            if (args.log_every and it % args.log_every == 0) or (not args.log_every and end_of_epoch):
-                now = time.time()
-                ips = n_log * args.batch_size * world / (now - t_log)
-                eta = (now - t_start) / (it - it_start) * (total - it)
-                log(f"epoch {epoch + 1}/{math.ceil(total / per_epoch)} iter {it}/{total} loss {loss_sum / n_log:.4f} "
-                    f"lr {opt.param_groups[0]['lr']:.2e} {ips:.1f} img/s ETA {format_time(eta)}")
-                t_log, n_log, loss_sum = now, 0, 0.0
-            if rank == 0 and (end_of_epoch or it == args.stop_at):
-                save_state(state_path, model, opt, it, epoch, meta)
-                inpformer.save_checkpoint(model, ckpt, dict(meta, iteration=it, finished=it == total))
-            if it == args.stop_at or it == total:
-                break
-        if it == args.stop_at and it < total:
-            log(f"stopped at iteration {it} as asked (--stop-at); continue with --resume")
-            break
-    if args.print_samples:
-        digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in model.trainable_parameters()))
-        print(f"rank {rank} samples {json.dumps(sorted(seen))} weights {digest.hexdigest()}", flush=True)
-    return model, it == total
+# Backbone and training state
 
 
 def load_encoder(args, log):
+    """--weights, else the demo's random ViT, else the DINOv2-with-registers file of --backbone (downloaded
+    once into ~/.cache/inpformer or $INPFORMER_CACHE). Logs what it found."""
     if args.weights:
-        return inpformer.load_backbone(args.weights)
-    if args.data == "demo":
+        vit = inpformer.load_backbone(args.weights)
+        if args.backbone and WIDTHS[args.backbone] != vit.config.embed_dim:
+            raise ValueError(f"--backbone {args.backbone} contradicts --weights {args.weights} (a {vit.config.embed_dim}"
+                             "-wide ViT): drop --backbone, it only picks the file to download")
+    elif args.data == "demo":
         log("no --weights: using a small randomly initialised ViT (pass --weights for real DINOv2 features)")
-        return demo_backbone()
-    return inpformer.load_backbone(default_weights(args.backbone, log))
+        vit = data.demo_backbone()
+    else:
+        vit = inpformer.load_backbone(default_weights(args.backbone or "base", log))
+    c = vit.config
+    log(f"backbone: ViT {c.embed_dim} wide, {c.depth} blocks, {c.num_heads} heads, {c.num_register_tokens} "
+        f"registers, patch {c.patch_size}, from {getattr(vit, 'source', 'code')} weights")
+    return vit
+
+
+def default_weights(backbone, log):
+    cache = Path(os.environ.get("INPFORMER_CACHE", Path.home() / ".cache" / "inpformer"))
+    path, url = cache / f"dinov2-with-registers-{backbone}.safetensors", HF_WEIGHTS.format(size=backbone)
+    if path.is_file():
+        return path
+    log(f"downloading {url} to {path}")
+    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r, inpformer.atomic_write(path) as tmp, open(tmp, "wb") as f:
+            total, done = int(r.headers.get("Content-Length") or 0), 0
+            while chunk := r.read(1 << 24):
+                f.write(chunk)
+                done += len(chunk)
+                log(f"  {done >> 20} / {total >> 20} MiB")
+    except OSError as e:
+        raise ValueError(f"could not download the DINOv2 weights ({getattr(e, 'reason', e)}): download {url} and "
+                         f"save it as {path}, or pass --weights PATH") from None
+    return path
+
+
+def save_state(path, run, it):
+    """Everything --resume needs (trainable weights, optimizer, RNG, position, log window), as one atomic file."""
+    state = dict(model={k: v for k, v in run.model.state_dict().items() if not k.startswith("encoder.")},
+                 opt=run.opt.state_dict(), rng=torch.get_rng_state(), iteration=it, window=run.window, meta=run.meta)
+    with inpformer.atomic_write(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_state(path, run):
+    """Restore what save_state wrote; returns the iteration to continue at."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        missing, unexpected = run.model.load_state_dict(state["model"], strict=False)
+        if unexpected or any(not k.startswith("encoder.") for k in missing):
+            raise KeyError((unexpected or missing)[0])
+        run.opt.load_state_dict(state["opt"])
+    except Exception as e:
+        raise ValueError(f"{path}: not a training state of this model ({inpformer._first_line(e)}); use the same "
+                         "--weights/--inp-num as the run it comes from, or another --out") from None
+    if state["meta"]["total_iters"] != run.total:
+        raise ValueError(f"{path}: saved for {state['meta']['total_iters']} iterations, this run has {run.total}; "
+                         "resume with the same --epochs/--iters/--batch-size")
+    torch.set_rng_state(state["rng"])
+    run.window = state["window"]
+    return state["iteration"]
+
+
+# -----------------------------------------------------------------------------------------------------
+# One training run: setup, then the loop
+
+
+def setup(args, sets, out, device, log, rank=0, world=1):
+    """Model, data, optimiser and schedule for one model trained on the union of `sets` [(data, root, classes)],
+    restored from `out` with --resume."""
+    torch.manual_seed(args.seed)
+    model = inpformer.INPFormer(load_encoder(args, log), inp_num=args.inp_num).to(device)
+    parts = [data.train_set(d, r, cs, args.image_size, args.crop_size, shots=args.shots, seed=args.seed, check=False)
+             for d, r, cs in sets]  # plan() already checked every file
+    dataset = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
+    batches = EpochBatches(len(dataset), args.batch_size, args.seed, rank, world)
+    if len(batches) == 0:
+        raise ValueError(f"the training set has {len(dataset)} images, fewer than one batch of {args.batch_size} x "
+                         f"{world} process(es): lower --batch-size")
+    total = args.iters or args.epochs * len(batches)
+    meta = dict(data=",".join(d for d, _, _ in sets), data_root=",".join(str(r) for _, r, _ in sets),
+                classes=[c for _, _, cs in sets for c in cs], classes_per_set=[cs for _, _, cs in sets],
+                image_size=args.image_size, crop_size=args.crop_size, setting=args.setting, shots=args.shots,
+                backbone=str(args.weights or ("random-demo" if args.data == "demo" else args.backbone or "base")),
+                seed=args.seed, total_iters=total)
+    amp = torch.autocast(device.type, dtype=evaluate.DTYPES[args.precision], enabled=args.precision in ("bf16", "fp16"))
+    run = SimpleNamespace(model=model, dataset=dataset, batches=batches, total=total, out=out, meta=meta, amp=amp,
+                          opt=StableAdamW(model.trainable_parameters(), lr=args.lr, weight_decay=1e-4), window=[0.0, 0],
+                          scaler=torch.amp.GradScaler(device.type, enabled=args.precision == "fp16"), device=device,
+                          warmup=min(args.warmup, total // 10),  # a short run still spends most of it at full lr
+                          net=LossModule(model), features=None, start=0, args=args, rank=rank, world=world)
+    if args.resume and (out / "train_state.pt").is_file():
+        run.start = load_state(out / "train_state.pt", run)
+        log(f"resuming {out} at iteration {run.start}/{total}")
+    if world > 1:
+        run.net = torch.nn.parallel.DistributedDataParallel(run.net, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.cache_features and run.start < total:
+        t0 = time.time()
+        run.features = cache_features(model, dataset, args, device, amp)
+        log(f"cached encoder features of {len(dataset)} images in {time.time() - t0:.0f}s "
+            f"({(run.features[0].nbytes + run.features[1].nbytes) / 2**30:.2f} GiB)")
+    return run
+
+
+def train(run, log):
+    """The loop: one step per batch, a checkpoint at the end of every epoch (then its log line)."""
+    args, model, batches, total = run.args, run.model, run.batches, run.total
+    ckpt, per_epoch, it, t0 = run.out / "model.safetensors", len(batches), run.start, time.time()
+    loader = None if run.features else torch.utils.data.DataLoader(
+        run.dataset, batch_sampler=batches, num_workers=args.workers, pin_memory=run.device.type == "cuda",
+        persistent_workers=args.workers > 0)
+    model.train()
+    while it < total:
+        batches.epoch, batches.skip = it // per_epoch, it % per_epoch
+        # the loader consumes the same batch sampler, so zip pairs each batch with its indices
+        for idx, batch in zip(batches, loader) if loader else ((idx, None) for idx in batches):
+            for g in run.opt.param_groups:
+                g["lr"] = warm_cosine(it, total, args.lr, args.lr * 0.1, run.warmup)
+            with run.amp:
+                if run.features:
+                    en, fused, grid = run.features
+                    loss = run.net(features=(list(en[idx].to(run.device).unbind(1)), fused[idx].to(run.device), grid))
+                else:
+                    loss = run.net(batch["image"].to(run.device, non_blocking=True))
+            value = loss.item()
+            if not math.isfinite(value):
+                kept = f"the last good checkpoint {ckpt} is kept" if ckpt.is_file() else "no checkpoint was written"
+                raise ValueError(f"loss became {value} at iteration {it} (epoch {it // per_epoch + 1}); {kept}. "
+                                 "Try --precision fp32 or a lower --lr")
+            optimizer_step(loss, run.opt, run.scaler, model.trainable_parameters())
+            it += 1
+            run.window = [run.window[0] + value, run.window[1] + 1]  # the losses since the last log line
+            end_of_epoch = it % per_epoch == 0 or it == total
+            line = None
+            if (args.log_every and it % args.log_every == 0) or (not args.log_every and end_of_epoch):
+                eta, ips = (time.time() - t0) / (it - run.start) * (total - it), (it - run.start) * args.batch_size * run.world
+                line = (f"epoch {math.ceil(it / per_epoch)}/{math.ceil(total / per_epoch)} iter {it}/{total} loss "
+                        f"{run.window[0] / run.window[1]:.4f} lr {run.opt.param_groups[0]['lr']:.2e} "
+                        f"{ips / (time.time() - t0):.1f} img/s ETA {data.format_time(eta)}")
+                run.window = [0.0, 0]
+            if run.rank == 0 and end_of_epoch:  # saved with the log window, so a resumed run logs the same losses
+                save_state(run.out / "train_state.pt", run, it)
+                inpformer.save_checkpoint(model, ckpt, dict(run.meta, iteration=it, finished=it == total))
+            if line:
+                log(line)
+            if it == total:
+                break
+    return model
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -385,110 +299,110 @@ def load_encoder(args, log):
 
 
 def parse_args(argv=None):
-    p = Parser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[1],
-               formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_data_args(p, required=True)
+    p = data.Parser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[1],
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    data.add_args(p, required=True)
+    count, rate = data.number(), data.number(float, 0.0)
     p.add_argument("--setting", choices=["multi", "single", "few-shot"], default="multi",
                    help="one model for all classes (default), one per class, or one on k shots per class")
-    p.add_argument("--shots", type=int, default=None, help="few-shot: training images per class")
-    p.add_argument("--backbone", choices=["small", "base", "large"], default="base",
-                   help="DINOv2-with-registers size used when --weights is not given")
+    p.add_argument("--shots", type=count, help="few-shot: training images per class")
+    p.add_argument("--backbone", choices=list(WIDTHS), help="the DINOv2-with-registers size to download when "
+                                                            "--weights is not given (default base)")
     p.add_argument("--weights", help="DINOv2 weights (.safetensors or .pth; torch hub, Hugging Face or timm names)")
-    p.add_argument("--inp-num", type=int, default=6, help="number of INPs")
-    p.add_argument("--epochs", type=int, default=None, help="default 200 (demo: 8)")
-    p.add_argument("--iters", type=int, default=None, help="total iterations; overrides --epochs")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate; the cosine ends at lr/10")
-    p.add_argument("--warmup", type=int, default=100, help="warm-up iterations (at most a tenth of the run)")
+    p.add_argument("--inp-num", type=count, default=6, help="number of INPs")
+    p.add_argument("--epochs", type=count, help="default 200 (demo: 8)")
+    p.add_argument("--iters", type=count, help="total iterations; overrides --epochs")
+    p.add_argument("--lr", type=rate, default=1e-3, help="peak learning rate; the cosine ends at lr/10")
+    p.add_argument("--warmup", type=data.number(low=0), default=100, help="warm-up iterations (at most a tenth of the run)")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--out", type=Path, default=None, help="output folder (default runs/<data>-<setting>)")
+    p.add_argument("--out", type=Path, help="output folder (default runs/<data>-<setting>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                   help="CUDA autocast dtype (auto: bf16); the CPU always runs fp32")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     p.add_argument("--cache-features", action="store_true",
                    help="compute the frozen encoder's features once and keep them in memory (small data sets)")
-    p.add_argument("--log-every", type=int, default=0, help="log every N iterations (default: every epoch)")
+    p.add_argument("--log-every", type=count, help="log every N iterations (default: every epoch)")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
-    p.add_argument("--stop-at", type=int, default=None, help=argparse.SUPPRESS)  # simulate an interruption
-    p.add_argument("--print-samples", action="store_true", help=argparse.SUPPRESS)  # per-rank data check
     args = p.parse_args(argv)
 
     demo = args.data == "demo"
-    defaults = dict(data_root=data.default_root(args.data), image_size=256 if demo else 448,
-                    crop_size=224 if demo else 392, batch_size=8 if demo else 16, workers=2 if demo else 4,
-                    epochs=8 if demo else 200, classes="all", device="auto")
+    defaults = dict(image_size=256 if demo else 448, crop_size=224 if demo else 392, batch_size=8 if demo else 16,
+                    epochs=8 if demo else 200, classes="all")
     for k, v in defaults.items():
-        if getattr(args, k, None) is None:
+        if getattr(args, k) is None:
             setattr(args, k, v)
-    if args.data_root is None:
-        raise CliError(f"--data {args.data} needs --data-root (the folder holding the data set)")
+    args.workers = data.workers(args.workers, 2 if demo else 4)
+    data.check_sizes(args.image_size, args.crop_size, 14)
     if args.setting == "few-shot" and not args.shots:
-        raise CliError("--setting few-shot needs --shots k")
-    if args.setting != "few-shot":
-        args.shots = None
-    if args.crop_size % 14 or args.crop_size > args.image_size:
-        raise CliError(f"--crop-size {args.crop_size} must be a multiple of 14 and at most --image-size")
+        raise ValueError("--setting few-shot needs --shots k")
+    args.shots = args.shots if args.setting == "few-shot" else None
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in --out, --overwrite replaces it: pass one of them")
     args.out = args.out or Path("runs") / f"{args.data.replace(',', '+')}-{args.setting}"
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    if ddp:
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
-        dist.init_process_group("nccl" if cuda else "gloo")
-        device = torch.device("cuda", local) if cuda else torch.device("cpu")
-        if cuda:
-            torch.cuda.set_device(device)
-    else:
-        device = pick_device(args.device)
-    rank = dist.get_rank() if ddp else 0
-    log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
-    if device.type != "cuda":
-        args.precision = "fp32"
-    elif args.precision == "auto":
-        args.precision = "bf16"
-
-    kinds = args.data.split(",")
-    roots = str(args.data_root).split(",")
-    if len(kinds) != len(roots):
-        raise CliError(f"--data names {len(kinds)} data sets but --data-root gives {len(roots)} folders")
-    sets = [(d, r, data.resolve_classes(d, r, args.classes if len(kinds) == 1 else "all")) for d, r in zip(kinds, roots)]
+def plan(args, log):
+    """[(sets, output folder)]: one run, or one per class for --setting single; every file checked, and no
+    existing run in the way."""
+    check_out(args.out, args)  # before anything is written
+    if args.data == "demo":
+        log(f"demo data set in {data.make_demo(args.data_root or data.default_root('demo'))}")
+    sets = data.resolve_sets(args.data, args.data_root, args.classes)
     for d, r, cs in sets:
         log(f"{d}: {len(cs)} classes from {r}: {', '.join(cs)}")
         for c in cs:  # quick pre-flight of every file, so a bad one fails now, not hours into the run
-            for split in ("train", "test"):
-                data.check_samples(data.list_samples(d, r, c, split))
-    log(f"device {device}, precision {args.precision}" + (f", {dist.get_world_size()} processes" if ddp else ""))
+            data.check_samples(data.list_samples(d, r, c, "train") + data.list_samples(d, r, c, "test"))
+    runs = [([(d, r, [c])], args.out / c) for d, r, cs in sets for c in cs] if args.setting == "single" else [(sets, args.out)]
+    for _, out in runs:
+        check_out(out, args)
+    return runs
 
-    if args.setting == "single":
-        runs = [([(d, r, [c])], args.out / c) for d, r, cs in sets for c in cs]
+
+def check_out(out, args):
+    """A run folder holding a run is never reused, unless --resume or --overwrite says so."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
+    found = [out / f for f in ("model.safetensors", "train_state.pt") if (out / f).is_file()]
+    if found and not (args.resume or args.overwrite):
+        done = found[0].name == "model.safetensors" and inpformer.read_checkpoint_metadata(found[0]).get("finished")
+        raise ValueError(f"{found[0]}: --out already holds a {'finished' if done else 'started'} run; pass --resume "
+                         "to continue it, another --out, or --overwrite to replace it")
+
+
+def main(argv=None, log=None):
+    args = parse_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:  # torchrun
+        cuda = torch.cuda.is_available() and args.device in (None, "auto", "cuda")
+        dist.init_process_group("nccl" if cuda else "gloo")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(device)
     else:
-        runs = [(sets, args.out)]
-    results = {}  # (data set, root) -> evaluation results of each model trained on it
-    for run_sets, out in runs:
+        device = data.device(args.device)
+    rank = dist.get_rank() if world > 1 else 0
+    log = log or ((lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None))
+    asked = args.precision  # evaluation runs in fp32 unless a precision was asked for
+    if args.precision == "auto":
+        args.precision = "bf16" if device.type == "cuda" else "fp32"
+    if args.precision == "fp16" and device.type != "cuda":
+        raise ValueError("--precision fp16 runs on CUDA only (use bf16 on a CPU)")
+    runs = plan(args, log)
+    log(f"device {device}, precision {args.precision}" + (f", {world} processes" if world > 1 else ""))
+    models = []
+    for sets, out in runs:
+        if len(runs) > 1:
+            log(f"== class {sets[0][2][0]}")
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
-        if len(runs) > 1:
-            log(f"== class {run_sets[0][2][0]}")
-        model, finished = train_one(args, run_sets, out, device, ddp, log)
-        if rank == 0 and finished and not args.no_eval:
-            for i, (d, r, cs) in enumerate(run_sets):
-                sub = "" if len(run_sets) == 1 else d if kinds.count(d) == 1 else f"{d}{i + 1}"
-                results.setdefault((d, r), []).append(evaluate(
-                    model.eval(), d, r, cs, args.image_size, args.crop_size, args.batch_size, device, args.workers,
-                    out_dir=out / "eval" / sub, log=log))
-    for (d, r), parts in results.items():  # one table per data set, every class in it
-        table = combine(parts)
-        if len(parts) > 1:
-            write_results(table, args.out / "eval")
-        if len(results) > 1:
-            print(f"{d} ({r}):")
-        print(markdown_table(table), flush=True)
-    if ddp:
+        models.append(train(setup(args, sets, out, device, log, rank, world), log))
+    if world > 1:
         dist.destroy_process_group()
+    if rank == 0 and not args.no_eval:
+        evaluate.main(["--ckpt", str(args.out), "--batch-size", str(args.batch_size), "--workers", str(args.workers),
+                       "--device", str(device), "--precision", asked])
+    return models
 
 
 if __name__ == "__main__":
-    guard(main)
+    data.guard(main)
