@@ -126,14 +126,14 @@ class LossModule(torch.nn.Module):
 
 
 def cache_features(model, dataset, args, device, amp):
-    """The frozen encoder's outputs for every training image, (en groups, fused, grid), on the CPU. The
-    training images are not augmented on the fly, so these never change."""
-    en, fused = [], []
+    """The frozen encoder's outputs for every training image, (en groups, fused, grid), on the CPU in the
+    --cache-features dtype. The training images are not augmented on the fly, so these never change."""
+    en, fused, dtype = [], [], evaluate.DTYPES[args.cache_features]
     for batch in torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers):
         with amp:
             e, f = model.encode(batch["image"].to(device))
-        en.append(torch.stack(e, 1).cpu())
-        fused.append(f.cpu())
+        en.append(torch.stack(e, 1).to("cpu", dtype))
+        fused.append(f.to("cpu", dtype))
     return torch.cat(en), torch.cat(fused), model.token_grid(batch["image"])
 
 
@@ -265,7 +265,8 @@ def train(run, log):
             with run.amp:
                 if run.features:
                     en, fused, grid = run.features
-                    loss = run.net(features=(list(en[idx].to(run.device).unbind(1)), fused[idx].to(run.device), grid))
+                    fp32 = dict(device=run.device, dtype=torch.float32)
+                    loss = run.net(features=(list(en[idx].to(**fp32).unbind(1)), fused[idx].to(**fp32), grid))
                 else:
                     loss = run.net(batch["image"].to(run.device, non_blocking=True))
             value = loss.item()
@@ -318,8 +319,9 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, help="output folder (default runs/<data>-<setting>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
-    p.add_argument("--cache-features", action="store_true",
-                   help="compute the frozen encoder's features once and keep them in memory (small data sets)")
+    p.add_argument("--cache-features", nargs="?", const="fp32", choices=["fp32", "bf16"],
+                   help="compute the frozen encoder's features once and keep them in memory, in fp32 (default) or "
+                        "bf16 (half the memory: MVTec AD at ViT-B/392 is 26 GB in fp32)")
     p.add_argument("--log-every", type=count, help="log every N iterations (default: every epoch)")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
     args = p.parse_args(argv)
