@@ -521,6 +521,7 @@ def main(argv=None):
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     ckpts = checkpoint_files(args.ckpt)
     meta = inpformer.read_checkpoint_metadata(ckpts[0])  # a junk or truncated file fails here, naming itself
+    first = inpformer.load_model(ckpts[0])  # and a file that is no INP-Former checkpoint here
     opts = Options(image_size=args.image_size or meta.get("image_size") or 448,
                    crop_size=args.crop_size or meta.get("crop_size") or 392, batch_size=args.batch_size or 16,
                    device=str(datasets.device(args.device)), workers=datasets.workers(args.workers),
@@ -531,7 +532,7 @@ def main(argv=None):
             raise ValueError(f"{args.ckpt}: --images needs one model file, not a folder of {len(ckpts)} models")
         files, out = image_files(args.images), args.out or default_out(args, ckpts[0], [])
         log(f"{ckpts[0]}: scoring {len(files)} images at {opts.image_size} -> {opts.crop_size} px on {opts.device}")
-        predict_images(inpformer.load_model(ckpts[0]), files, opts, out, args.heat_range, log)
+        predict_images(first, files, opts, out, args.heat_range, log)
         log(f"wrote {out / 'predictions.csv'} and {out / 'heatmaps'}/")
         return 0
 
@@ -558,9 +559,9 @@ def main(argv=None):
                          out / ckpt.parent.name, "all"))
     if not jobs:
         raise ValueError(f"{args.ckpt}: no model for --classes {args.classes}")
-    results, model = {}, None
+    results = {}
     for ckpt, d, root, classes, sub, table in jobs:
-        model = inpformer.load_model(ckpt) if model is None or len(ckpts) > 1 else model
+        model = first if ckpt == ckpts[0] else inpformer.load_model(ckpt)
         results.setdefault(table, []).append(evaluate(model, d, root, classes, opts, sub, log))
     for table, parts in results.items():
         merged = combine(parts, **({"models": [str(j[0]) for j in jobs]} if len(ckpts) > 1 else {}))

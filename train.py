@@ -22,7 +22,7 @@ continues from them and ends with the same weights as an uninterrupted run. A ne
 existing one unless asked to (--overwrite).
 """
 import argparse
-import json
+import copy
 import math
 import os
 import time
@@ -211,11 +211,11 @@ def load_state(path, run):
 # One training run: setup, then the loop
 
 
-def setup(args, sets, out, device, log, rank=0, world=1):
-    """Model, data, optimiser and schedule for one model trained on the union of `sets` [(data, root, classes)],
-    restored from `out` with --resume."""
+def setup(args, encoder, sets, out, device, log, rank=0, world=1):
+    """Model, data, optimiser and schedule for one model (on a copy of `encoder`) trained on the union of
+    `sets` [(data, root, classes)], restored from `out` with --resume."""
     torch.manual_seed(args.seed)
-    model = inpformer.INPFormer(load_encoder(args, log), inp_num=args.inp_num).to(device)
+    model = inpformer.INPFormer(copy.deepcopy(encoder), inp_num=args.inp_num).to(device)
     parts = [data.train_set(d, r, cs, args.image_size, args.crop_size, shots=args.shots, seed=args.seed, check=False)
              for d, r, cs in sets]  # plan() already checked every file
     dataset = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
@@ -346,7 +346,6 @@ def parse_args(argv=None):
 def plan(args, log):
     """[(sets, output folder)]: one run, or one per class for --setting single; every file checked, and no
     existing run in the way."""
-    check_out(args.out, args)  # before anything is written
     if args.data == "demo":
         log(f"demo data set in {data.make_demo(args.data_root or data.default_root('demo'))}")
     sets = data.resolve_sets(args.data, args.data_root, args.classes)
@@ -389,7 +388,9 @@ def main(argv=None, log=None):
         args.precision = "bf16" if device.type == "cuda" else "fp32"
     if args.precision == "fp16" and device.type != "cuda":
         raise ValueError("--precision fp16 runs on CUDA only (use bf16 on a CPU)")
+    check_out(args.out, args)  # before anything is written
     runs = plan(args, log)
+    encoder = load_encoder(args, log)
     log(f"device {device}, precision {args.precision}" + (f", {world} processes" if world > 1 else ""))
     models = []
     for sets, out in runs:
@@ -397,7 +398,7 @@ def main(argv=None, log=None):
             log(f"== class {sets[0][2][0]}")
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
-        models.append(train(setup(args, sets, out, device, log, rank, world), log))
+        models.append(train(setup(args, encoder, sets, out, device, log, rank, world), log))
     if world > 1:
         dist.destroy_process_group()
     if rank == 0 and not args.no_eval:

@@ -321,12 +321,16 @@ def bad_files(ckpt, tmp_path_factory):
     (["--ckpt", "{ckpt}", "--data", "folder", "--data-root", "/nonexistent/root"], ["/nonexistent/root"]),
     (["--ckpt", "{bad}/moved.safetensors"], ["{bad}/gone", "--data-root"]),
     (["--ckpt", "{official}"], ["{official}", "--data"]),
+    (["--ckpt", "{backbone}"], ["{backbone}", "not an INP-Former checkpoint"]),  # a plain DINOv2 file
+    (["--ckpt", "{ckpt}", "--batch-size", "0"], ["--batch-size", "'0'"]),
+    (["--ckpt", "{ckpt}", "--precision", "fp16", "--device", "cpu"], ["fp16", "CUDA"]),
     (["--ckpt", "{ckpt}", "--classes", "nope"], ["nope"]),
     (["--ckpt", "{ckpt}", "--images", "/nonexistent/img.png"], ["/nonexistent/img.png"]),
     (["--ckpt", "{ckpt}", "--no-such-option"], ["--no-such-option"]),
 ])
 def test_bad_input_fails_with_one_line(argv, words, ckpt, bad_files, tmp_path, capsys):
-    names = dict(bad=bad_files, ckpt=ckpt, official=shared(*TINY, "inpformer_official.safetensors"))
+    names = dict(bad=bad_files, ckpt=ckpt, official=shared(*TINY, "inpformer_official.safetensors"),
+                 backbone=shared(*TINY, "backbone_hub.safetensors"))
     argv = [a.format(**names) for a in argv] + ["--workers", "0", "--out", str(tmp_path / "out")]
     with pytest.raises(SystemExit) as e:
         data.guard(lambda: evaluate.main(argv))

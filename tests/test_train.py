@@ -155,7 +155,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(demo_root, tmp_path)
     args = train.parse_args([str(a) for a in tiny_args(demo_root, tmp_path / "nan", "--epochs", 3, "--no-eval")])
     [(sets, out)] = train.plan(args, print)
     out.mkdir()
-    run = train.setup(args, sets, out, torch.device("cpu"), print)
+    run = train.setup(args, train.load_encoder(args, print), sets, out, torch.device("cpu"), print)
 
     def poison(msg):  # the weights turn NaN right after the first epoch's checkpoint
         if msg.startswith("epoch 1/"):
@@ -203,6 +203,56 @@ def test_bad_command_lines_fail_with_one_line(argv, words, tmp_path):
     assert err.count("\n") == 0 and "Traceback" not in err, err
     for w in words:
         assert w in err, err
+
+
+@pytest.mark.parametrize("argv, words", [  # a newcomer's nonsense (issue 11): each names the flag and the value
+    (["--iters", "-1"], ["--iters", "'-1'", "at least 1"]),
+    (["--iters", "0"], ["--iters", "'0'"]),
+    (["--epochs", "0"], ["--epochs", "'0'"]),
+    (["--epochs", "-1"], ["--epochs", "'-1'"]),
+    (["--batch-size", "0"], ["--batch-size", "'0'"]),
+    (["--inp-num", "0"], ["--inp-num", "'0'"]),
+    (["--lr", "-1"], ["--lr", "'-1'", "above 0"]),
+    (["--lr", "nan"], ["--lr", "'nan'"]),
+    (["--workers", "-2"], ["--workers", "'-2'", "at least 0"]),
+    (["--data", "mvtek"], ["--data", "'mvtek'", "known: mvtec, visa"]),
+])
+def test_nonsense_arguments_fail_before_anything_is_written(argv, words, tmp_path, capsys):
+    full = ["--data", "demo", "--data-root", str(tmp_path / "demo"), "--out", str(tmp_path / "run"), *argv]
+    with pytest.raises(SystemExit) as e:
+        data.guard(lambda: train.main(full))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    for w in words:
+        assert w in err, err
+    assert not list(tmp_path.iterdir()), "a refused run must write nothing"
+
+
+def test_an_occupied_run_folder_is_never_replaced(demo_root, tmp_path):
+    out = tmp_path / "run"
+    run_train(*tiny_args(demo_root, out, "--iters", 3, "--no-eval"))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    r = run_train(*tiny_args(demo_root, out, "--iters", 2, "--no-eval"), check=False)
+    err = r.stderr.strip()
+    assert r.returncode == 2 and "\n" not in err and "Traceback" not in err, err
+    assert str(out / "model.safetensors") in err and "finished run" in err and "--resume" in err and "--overwrite" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    run_train(*tiny_args(demo_root, out, "--iters", 2, "--no-eval", "--overwrite"))
+    assert inpformer.read_checkpoint_metadata(out / "model.safetensors")["total_iters"] == 2
+
+
+def test_the_backbone_is_logged_and_a_contradicting_backbone_refused(demo_root, tmp_path):
+    r = run_train(*tiny_args(demo_root, tmp_path / "a", "--iters", 1, "--no-eval"))
+    assert "backbone: ViT 128 wide, 10 blocks, 2 heads, 4 registers, patch 14, from torch-hub weights" in r.stdout
+    r = run_train(*tiny_args(demo_root, tmp_path / "b", "--iters", 1, "--backbone", "large"), check=False)
+    assert r.returncode == 2 and "--backbone large contradicts --weights" in r.stderr, r.stderr
+    assert not (tmp_path / "b").exists()
+
+
+def test_loader_workers_never_exceed_the_cpus_this_process_may_use():
+    cpus = len(os.sched_getaffinity(0))
+    assert data.workers(None) == min(4, cpus) and data.workers(64) == cpus and data.workers(0) == 0
+    assert train.parse_args(["--data", "mvtec", "--data-root", "x"]).workers == min(4, cpus)
 
 
 def test_end_to_end_texture_ad_with_real_vit_small(tmp_path):
