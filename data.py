@@ -25,6 +25,7 @@ import re
 import shutil
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,8 @@ OFFICIAL_ORDER = {"mvtec": MVTEC_CLASSES, "visa": VISA_CLASSES, "realiad": REALI
 
 DATASETS = ("mvtec", "visa", "realiad", "folder", "demo")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+HF_WEIGHTS = "https://huggingface.co/facebook/dinov2-with-registers-{size}/resolve/main/model.safetensors"
+WIDTHS = {"small": 384, "base": 768, "large": 1024}  # the DINOv2 sizes --backbone can download
 
 
 class DataError(ValueError):
@@ -742,6 +745,45 @@ def make_demo(out_dir, seed: int = 0, classes=("tiles", "fabric"), n_train: int 
     out.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, out)
     return out
+
+
+def load_encoder(weights=None, backbone=None, demo=False, log=print):
+    """train.py's encoder: --weights, else the demo's random ViT, else the DINOv2-with-registers file of
+    --backbone (downloaded once into ~/.cache/inpformer or $INPFORMER_CACHE). Logs what it found."""
+    if weights:
+        vit = inpformer.load_backbone(weights)
+        if backbone and WIDTHS[backbone] != vit.config.embed_dim:
+            raise ValueError(f"--backbone {backbone} contradicts --weights {weights} (a {vit.config.embed_dim}"
+                             "-wide ViT): drop --backbone, it only picks the file to download")
+    elif demo:
+        log("no --weights: using a small randomly initialised ViT (pass --weights for real DINOv2 features)")
+        vit = demo_backbone()
+    else:
+        vit = inpformer.load_backbone(default_weights(backbone or "base", log))
+    c = vit.config
+    log(f"backbone: ViT {c.embed_dim} wide, {c.depth} blocks, {c.num_heads} heads, {c.num_register_tokens} "
+        f"registers, patch {c.patch_size}, from {getattr(vit, 'source', 'code')} weights")
+    return vit
+
+
+def default_weights(backbone, log):
+    cache = Path(os.environ.get("INPFORMER_CACHE", Path.home() / ".cache" / "inpformer"))
+    path, url = cache / f"dinov2-with-registers-{backbone}.safetensors", HF_WEIGHTS.format(size=backbone)
+    if path.is_file():
+        return path
+    log(f"downloading {url} to {path}")
+    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r, inpformer.atomic_write(path) as tmp, open(tmp, "wb") as f:
+            total, done = int(r.headers.get("Content-Length") or 0), 0
+            while chunk := r.read(1 << 24):
+                f.write(chunk)
+                done += len(chunk)
+                log(f"  {done >> 20} / {total >> 20} MiB")
+    except OSError as e:
+        raise ValueError(f"could not download the DINOv2 weights ({getattr(e, 'reason', e)}): download {url} and "
+                         f"save it as {path}, or pass --weights PATH") from None
+    return path
 
 
 def demo_backbone():

@@ -10,23 +10,18 @@
 
 Defaults are the official multi-class recipe: DINOv2-B/14 with registers, 448 -> 392, batch 16, 6 INPs,
 StableAdamW (lr 1e-3, betas 0.9/0.999, weight decay 1e-4, AMSGrad, eps 1e-10), 100 warm-up iterations then
-cosine to lr/10, gradient-norm clipping 0.1, 200 epochs, seed 1. On CUDA the model runs in bf16 autocast
-(fp16 with a gradient scaler on request), on the CPU in fp32 (bf16 on request).
-
-Under torchrun each process loads --batch-size images per step (the paper's recipe is 16 in all, on one GPU),
-the data is sharded with one seeded permutation per epoch, and only rank 0 writes files.
-
-Every epoch `<out>/model.safetensors` (the model, config in its metadata, what `evaluate.py --ckpt` reads) and
-`<out>/train_state.pt` (optimizer, schedule position, RNG) are written atomically; `--resume`
-continues from them and ends with the same weights as an uninterrupted run. A new run never replaces an
-existing one unless asked to (--overwrite).
+cosine to lr/10, gradient-norm clipping 0.1, 200 epochs, seed 1; bf16 autocast on CUDA (fp16 with a gradient
+scaler on request), fp32 on the CPU (bf16 on request). Under torchrun each process loads --batch-size images
+per step (the paper's recipe is 16 in all, on one GPU), the data is sharded with one seeded permutation per
+epoch, and only rank 0 writes. Every epoch `<out>/model.safetensors` (what `evaluate.py --ckpt` reads) and
+`<out>/train_state.pt` (optimizer, RNG, position) are written atomically; `--resume` continues from them and
+ends with the same weights as an uninterrupted run. A new run never replaces one unless told (--overwrite).
 """
 import argparse
 import copy
 import math
 import os
 import time
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -36,9 +31,6 @@ import torch.distributed as dist
 import data
 import evaluate
 import inpformer
-
-HF_WEIGHTS = "https://huggingface.co/facebook/dinov2-with-registers-{size}/resolve/main/model.safetensors"
-WIDTHS = {"small": 384, "base": 768, "large": 1024}
 
 # -----------------------------------------------------------------------------------------------------
 # Optimiser and schedule
@@ -114,8 +106,7 @@ class EpochBatches(torch.utils.data.Sampler):
 
 
 class LossModule(torch.nn.Module):
-    """model.loss as a forward(), so that DistributedDataParallel can wrap it and average the gradients. The
-    frozen encoder's features are computed here or, with --cache-features, once for the whole run."""
+    """model.loss (or, on cached features, loss_from_features) as a forward(), for DistributedDataParallel."""
 
     def __init__(self, model):
         super().__init__()
@@ -138,46 +129,7 @@ def cache_features(model, dataset, args, device, amp):
 
 
 # -----------------------------------------------------------------------------------------------------
-# Backbone and training state
-
-
-def load_encoder(args, log):
-    """--weights, else the demo's random ViT, else the DINOv2-with-registers file of --backbone (downloaded
-    once into ~/.cache/inpformer or $INPFORMER_CACHE). Logs what it found."""
-    if args.weights:
-        vit = inpformer.load_backbone(args.weights)
-        if args.backbone and WIDTHS[args.backbone] != vit.config.embed_dim:
-            raise ValueError(f"--backbone {args.backbone} contradicts --weights {args.weights} (a {vit.config.embed_dim}"
-                             "-wide ViT): drop --backbone, it only picks the file to download")
-    elif args.data == "demo":
-        log("no --weights: using a small randomly initialised ViT (pass --weights for real DINOv2 features)")
-        vit = data.demo_backbone()
-    else:
-        vit = inpformer.load_backbone(default_weights(args.backbone or "base", log))
-    c = vit.config
-    log(f"backbone: ViT {c.embed_dim} wide, {c.depth} blocks, {c.num_heads} heads, {c.num_register_tokens} "
-        f"registers, patch {c.patch_size}, from {getattr(vit, 'source', 'code')} weights")
-    return vit
-
-
-def default_weights(backbone, log):
-    cache = Path(os.environ.get("INPFORMER_CACHE", Path.home() / ".cache" / "inpformer"))
-    path, url = cache / f"dinov2-with-registers-{backbone}.safetensors", HF_WEIGHTS.format(size=backbone)
-    if path.is_file():
-        return path
-    log(f"downloading {url} to {path}")
-    cache.mkdir(parents=True, exist_ok=True)
-    try:
-        with urllib.request.urlopen(url, timeout=30) as r, inpformer.atomic_write(path) as tmp, open(tmp, "wb") as f:
-            total, done = int(r.headers.get("Content-Length") or 0), 0
-            while chunk := r.read(1 << 24):
-                f.write(chunk)
-                done += len(chunk)
-                log(f"  {done >> 20} / {total >> 20} MiB")
-    except OSError as e:
-        raise ValueError(f"could not download the DINOv2 weights ({getattr(e, 'reason', e)}): download {url} and "
-                         f"save it as {path}, or pass --weights PATH") from None
-    return path
+# Training state
 
 
 def save_state(path, run, it):
@@ -249,7 +201,7 @@ def setup(args, encoder, sets, out, device, log, rank=0, world=1):
 
 
 def train(run, log):
-    """The loop: one step per batch, a checkpoint at the end of every epoch (then its log line)."""
+    """The loop: one step per batch, a checkpoint at the end of every epoch."""
     args, model, batches, total = run.args, run.model, run.batches, run.total
     ckpt, per_epoch, it, t0 = run.out / "model.safetensors", len(batches), run.start, time.time()
     loader = None if run.features else torch.utils.data.DataLoader(
@@ -278,8 +230,8 @@ def train(run, log):
             it += 1
             run.window = [run.window[0] + value, run.window[1] + 1]  # the losses since the last log line
             end_of_epoch = it % per_epoch == 0 or it == total
-            line = None
-            if (args.log_every and it % args.log_every == 0) or (not args.log_every and end_of_epoch):
+            line = None  # logged after the checkpoint
+            if it % (args.log_every or per_epoch) == 0 or (end_of_epoch and not args.log_every):
                 eta, ips = (time.time() - t0) / (it - run.start) * (total - it), (it - run.start) * args.batch_size * run.world
                 line = (f"epoch {math.ceil(it / per_epoch)}/{math.ceil(total / per_epoch)} iter {it}/{total} loss "
                         f"{run.window[0] / run.window[1]:.4f} lr {run.opt.param_groups[0]['lr']:.2e} "
@@ -307,7 +259,7 @@ def parse_args(argv=None):
     p.add_argument("--setting", choices=["multi", "single", "few-shot"], default="multi",
                    help="one model for all classes (default), one per class, or one on k shots per class")
     p.add_argument("--shots", type=count, help="few-shot: training images per class")
-    p.add_argument("--backbone", choices=list(WIDTHS), help="the DINOv2-with-registers size to download when "
+    p.add_argument("--backbone", choices=list(data.WIDTHS), help="the DINOv2-with-registers size to download when "
                                                             "--weights is not given (default base)")
     p.add_argument("--weights", help="DINOv2 weights (.safetensors or .pth; torch hub, Hugging Face or timm names)")
     p.add_argument("--inp-num", type=count, default=6, help="number of INPs")
@@ -327,11 +279,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
 
     demo = args.data == "demo"
-    defaults = dict(image_size=256 if demo else 448, crop_size=224 if demo else 392, batch_size=8 if demo else 16,
-                    epochs=8 if demo else 200, classes="all")
-    for k, v in defaults.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    for k, v in dict(image_size=256 if demo else 448, crop_size=224 if demo else 392, batch_size=8 if demo else 16,
+                     epochs=8 if demo else 200, classes="all").items():
+        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     args.workers = data.workers(args.workers, 2 if demo else 4)
     data.check_sizes(args.image_size, args.crop_size, 14)
     if args.setting == "few-shot" and not args.shots:
@@ -372,16 +322,12 @@ def check_out(out, args):
 
 def main(argv=None, log=None):
     args = parse_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:  # torchrun
-        cuda = torch.cuda.is_available() and args.device in (None, "auto", "cuda")
-        dist.init_process_group("nccl" if cuda else "gloo")
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-        if cuda:
+    world, rank, device = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0)), data.device(args.device)
+    if world > 1:  # torchrun: one process per device
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
-    else:
-        device = data.device(args.device)
-    rank = dist.get_rank() if world > 1 else 0
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     log = log or ((lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None))
     asked = args.precision  # evaluation runs in fp32 unless a precision was asked for
     if args.precision == "auto":
@@ -390,12 +336,11 @@ def main(argv=None, log=None):
         raise ValueError("--precision fp16 runs on CUDA only (use bf16 on a CPU)")
     check_out(args.out, args)  # before anything is written
     runs = plan(args, log)
-    encoder = load_encoder(args, log)
+    encoder = data.load_encoder(args.weights, args.backbone, args.data == "demo", log)
     log(f"device {device}, precision {args.precision}" + (f", {world} processes" if world > 1 else ""))
     models = []
     for sets, out in runs:
-        if len(runs) > 1:
-            log(f"== class {sets[0][2][0]}")
+        log(f"== class {sets[0][2][0]}" if len(runs) > 1 else f"training {out}")
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
         models.append(train(setup(args, encoder, sets, out, device, log, rank, world), log))

@@ -1,14 +1,17 @@
 """Forward throughput and peak memory of a base-size INP-Former (ViT-B/14 with registers) at 392x392.
 
-    python bench/bench_model.py                                   # this project: CPU fp32, and CUDA bf16 if present
+    python bench/bench_model.py                                   # this project: CPU fp32 and bf16 (+ CUDA)
     python bench/bench_model.py --official ~/src/INP-Former       # ... and the official code on the same machine
     python bench/bench_model.py --batch 8 --iters 5 --size 392
 
 Each measurement runs in a fresh process so that its peak memory (CPU: peak resident set size of the
 process, torch and Python included; CUDA: torch.cuda.max_memory_allocated) is its own. Weights are random:
 speed does not depend on them. The forward is the evaluation forward: no_grad, en/de maps for every image.
+CPU bf16 runs as the project runs it: evaluation casts the whole model to bf16 once (maps and scores stay
+fp32), training uses bf16 autocast with the frozen encoder cast once (inpformer.INPFormer.encode).
 """
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -53,6 +56,8 @@ def measure(mode, impl, device, precision, batch, iters, size, official):
     x = torch.randn(batch, 3, size, size, device=device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     ctx = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    if mode != "train" and impl == "ours" and dtype is not None:  # as evaluate.py: the model cast once
+        model, x, ctx = model.to(dtype), x.to(dtype), contextlib.nullcontext()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if mode == "train":
         model.train()
@@ -88,7 +93,7 @@ def main(mode="forward", doc=__doc__):
         impl, device, precision = a.worker.split(",")
         print(json.dumps(measure(mode, impl, device, precision, a.batch, a.iters, a.size, a.official)))
         return
-    configs = [("cpu", "fp32")] + ([("cuda", "bf16"), ("cuda", "fp32")] if torch.cuda.is_available() else [])
+    configs = [("cpu", "fp32"), ("cpu", "bf16")] + ([("cuda", "bf16"), ("cuda", "fp32")] if torch.cuda.is_available() else [])
     impls = ["ours"] + (["official"] if a.official else [])
     print(f"{mode}: torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
           + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"))
@@ -96,7 +101,7 @@ def main(mode="forward", doc=__doc__):
     print("|---|---|---|---:|---:|---:|")
     rows = []
     for device, precision in configs:
-        for impl in impls:
+        for impl in impls if (device, precision) != ("cpu", "bf16") else ["ours"]:
             batch = a.batch or (4 if device == "cpu" else 32)
             iters = a.iters or (3 if device == "cpu" else 20)
             cmd = [sys.executable, sys.argv[0], "--worker", f"{impl},{device},{precision}", "--batch", str(batch),
@@ -114,6 +119,9 @@ def main(mode="forward", doc=__doc__):
         theirs = [r for r in rows if r["impl"] == "official" and (r["device"], r["precision"]) == (device, precision)]
         if mine and theirs:
             print(f"speed-up {device} {precision}: {mine[0]['images_per_s'] / theirs[0]['images_per_s']:.2f}x")
+    ours = {(r["device"], r["precision"]): r["images_per_s"] for r in rows if r["impl"] == "ours"}
+    if ("cpu", "bf16") in ours and ("cpu", "fp32") in ours:
+        print(f"ours cpu bf16 / fp32: {ours['cpu', 'bf16'] / ours['cpu', 'fp32']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Training throughput and peak memory of the base configuration (ViT-B/14 with registers, 392x392):
 forward, soft-mining + coherence loss, backward, clipping and a StableAdamW step, as train.py runs them.
 
-    python bench/bench_train.py                                   # this project: CPU fp32, and CUDA bf16 if present
+    python bench/bench_train.py                                   # this project: CPU fp32 and bf16 (+ CUDA)
     python bench/bench_train.py --official ~/src/INP-Former       # ... and the official training step, same machine
     python bench/bench_train.py --batch 16 --iters 10             # on a GPU
 

@@ -155,7 +155,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(demo_root, tmp_path)
     args = train.parse_args([str(a) for a in tiny_args(demo_root, tmp_path / "nan", "--epochs", 3, "--no-eval")])
     [(sets, out)] = train.plan(args, print)
     out.mkdir()
-    run = train.setup(args, train.load_encoder(args, print), sets, out, torch.device("cpu"), print)
+    run = train.setup(args, data.load_encoder(args.weights), sets, out, torch.device("cpu"), print)
 
     def poison(msg):  # the weights turn NaN right after the first epoch's checkpoint
         if msg.startswith("epoch 1/"):
@@ -174,19 +174,19 @@ def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(demo_root, tmp_path)
 
 def test_default_weights_download_and_offline_message(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("INPFORMER_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(train, "HF_WEIGHTS", "file://" + str(tmp_path / "nowhere" / "{size}.safetensors"))
+    monkeypatch.setattr(data, "HF_WEIGHTS", "file://" + str(tmp_path / "nowhere" / "{size}.safetensors"))
     with pytest.raises(ValueError) as e:
-        train.default_weights("small", print)
+        data.default_weights("small", print)
     msg = str(e.value)
     assert "\n" not in msg and "nowhere/small.safetensors" in msg and str(tmp_path / "cache") in msg
     (tmp_path / "hub").mkdir()
     (tmp_path / "hub" / "small.safetensors").write_bytes(shared(*TINY_WEIGHTS).read_bytes())
-    monkeypatch.setattr(train, "HF_WEIGHTS", "file://" + str(tmp_path / "hub" / "{size}.safetensors"))
-    path = train.default_weights("small", print)
+    monkeypatch.setattr(data, "HF_WEIGHTS", "file://" + str(tmp_path / "hub" / "{size}.safetensors"))
+    path = data.default_weights("small", print)
     assert path == tmp_path / "cache" / "dinov2-with-registers-small.safetensors"
     assert "downloading" in capsys.readouterr().out
     assert inpformer.load_backbone(path).config.embed_dim == 128
-    assert train.default_weights("small", lambda m: pytest.fail("must not download twice")) == path
+    assert data.default_weights("small", lambda m: pytest.fail("must not download twice")) == path
 
 
 @pytest.mark.parametrize("argv, words", [
