@@ -491,12 +491,13 @@ class ImageDataset(torch.utils.data.Dataset):
             raise _size_error(s.mask, m.size, s.image, im.size)
         else:
             m = _grey_mask(m, s.mask_threshold)
-            mask = torch.from_numpy((np.asarray(_geometry(m, self.image_size, self.crop_size)) > 127)[None].astype(np.float32))
+            mask = np.asarray(_geometry(m, self.image_size, self.crop_size)) > 127
+            mask = torch.from_numpy(mask[None].astype(np.float32))
         item = dict(image=_to_tensor(im, self.image_size, self.crop_size), mask=mask, label=s.label, path=s.image,
                     cls=s.cls)
         if self.native:
             left, top, right, bottom = crop_box(*im.size, self.image_size, self.crop_size)
-            cut = np.zeros((bottom - top, right - left), bool) if m is None else np.asarray(m)[top:bottom, left:right] > 127
+            cut = np.asarray(m or Image.new("L", im.size))[top:bottom, left:right] > 127
             item["native_mask"] = torch.from_numpy(cut)
         return item
 
@@ -580,7 +581,8 @@ def resolve_sets(data, root, classes="all") -> list[tuple[str, str, list[str]]]:
     if len(roots) != len(datas) or None in roots:
         raise _error(root or data, f"{len(datas)} data set(s) ({', '.join(datas)}) need as many comma-separated "
                                    "roots (--data-root)")
-    per_set = _pick(classes, [list_classes(d, r) for d, r in zip(datas, roots)], ",".join(map(str, roots)), ",".join(datas))
+    known = [list_classes(d, r) for d, r in zip(datas, roots)]
+    per_set = _pick(classes, known, ",".join(map(str, roots)), ",".join(datas))
     return [(d, str(r), cs) for d, r, cs in zip(datas, roots, per_set) if cs]
 
 
@@ -672,7 +674,7 @@ def _defect(kind: str, rng, clean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         p1 = (p0 + p2) / 2 + rng.normal(0, length / 4, 2)
         t = np.linspace(0, 1, 48)[:, None]
         curve = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t ** 2 * p2
-        draw.line([tuple(p) for p in curve], fill=255, width=int(rng.integers(2, 5)) * size // 256 or 1)
+        draw.line([tuple(p) for p in curve], fill=255, width=int(rng.integers(5, 9)) * size // 256 or 1)
         fill = np.full_like(clean, rng.choice([rng.uniform(0.85, 0.97), rng.uniform(0.03, 0.15)])) + noise
     elif kind == "spot":
         # A blob of overlapping ellipses in a foreign colour, the texture still showing through.
@@ -699,7 +701,7 @@ def _save(path: Path, array: np.ndarray):
     Image.fromarray(array).save(path, compress_level=1)  # grain does not compress; level 1 encodes about 4x faster
 
 
-def make_demo(out_dir, seed: int = 0, classes=("tiles", "fabric"), n_train: int = 36, n_test_good: int = 12,
+def make_demo(out_dir, seed: int = 0, classes=("tiles", "fabric"), n_train: int = 72, n_test_good: int = 12,
               n_test_defect: int = 18, size: int = 256) -> Path:
     """Write a small MVTec-layout data set to out_dir (or keep it, if one with these settings is there).
 
@@ -707,7 +709,7 @@ def make_demo(out_dir, seed: int = 0, classes=("tiles", "fabric"), n_train: int 
     ground_truth/<defect>/NNN_mask.png. Files depend only on the arguments (each image has its own seeded
     generator). Written to a temporary folder and moved in place, so an interrupted run never looks complete."""
     out = Path(out_dir)
-    settings = dict(version=1, seed=seed, classes=list(classes), n_train=n_train, n_test_good=n_test_good,
+    settings = dict(version=2, seed=seed, classes=list(classes), n_train=n_train, n_test_good=n_test_good,
                     n_test_defect=n_test_defect, size=size)
     if _demo_settings(out) == settings:
         return out

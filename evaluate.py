@@ -10,36 +10,27 @@ new, unlabelled images.
     python evaluate.py --ckpt runs/mvtec-multi/model.safetensors --full-res     # pixel metrics at native resolution
     python evaluate.py --ckpt runs/line7/model.safetensors --images new_parts/  # CSV of scores + heat-maps
 
-The data arguments default to what the checkpoint's metadata records (data set, root, classes, image and crop
-size), so `--ckpt` alone re-evaluates a model on its own data. The authors' `model.pth` records nothing: give
---data and --data-root. Written under --out (default: beside the checkpoint, `eval/`; `eval-<data>`,
-`-zero-shot`, `-full-res` for the other protocols, so that one never overwrites another):
-  metrics.json, metrics.csv, metrics.md   per class and mean: I-AUROC I-AP I-F1max P-AUROC P-AP P-F1max AUPRO
-                                          (fractions in json/csv, percent with one decimal in the table)
-  image_scores.csv                        every test image's score and label
-  maps/<class>/{most,least}_NN_*.png      --save-maps N: image | ground truth | heat-map overlay, 768x256
-  predictions.csv, heatmaps/*.png         --images: score per image; image | heat-map overlay, 512x256
+The data arguments default to what the checkpoint's metadata records (data set, root, classes, sizes), so
+`--ckpt` alone re-evaluates a model on its own data; the authors' `model.pth` records nothing: give --data and
+--data-root. Written under --out (default `eval/` beside the checkpoint; `eval-<data>`, `-zero-shot`,
+`-full-res` for the other protocols, so that one never overwrites another): metrics.json, metrics.csv (fractions)
+and metrics.md (percent) per class and mean; image_scores.csv; with --save-maps N, maps/<class>/{most,least}_NN_*.png
+(image | ground truth | heat-map overlay); with --images, predictions.csv and heatmaps/*.png.
 
 Protocol (the official `evaluation_batch(max_ratio=0.01, resize_mask=256)`): maps at the crop size, resized
 bilinearly to 256x256, 5x5 Gaussian with sigma 4 and zero padding; image score = mean of the top 1% (655) of
-the smoothed pixels; ground truth = the crop-size mask resized to 256 with `nearest`, then > 0.5. Every class
-is scored on its own; "mean" is the plain average over classes (NaN when a class's metric is undefined).
-Metrics come from metrics.py and are exact (every distinct score is a threshold), not the 200-bin
-approximations of the authors' GPU code; expect pixel AP a little off the paper's numbers.
+the smoothed pixels; ground truth = the crop-size mask resized to 256 with `nearest`, then > 0.5. Each class is
+scored on its own; "mean" is the plain average over classes. Metrics come from metrics.py and are exact, not
+the 200-bin approximations of the authors' GPU code (expect pixel AP a little off the paper's numbers).
+--full-res (the MVTec AD protocol) scores pixels at each image's own resolution over the part the centre crop
+saw: the 256 map resized to that box against the original mask cut to it; the border outside the crop is left
+out rather than filled with invented scores. --zero-shot (paper Table S8): the map is the INP distance.
 
-Memory: one class at a time. Exact metrics keep the class's maps in float32 (masks as bool) and peak at about
-2.4x the maps' bytes (bench/bench_eval.py: 1725 maps of 256x256 peak at +1.0 GiB). --map-dtype float16
-rounds the stored maps (spacing 2.4e-4 to 4.9e-4 in [0.25, 1)), which moves the metrics (~0.015 points in the
-bench): opt-in only. --streaming keeps the image scores and metrics.py's 65536-bin histograms over [0, 2]
-(resolution 3.1e-5): ~0.1 GB whatever the class size, with the largest possible difference from the exact
-metrics in metrics.json ("error_bounds").
-
---full-res (the MVTec AD protocol): pixel metrics at each image's own resolution, over the part of it the
-centre crop saw (the crop box scaled back, rounded to whole pixels): the 256x256 smoothed map is resized
-bilinearly to that box and compared with the original mask cut to it (binarised as at 256). The border
-outside the crop is left out rather than filled with invented scores. Exact --full-res needs one image size
-per class; use --streaming for mixed sizes. --zero-shot (paper Table S8): the map is the INP distance, per
-token the minimum over INPs of 1 - cos(fused encoder token, INP); then the same resizing and scoring.
+Memory: one class at a time; exact metrics peak at about 2.4x the float32 maps (bench/bench_eval.py: 1725 maps of
+256x256, +1.0 GiB). --map-dtype float16 rounds the maps and moves the metrics (~0.015 points): opt-in only.
+--streaming keeps 65536-bin histograms over [0, 2] (~0.1 GB whatever the class size) and writes the largest
+possible difference from the exact metrics ("error_bounds"). --precision bf16 runs the model in bf16 (also on
+CPUs with bf16 matrix units, 3-5x faster there); maps, scores and metrics stay fp32.
 """
 import argparse
 import csv
@@ -236,9 +227,8 @@ class Progress:
     """A progress line every `every` seconds: images done, images/s, ETA."""
 
     def __init__(self, total, log, every=10.0):
-        self.total, self.log, self.every = total, log, every
-        self.done, self.start = 0, time.monotonic()
-        self.last = self.start
+        self.total, self.log, self.every, self.done = total, log, every, 0
+        self.start = self.last = time.monotonic()
 
     def step(self, n, what):
         self.done += n
@@ -259,9 +249,9 @@ def combine(parts, **protocol):
     for r in parts:
         per_class.update(r["classes"])
         counts.update(r["counts"])
-    mean = {k: None if any(m[k] is None for m in per_class.values()) else float(np.mean([m[k] for m in per_class.values()]))
-            for k in METRICS}
-    results = {"classes": per_class, "mean": mean, "counts": counts, "protocol": dict(parts[-1]["protocol"], **protocol)}
+    values = {k: [m[k] for m in per_class.values()] for k in METRICS}
+    mean = {k: None if None in v else float(np.mean(v)) for k, v in values.items()}
+    results = dict(classes=per_class, mean=mean, counts=counts, protocol=dict(parts[-1]["protocol"], **protocol))
     bounds = {c: b for r in parts for c, b in r.get("error_bounds", {}).items()}
     return dict(results, error_bounds=bounds) if bounds else results
 
@@ -301,8 +291,9 @@ def evaluate(model, data, root, classes, opts=Options(), out_dir=None, log=print
             masks = F.interpolate(batch["mask"], size=(EVAL_SIZE, EVAL_SIZE), mode="nearest")[:, 0] > 0.5
             if opts.full_res:  # the 256 maps resized to each native mask's box
                 native = batch["native_mask"]
-                acc.add(batch["label"], scores, native, [F.interpolate(m[None, None], size=tuple(t.shape), mode="bilinear",
-                                                                       align_corners=False)[0, 0] for m, t in zip(maps, native)])
+                big = [F.interpolate(m[None, None], size=t.shape, mode="bilinear", align_corners=False)[0, 0]
+                       for m, t in zip(maps, native)]
+                acc.add(batch["label"], scores, native, big)
             else:
                 acc.add(batch["label"], scores, masks, maps)
             for i, path in enumerate(batch["path"]):
@@ -422,11 +413,13 @@ def predict_images(model, files, opts=Options(), out_dir=None, heat_range=None, 
             used.add(name)
             if heat_dir:
                 lo, hi = heat_range or (float(maps[i].min()), float(maps[i].max()))
-                Image.fromarray(picture(to_rgb(batch["image"][i]), maps[i].numpy(), lo, hi)).save(heat_dir / f"{name}.png")
+                pic = picture(to_rgb(batch["image"][i]), maps[i].numpy(), lo, hi)
+                Image.fromarray(pic).save(heat_dir / f"{name}.png")
             rows.append((path, float(scores[i]), f"{name}.png"))
         progress.step(len(scores), "images")
     if out_dir:
-        _write_csv(Path(out_dir) / "predictions.csv", ["path", "score", "heatmap"], [(p, repr(s), h) for p, s, h in rows])
+        _write_csv(Path(out_dir) / "predictions.csv", ["path", "score", "heatmap"],
+                   [(p, repr(s), h) for p, s, h in rows])
     log(f"scored {len(rows)} images, {progress.rate():.1f} img/s")
     return rows
 
@@ -473,7 +466,7 @@ def checkpoint_files(path):
     """[model file]: the file itself, <dir>/model.safetensors, or every <dir>/<class>/model.safetensors."""
     p = Path(path)
     if p.is_dir():
-        found = [p / "model.safetensors"] if (p / "model.safetensors").is_file() else sorted(p.glob("*/model.safetensors"))
+        found = sorted(p.glob("model.safetensors")) or sorted(p.glob("*/model.safetensors"))
         if not found:
             raise ValueError(f"{p}: no model.safetensors in it or in its sub-folders")
         return found
@@ -500,12 +493,14 @@ def plan_sets(args, meta, ckpt):
     for i, d in enumerate(wanted):
         k = trained.index(d) if d in trained else next(
             (j for j, r in enumerate(trained_roots) if roots and Path(r).resolve() == Path(roots[i]).resolve()), None)
-        root = roots[i] if roots else trained_roots[k] if k is not None and k < len(trained_roots) else datasets.default_root(d)
+        own = k is not None and k < len(trained_roots)
+        root = roots[i] if roots else trained_roots[k] if own else datasets.default_root(d)
         if root is None:
             raise ValueError(f"--data {d} needs --data-root (the folder holding the data set)")
-        if not roots and k is not None and not Path(root).is_dir():
-            raise ValueError(f"{root}: not found; {ckpt} was trained on {d} there: pass --data-root where that data is now")
-        sets.append((d, root, args.classes or (per_set[k] if k is not None else "all"), None if not trained else k is not None))
+        if not roots and own and not Path(root).is_dir():
+            raise ValueError(f"{root}: not found; {ckpt} was trained on {d} there: pass --data-root where it is now")
+        classes = args.classes or (per_set[k] if k is not None else "all")
+        sets.append((d, root, classes, None if not trained else k is not None))
     return sets
 
 

@@ -53,33 +53,24 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-class SelfAttention(nn.Module):
-    def __init__(self, dim, num_heads):
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))
-
-
 class Block(nn.Module):
     def __init__(self, dim, num_heads, mlp_ratio):
         super().__init__()
+        self.num_heads = num_heads
+        # Dicts, so that the parameters keep DINOv2's names (attn.qkv, attn.proj, ls1.gamma, ls2.gamma) and order.
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = SelfAttention(dim, num_heads)
+        self.attn = nn.ModuleDict(dict(qkv=nn.Linear(dim, 3 * dim), proj=nn.Linear(dim, dim)))
+        self.ls1 = nn.ParameterDict(dict(gamma=nn.Parameter(torch.ones(dim))))
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        # Layer scales, as dicts so that their parameters keep DINOv2's names (ls1.gamma, ls2.gamma).
-        self.ls1 = nn.ParameterDict(dict(gamma=nn.Parameter(torch.ones(dim))))
         self.ls2 = nn.ParameterDict(dict(gamma=nn.Parameter(torch.ones(dim))))
 
     def forward(self, x):
-        x = x + self.ls1.gamma * self.attn(self.norm1(x))
+        B, N, C = x.shape
+        qkv = self.attn.qkv(self.norm1(x)).view(B, N, 3, self.num_heads, C // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+        x = x + self.ls1.gamma * self.attn.proj(a)
         return x + self.ls2.gamma * self.mlp(self.norm2(x))
 
 
@@ -106,8 +97,7 @@ class ViT(nn.Module):
         of DINO (facebookresearch/dino#8), and scale_factor also sets the bicubic sampling coordinates, so
         size= (Hugging Face, timm) gives different features. Kept for checkpoint compatibility.
         """
-        G = self.config.pos_grid
-        pos = self.pos_embed
+        G, pos = self.config.pos_grid, self.pos_embed
         if h == w == G:
             return pos
         grid = pos[:, 1:].float().reshape(1, G, G, -1).permute(0, 3, 1, 2)
@@ -115,34 +105,23 @@ class ViT(nn.Module):
         assert grid.shape[-2:] == (h, w), grid.shape
         return torch.cat((pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, h * w, -1).to(pos.dtype)), dim=1)
 
-    def prepare_tokens(self, x):
+    def forward(self, x, layers=None):
+        """Final-LayerNorm tokens [CLS, registers, patches], as DINOv2 outputs them; or with `layers`, the raw
+        outputs (no final norm) of those blocks, patch tokens only: a list of (B, N, D)."""
         B, _, H, W = x.shape
-        p = self.config.patch_size
+        p, regs = self.config.patch_size, self.config.num_register_tokens
         if H % p or W % p:
             raise ValueError(f"input size {H}x{W} is not a multiple of the patch size {p}")
-        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
-        x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)
-        x = x + self.interpolate_pos_encoding(H // p, W // p).to(x.dtype)
-        if self.config.num_register_tokens:
-            x = torch.cat((x[:, :1], self.register_tokens.expand(B, -1, -1), x[:, 1:]), dim=1)
-        return x
-
-    def forward_layers(self, x, layers):
-        """Raw outputs (no final norm) of the blocks in `layers`, patch tokens only: a list of (B, N, D)."""
-        skip = 1 + self.config.num_register_tokens
-        t, out = self.prepare_tokens(x), []
-        for i, blk in enumerate(self.blocks[: max(layers) + 1]):
+        t = torch.cat((self.cls_token.expand(B, -1, -1), self.patch_embed.proj(x).flatten(2).transpose(1, 2)), dim=1)
+        t = t + self.interpolate_pos_encoding(H // p, W // p).to(t.dtype)
+        if regs:
+            t = torch.cat((t[:, :1], self.register_tokens.expand(B, -1, -1), t[:, 1:]), dim=1)
+        out = []
+        for i, blk in enumerate(self.blocks[: max(layers) + 1] if layers else self.blocks):
             t = blk(t)
-            if i in layers:
-                out.append(t[:, skip:])
-        return out
-
-    def forward(self, x):
-        """Final-LayerNorm tokens [CLS, registers, patches], as DINOv2 outputs them."""
-        t = self.prepare_tokens(x)
-        for blk in self.blocks:
-            t = blk(t)
-        return self.norm(t)
+            if layers and i in layers:
+                out.append(t[:, 1 + regs:])
+        return out if layers else self.norm(t)
 
 
 def vit_small(num_register_tokens=4):
@@ -161,35 +140,23 @@ def vit_large(num_register_tokens=4):
 # INP Extractor and INP-Guided Decoder (LayerNorm eps 1e-8 in both, as in the official heads)
 
 
-class ExtractorAttention(nn.Module):
-    """Learnable INP queries attend (softmax) to the image tokens."""
-
-    def __init__(self, dim, num_heads):
-        super().__init__()
-        self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, queries, tokens):
-        B, M, C = queries.shape
-        h = self.num_heads
-        q = self.q(queries).view(B, M, h, C // h).transpose(1, 2)
-        k, v = self.kv(tokens).view(B, -1, 2, h, C // h).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(B, M, C))
-
-
 class INPExtractorBlock(nn.Module):
+    """The learnable INP queries attend (softmax) to the image tokens."""
+
     def __init__(self, dim, num_heads, mlp_ratio=4.0):
         super().__init__()
+        self.num_heads = num_heads
         self.norm1 = nn.LayerNorm(dim, eps=1e-8)
-        self.attn = ExtractorAttention(dim, num_heads)
+        self.attn = nn.ModuleDict(dict(q=nn.Linear(dim, dim), kv=nn.Linear(dim, 2 * dim), proj=nn.Linear(dim, dim)))
         self.norm2 = nn.LayerNorm(dim, eps=1e-8)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, queries, tokens):
-        queries = queries + self.attn(self.norm1(queries), self.norm1(tokens))  # one norm for both inputs
+        (B, M, C), h = queries.shape, self.num_heads
+        q = self.attn.q(self.norm1(queries)).view(B, M, h, C // h).transpose(1, 2)
+        k, v = self.attn.kv(self.norm1(tokens)).view(B, -1, 2, h, C // h).permute(2, 0, 3, 1, 4)  # one norm for both
+        x = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, M, C)
+        queries = queries + self.attn.proj(x)
         return queries + self.mlp(self.norm2(queries))
 
 
@@ -253,11 +220,9 @@ class INPFormerConfig:
 
 
 class INPFormer(nn.Module):
-    """A frozen encoder, one INP Extractor block, a bottleneck MLP and the INP-Guided Decoder.
-
-    INPFormer(encoder, **options): options are the fields of INPFormerConfig, whose defaults are the paper's.
-    forward(x) -> (en, de, coherence_loss): en and de are lists with one (B, D, H/14, W/14) map per fuse group.
-    """
+    """A frozen encoder, one INP Extractor block, a bottleneck MLP and the INP-Guided Decoder. INPFormer(encoder,
+    **options): options are INPFormerConfig's fields, whose defaults are the paper's. forward(x) -> (en, de,
+    coherence_loss): en and de are lists with one (B, D, H/14, W/14) map per fuse group."""
 
     def __init__(self, encoder: ViT, **options):
         super().__init__()
@@ -280,15 +245,13 @@ class INPFormer(nn.Module):
         return [p for n, p in self.named_parameters() if not n.startswith("encoder.")]
 
     def train(self, mode=True):
-        super().train(mode)
-        self.encoder.eval()  # frozen: never in training mode
+        super().train(mode).encoder.eval()  # frozen: never in training mode
         return self
 
     def encode(self, x):
-        """Fused encoder features: the per-group maps (lists of (B, N, D)) and their all-layer mean F.
-
-        Under autocast the frozen encoder runs as a copy cast once to the autocast dtype: autocast caches the
-        casts of trainable weights only, so it would cast the frozen ones again on every call."""
+        """Fused encoder features: the per-group maps (lists of (B, N, D)) and their all-layer mean F. Under
+        autocast the frozen encoder runs as a copy cast once to the autocast dtype: autocast caches the casts of
+        trainable weights only, so it would cast the frozen ones again on every call."""
         encoder, kind = self.encoder, x.device.type
         if torch.is_autocast_enabled(kind) and encoder.pos_embed.dtype == torch.float32:
             key = (torch.get_autocast_dtype(kind), x.device)
@@ -296,17 +259,15 @@ class INPFormer(nn.Module):
                 self._cast = (*key, copy.deepcopy(encoder).to(key[0]))
             encoder = self._cast[2]
         with torch.no_grad():
-            layers = encoder.forward_layers(x, self.config.target_layers)
+            layers = encoder(x, self.config.target_layers)
         groups = [torch.stack([layers[i] for i in g], dim=1).mean(dim=1) for g in self.config.fuse_groups]
         return groups, torch.stack(layers, dim=1).mean(dim=1)
 
     def extract_inps(self, fused):
-        B = fused.shape[0]
-        return self.aggregation[0](self.prototype_token.unsqueeze(0).expand(B, -1, -1), fused)
+        return self.aggregation[0](self.prototype_token.expand(fused.shape[0], -1, -1), fused)
 
     def token_grid(self, x):
-        p = self.encoder.config.patch_size
-        return x.shape[-2] // p, x.shape[-1] // p
+        return x.shape[-2] // self.encoder.config.patch_size, x.shape[-1] // self.encoder.config.patch_size
 
     def forward(self, x):
         return self.decode(*self.encode(x), grid=self.token_grid(x))
@@ -316,12 +277,10 @@ class INPFormer(nn.Module):
         h, w = grid
         inps = self.extract_inps(fused)
         coherence = inp_distance(fused, inps).mean()
-        t = self.bottleneck[0](fused)
-        de = []
+        de = [self.bottleneck[0](fused)]
         for blk in self.decoder:
-            t = blk(t, inps)
-            de.append(t)
-        de = de[::-1]  # the last decoder block is matched with the first encoder group
+            de.append(blk(de[-1], inps))
+        de = de[:0:-1]  # the decoder blocks' outputs, the last one matched with the first encoder group
         de = [torch.stack([de[i] for i in g], dim=1).mean(dim=1) for g in self.config.fuse_groups]
         to_map = lambda t: t.transpose(1, 2).reshape(t.shape[0], -1, h, w)  # noqa: E731
         return [to_map(e) for e in en], [to_map(d) for d in de], coherence
@@ -335,14 +294,12 @@ class INPFormer(nn.Module):
         In fp32 even under autocast: 1 - cos of near-identical vectors needs the precision."""
         en, de, coherence = self.decode(en, fused, grid)
         with torch.autocast(fused.device.type, enabled=False):
-            return soft_mining_loss([_full(e) for e in en], [_full(d) for d in de]) + coherence_weight * _full(coherence)
+            loss = soft_mining_loss([_full(e) for e in en], [_full(d) for d in de])
+            return loss + coherence_weight * _full(coherence)
 
     @torch.no_grad()
     def predict(self, x, out_size=256, max_ratio=0.01):
-        """Official evaluation protocol: (B, out_size, out_size) anomaly maps and (B,) image scores.
-
-        out_size=None keeps the maps at the input size.
-        """
+        """Official evaluation protocol: (B, out_size, out_size) anomaly maps (None: input size), (B,) scores."""
         en, de, _ = self(x)
         return score_maps(anomaly_map(en, de, x.shape[-2:]), out_size, max_ratio)
 
@@ -371,11 +328,9 @@ def inp_distance(tokens, inps, eps=1e-8):
 
 
 def soft_mining_loss(en, de, y=3.0):
-    """Global cosine loss whose gradient is reweighted per pixel by (d / mean d)^y, d = 1 - cos over channels.
-
-    The loss value is the plain mean over groups of mean_b(1 - cos(flatten(en_b), flatten(de_b))); only the
-    gradient reaching each decoder pixel is scaled, so hard (poorly rebuilt) pixels dominate training.
-    """
+    """Global cosine loss whose gradient is reweighted per pixel by (d / mean d)^y, d = 1 - cos over channels:
+    the value is the plain mean over groups of mean_b(1 - cos(flatten(en_b), flatten(de_b))), but the gradient
+    reaching each decoder pixel is scaled, so hard (poorly rebuilt) pixels dominate training."""
     total = 0.0
     for e, d in zip(en, de):
         e = e.detach()
@@ -407,10 +362,8 @@ def score_maps(maps, out_size=256, max_ratio=0.01):
     image score = mean of the top max_ratio of pixels (the maximum when max_ratio is 0). In fp32 always."""
     with torch.autocast(maps.device.type, enabled=False):
         maps = _full(maps)
-        if out_size is not None:
-            out = (out_size, out_size) if isinstance(out_size, int) else tuple(out_size)
-            if tuple(maps.shape[-2:]) != out:
-                maps = F.interpolate(maps, size=out, mode="bilinear", align_corners=False)
+        if out_size is not None and tuple(maps.shape[-2:]) != (out_size, out_size):
+            maps = F.interpolate(maps, size=(out_size, out_size), mode="bilinear", align_corners=False)
         maps = F.conv2d(maps, gaussian_kernel().to(maps), padding=2)[:, 0]
         flat = maps.flatten(1)
         k = int(flat.shape[1] * max_ratio)
@@ -418,8 +371,7 @@ def score_maps(maps, out_size=256, max_ratio=0.01):
     return maps, scores
 
 
-def _full(t):
-    """fp32 for half-precision tensors (autocast outputs); fp32/fp64 tensors stay as they are."""
+def _full(t):  # fp32 for half-precision tensors (autocast outputs); fp32/fp64 tensors stay as they are
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
@@ -518,8 +470,7 @@ def load_strict(module, sd, path):
     own = module.state_dict()
     for what, keys in (("missing", [k for k in own if k not in sd]), ("unexpected", [k for k in sd if k not in own])):
         if keys:
-            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
-            raise WeightsError(f"{path}: {what} key {keys[0]!r}{more}")
+            raise WeightsError(f"{path}: {what} key {keys[0]!r}" + (f" (and {len(keys) - 1} more)" if keys[1:] else ""))
     for k, v in own.items():
         if tuple(sd[k].shape) != tuple(v.shape):
             raise WeightsError(f"{path}: {k!r} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)}")
@@ -538,7 +489,8 @@ def load_backbone(path, num_heads=None) -> ViT:
         sd, source = to_hub_names(sd)
         folder, stem = os.path.split(os.fspath(path))
         for name in ("config.json", f"{os.path.splitext(stem)[0]}_config.json"):
-            with contextlib.suppress(OSError, ValueError, KeyError, AttributeError), open(os.path.join(folder, name)) as f:
+            path_json = os.path.join(folder, name)
+            with contextlib.suppress(OSError, ValueError, KeyError, AttributeError), open(path_json) as f:
                 cfg = json.load(f)
                 if num_heads is None and cfg.get("hidden_size") == sd["pos_embed"].shape[-1]:
                     num_heads = int(cfg["num_attention_heads"])
@@ -586,9 +538,9 @@ def load_model(path, device="cpu") -> INPFormer:
             config = INPFormerConfig(**json.loads(meta["inpformer_config"]))
         else:
             encoder = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
+            depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("decoder."))
             config = INPFormerConfig(vit_config_from_state_dict(encoder, sd["decoder.0.attn.learn_scale"].shape[0]),
-                                     inp_num=sd["prototype_token"].shape[0],
-                                     decoder_depth=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("decoder.")))
+                                     inp_num=sd["prototype_token"].shape[0], decoder_depth=depth)
     except KeyError as e:
         raise WeightsError(f"{path}: incomplete INP-Former state dict (no {e.args[0]!r})") from None
     except (TypeError, ValueError) as e:

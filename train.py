@@ -128,10 +128,6 @@ def cache_features(model, dataset, args, device, amp):
     return torch.cat(en), torch.cat(fused), model.token_grid(batch["image"])
 
 
-# -----------------------------------------------------------------------------------------------------
-# Training state
-
-
 def save_state(path, run, it):
     """Everything --resume needs (trainable weights, optimizer, RNG, position, log window), as one atomic file."""
     state = dict(model={k: v for k, v in run.model.state_dict().items() if not k.startswith("encoder.")},
@@ -191,7 +187,7 @@ def setup(args, encoder, sets, out, device, log, rank=0, world=1):
         run.start = load_state(out / "train_state.pt", run)
         log(f"resuming {out} at iteration {run.start}/{total}")
     if world > 1:
-        run.net = torch.nn.parallel.DistributedDataParallel(run.net, device_ids=[device.index] if device.type == "cuda" else None)
+        run.net = torch.nn.parallel.DistributedDataParallel(run.net, None if device.index is None else [device.index])
     if args.cache_features and run.start < total:
         t0 = time.time()
         run.features = cache_features(model, dataset, args, device, amp)
@@ -231,7 +227,7 @@ def train(run, log):
             run.window = [run.window[0] + value, run.window[1] + 1]  # the losses since the last log line
             end_of_epoch = it % per_epoch == 0 or it == total
             line = None  # logged after the checkpoint
-            if it % (args.log_every or per_epoch) == 0 or (end_of_epoch and not args.log_every):
+            if it % (args.log_every or per_epoch) == 0 or it == total:
                 eta, ips = (time.time() - t0) / (it - run.start) * (total - it), (it - run.start) * args.batch_size * run.world
                 line = (f"epoch {math.ceil(it / per_epoch)}/{math.ceil(total / per_epoch)} iter {it}/{total} loss "
                         f"{run.window[0] / run.window[1]:.4f} lr {run.opt.param_groups[0]['lr']:.2e} "
@@ -263,7 +259,7 @@ def parse_args(argv=None):
                                                             "--weights is not given (default base)")
     p.add_argument("--weights", help="DINOv2 weights (.safetensors or .pth; torch hub, Hugging Face or timm names)")
     p.add_argument("--inp-num", type=count, default=6, help="number of INPs")
-    p.add_argument("--epochs", type=count, help="default 200 (demo: 8)")
+    p.add_argument("--epochs", type=count, help="default 200 (demo: 6)")
     p.add_argument("--iters", type=count, help="total iterations; overrides --epochs")
     p.add_argument("--lr", type=rate, default=1e-3, help="peak learning rate; the cosine ends at lr/10")
     p.add_argument("--warmup", type=data.number(low=0), default=100, help="warm-up iterations (at most a tenth of the run)")
@@ -280,13 +276,12 @@ def parse_args(argv=None):
 
     demo = args.data == "demo"
     for k, v in dict(image_size=256 if demo else 448, crop_size=224 if demo else 392, batch_size=8 if demo else 16,
-                     epochs=8 if demo else 200, classes="all").items():
+                     epochs=6 if demo else 200, classes="all").items():
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     args.workers = data.workers(args.workers, 2 if demo else 4)
     data.check_sizes(args.image_size, args.crop_size, 14)
-    if args.setting == "few-shot" and not args.shots:
-        raise ValueError("--setting few-shot needs --shots k")
-    args.shots = args.shots if args.setting == "few-shot" else None
+    if (args.setting == "few-shot") != bool(args.shots):
+        raise ValueError("--shots k goes with --setting few-shot, and --setting few-shot needs --shots k")
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the run in --out, --overwrite replaces it: pass one of them")
     args.out = args.out or Path("runs") / f"{args.data.replace(',', '+')}-{args.setting}"
@@ -294,8 +289,7 @@ def parse_args(argv=None):
 
 
 def plan(args, log):
-    """[(sets, output folder)]: one run, or one per class for --setting single; every file checked, and no
-    existing run in the way."""
+    """[(sets, output folder)]: one run, or one per class for --setting single; every file checked."""
     if args.data == "demo":
         log(f"demo data set in {data.make_demo(args.data_root or data.default_root('demo'))}")
     sets = data.resolve_sets(args.data, args.data_root, args.classes)

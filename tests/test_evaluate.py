@@ -361,3 +361,20 @@ def test_bf16_cpu_scoring_agrees_with_fp32():
         assert m16.dtype == s16.dtype == torch.float32
         assert 0 < (m16 - m32).abs().max() <= 0.01 * m32.abs().max()
         assert (s16 - s32).abs().max() <= 0.005 * s32.abs().max()
+
+
+def test_a_class_without_ground_truth_gets_image_metrics_only(ckpt, model, demo, tmp_path, capsys):
+    shutil.copytree(f"{demo}/tiles", tmp_path / "line" / "tiles", ignore=shutil.ignore_patterns("ground_truth"))
+    got = evaluate.evaluate(model, "folder", tmp_path / "line", "all", evaluate.Options(IMAGE, CROP, BATCH),
+                            out_dir=tmp_path / "out")
+    labels, scores, *_ = reference_maps(model, demo, "tiles")
+    m = got["classes"]["tiles"]
+    assert m["I-AUROC"] == metrics.auroc(labels, scores) and m["I-F1max"] == metrics.f1_max(labels, scores)
+    assert all(m[k] is None for k in ("P-AUROC", "P-AP", "P-F1max", "AUPRO")) and got["mean"]["P-AP"] is None
+    assert "no ground_truth/ masks" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["classes"]["tiles"]["AUPRO"] is None
+    assert evaluate.markdown_table(got).splitlines()[2].endswith("| — | — | — | — |")
+    # a ground_truth/ that exists but lacks a defective image's mask stays an error naming that image
+    (tmp_path / "line" / "tiles" / "ground_truth").mkdir()
+    with pytest.raises(data.DataError, match="missing/000.png: no mask"):
+        data.test_set("folder", tmp_path / "line", "tiles")

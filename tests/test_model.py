@@ -111,7 +111,7 @@ def test_real_dinov2_small_matches_reference():
     ref = load_file(shared(*folder, "reference.safetensors"))
     with torch.no_grad():
         for s in SIZES:
-            layers = vit.forward_layers(ref[f"x_{s}"], list(range(2, 10)))
+            layers = vit(ref[f"x_{s}"], list(range(2, 10)))
             assert_close(f"blocks_2_9_mean_{s}", torch.stack(layers, 1).mean(1), ref[f"blocks_2_9_mean_{s}"], 1e-4)
             assert_close(f"final_norm_{s}", vit(ref[f"x_{s}"]), ref[f"final_norm_{s}"], 1e-4)
 
@@ -122,7 +122,7 @@ def hub_state_dict():
 
 def features(vit, x):
     with torch.no_grad():
-        return torch.stack(vit.eval().forward_layers(x, [2, 9]))
+        return torch.stack(vit.eval()(x, [2, 9]))
 
 
 def test_timm_and_pth_namings_give_the_same_backbone(io, tmp_path):

@@ -1,5 +1,6 @@
 """The README's commands: the ones that need no download run as written; every other train.py/evaluate.py/
 data.py command line in it is accepted by the script's argument parser."""
+import os
 import re
 import shlex
 import shutil
@@ -47,6 +48,31 @@ def test_main_job_runs_as_written(tmp_path):
     assert (tmp_path / "runs" / "demo-multi" / "eval" / "metrics.json").is_file()
     assert list((tmp_path / "runs" / "demo-multi" / "eval" / "maps").rglob("*.png"))
     assert (tmp_path / "runs" / "demo-multi" / "predictions" / "predictions.csv").is_file()
+
+
+def table(text):
+    """{class: [seven numbers]} of the Markdown metrics table in `text`."""
+    return {m[0]: [float(v) for v in m[1:]] for m in re.findall(r"^\| (\w+) \|" + r" ([0-9.]+) \|" * 7 + "$", text, re.M)}
+
+
+def test_the_demo_prints_the_readmes_table_under_two_cpu_kernels(tmp_path):
+    """The README's demo table is what the command prints, whatever the CPU kernels (AVX512 where the CPU has it,
+    and AVX2): mean I-AUROC and P-AUROC within 1.5 points of it, every number within 4."""
+    want = table(section("The main job, with nothing downloaded"))
+    assert set(want) == {"fabric", "tiles", "mean"}
+    for kernel in ("default", "avx2"):
+        env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+        if kernel != "default":
+            env["ATEN_CPU_CAPABILITY"] = kernel
+        r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data", "demo", "--data-root", str(tmp_path / "demo"),
+                            "--out", str(tmp_path / kernel)], capture_output=True, text=True, env=env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        got = table(r.stdout)
+        assert set(got) == set(want), r.stdout
+        for cls in want:
+            for name, g, w in zip(("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO"), got[cls], want[cls]):
+                limit = 1.5 if cls == "mean" and name in ("I-AUROC", "P-AUROC") else 4.0
+                assert abs(g - w) <= limit, f"{kernel}: {cls} {name} {g} vs the README's {w}\n{r.stdout}"
 
 
 def test_set_up_commands_are_the_two_promised():
