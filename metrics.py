@@ -13,7 +13,8 @@ Definitions (scikit-learn's for AUROC, AP and F1-max; the MVTec AD evaluation co
   every curve has one point per distinct score.
 - AUROC: trapezoid over the ROC points, = P(s+ > s-) + P(s+ = s-) / 2.
 - AP: step-wise sum over the thresholds of (recall increase) x precision; not a trapezoid.
-- F1-max: the largest 2PR / (P + R) over the thresholds, 0 where P + R = 0.
+- F1-max: the largest 2PR / (P + R) over the thresholds, 0 where P + R = 0. Its threshold (`f1_threshold`)
+  is the highest score t at which "anomalous when score >= t" reaches F1-max.
 - AUPRO: regions are the 8-connected components of each image's mask (never across images). PRO(t) is the
   mean over all regions of the set of the fraction of the region scoring >= t; FPR(t) pools the normal
   pixels of all images. The (FPR, PRO) curve from (0, 0) is integrated with the trapezoid rule up to exactly
@@ -34,7 +35,7 @@ import warnings
 import numpy as np
 import torch
 
-__all__ = ["auroc", "average_precision", "f1_max", "aupro", "label_components", "compute_all",
+__all__ = ["auroc", "average_precision", "f1_max", "f1_threshold", "aupro", "label_components", "compute_all",
            "PixelHistogram", "UndefinedMetricWarning"]
 
 
@@ -210,8 +211,8 @@ def _region_pixels(mask):
 
 
 class _Curve:
-    def __init__(self, tp, fp_gt, fp_ge, n_pos, n_neg, pro=None, n_regions=0):
-        self.tp, self.fp_gt, self.fp_ge = tp, fp_gt, fp_ge
+    def __init__(self, tp, fp_gt, fp_ge, n_pos, n_neg, pro=None, n_regions=0, thresholds=None):
+        self.tp, self.fp_gt, self.fp_ge, self.thresholds = tp, fp_gt, fp_ge, thresholds
         self.n_pos, self.n_neg = int(n_pos), int(n_neg)
         self.pro, self.n_regions = pro, int(n_regions)
 
@@ -239,6 +240,13 @@ class _Curve:
             return _undefined(name, "no anomalous sample")
         # 2PR / (P + R) with P = tp / (tp + fp), R = tp / n_pos simplifies to 2 tp / (n_pos + tp + fp).
         return float(np.max(2.0 * self.tp / (self.n_pos + self.tp + self.fp_ge)))
+
+    def f1_threshold(self, name="F1-max"):
+        if self.n_pos == 0:
+            return _undefined(name, "no anomalous sample"), float("nan")
+        f1 = 2.0 * self.tp / (self.n_pos + self.tp + self.fp_ge)
+        k = int(np.argmax(f1))  # thresholds descend, so the first maximum is the highest threshold
+        return float(f1[k]), float(self.thresholds[k])
 
     def aupro(self, fpr_limit=0.3, name="AUPRO"):
         fpr_limit = float(fpr_limit)
@@ -372,7 +380,7 @@ def _exact_curve(pos_scores, all_scores, weights=None, n_regions=0):
     if weights is not None and n_regions:
         pro = np.cumsum(weights[order])[ends] / n_regions
     tp_before = np.concatenate(([0], tp[:-1]))  # anomalous scores strictly above t_k
-    return _Curve(tp, gt - tp_before, ge - tp, pos.size, all_scores.size - pos.size, pro, n_regions)
+    return _Curve(tp, gt - tp_before, ge - tp, pos.size, all_scores.size - pos.size, pro, n_regions, thresholds)
 
 
 def _image_curve(labels, scores):
@@ -408,6 +416,11 @@ def f1_max(labels, scores):
     return _image_curve(labels, scores).f1_max()
 
 
+def f1_threshold(labels, scores):
+    """(F1-max, the highest threshold reaching it): decide "anomalous" where score >= threshold."""
+    return _image_curve(labels, scores).f1_threshold()
+
+
 def aupro(masks, maps, fpr_limit=0.3):
     """Normalised area under the PRO curve up to FPR = fpr_limit (MVTec AD definition).
 
@@ -417,20 +430,23 @@ def aupro(masks, maps, fpr_limit=0.3):
     return _pixel_curve(masks, maps).aupro(fpr_limit)
 
 
-def compute_all(image_labels, image_scores, masks, maps, fpr_limit=0.3):
+def compute_all(image_labels, image_scores, masks, maps, fpr_limit=0.3, thresholds=False):
     """The seven metrics: image AUROC, AP, F1-max from (labels, scores), and pixel AUROC, AP, F1-max and
     AUPRO from (masks, maps), as python floats (NaN where undefined). The pixel scores are ordered once and
-    the one curve serves all four pixel metrics."""
+    the one curve serves all four pixel metrics. thresholds=True adds the F1-max thresholds "I-threshold"
+    and "P-threshold" (see f1_threshold)."""
     image = _image_curve(image_labels, image_scores)
     pixel = _pixel_curve(masks, maps)
+    (i_f1, i_t), (p_f1, p_t) = image.f1_threshold("I-F1max"), pixel.f1_threshold("P-F1max")
     return {
         "I-AUROC": image.auroc("I-AUROC"),
         "I-AP": image.average_precision("I-AP"),
-        "I-F1max": image.f1_max("I-F1max"),
+        "I-F1max": i_f1,
         "P-AUROC": pixel.auroc("P-AUROC"),
         "P-AP": pixel.average_precision("P-AP"),
-        "P-F1max": pixel.f1_max("P-F1max"),
+        "P-F1max": p_f1,
         "AUPRO": pixel.aupro(fpr_limit),
+        **({"I-threshold": i_t, "P-threshold": p_t} if thresholds else {}),
     }
 
 
@@ -510,18 +526,21 @@ class PixelHistogram:
         gained, normal = self.anomalous[::-1], self.normal[::-1]
         tp, fp_ge = np.cumsum(gained), np.cumsum(normal)
         pro = np.cumsum(self.region_mass[::-1]) / self.n_regions if self.n_regions else None
-        return _Curve(tp, fp_ge - normal, fp_ge, tp[-1], fp_ge[-1], pro, self.n_regions)
+        lower_edges = self.lo + np.arange(self.bins)[::-1] * self.resolution
+        return _Curve(tp, fp_ge - normal, fp_ge, tp[-1], fp_ge[-1], pro, self.n_regions, lower_edges)
 
-    def compute(self, fpr_limit=0.3):
-        """{"P-AUROC", "P-AP", "P-F1max", "AUPRO"} of the quantised scores; NaN where undefined."""
+    def compute(self, fpr_limit=0.3, thresholds=False):
+        """{"P-AUROC", "P-AP", "P-F1max", "AUPRO"} of the quantised scores; NaN where undefined. thresholds=True
+        adds "P-threshold", the lower edge of the bin where F1-max is reached (exact up to `resolution`)."""
         if self.outside:
             total = int(self.normal.sum() + self.anomalous.sum())
             warnings.warn(f"{self.outside} of {total} scores fell outside [{self.lo}, {self.hi}) and share "
                           "the end bins, which costs accuracy; pass a wider lo/hi",
                           RuntimeWarning, stacklevel=2)
         c = self._curve()
-        return {"P-AUROC": c.auroc("P-AUROC"), "P-AP": c.average_precision("P-AP"),
-                "P-F1max": c.f1_max("P-F1max"), "AUPRO": c.aupro(fpr_limit)}
+        f1, t = c.f1_threshold("P-F1max")
+        return {"P-AUROC": c.auroc("P-AUROC"), "P-AP": c.average_precision("P-AP"), "P-F1max": f1,
+                "AUPRO": c.aupro(fpr_limit), **({"P-threshold": t} if thresholds else {})}
 
     def error_bounds(self, fpr_limit=0.3):
         """Largest possible |compute() - exact| per metric, given only this histogram.

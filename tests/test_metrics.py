@@ -482,3 +482,36 @@ def test_bucketed_counting_rejects_nan(monkeypatch):
     bucketed(monkeypatch, maps.size)
     with pytest.raises(ValueError, match="NaN"):
         aupro(masks, bad)
+
+
+def _brute_force_f1(labels, scores):
+    """Every distinct score as threshold, highest first: (best F1, the highest threshold reaching it)."""
+    labels, scores = np.asarray(labels, bool), np.asarray(scores, np.float64)
+    best = (-1.0, None)
+    for t in sorted(set(scores.tolist()), reverse=True):
+        pred = scores >= t
+        tp, fp, fn = (pred & labels).sum(), (pred & ~labels).sum(), (~pred & labels).sum()
+        f1 = 2 * tp / (2 * tp + fp + fn)
+        if f1 > best[0]:
+            best = (f1, t)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_f1_threshold_equals_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(5, 300))
+    labels = rng.random(n) < rng.uniform(0.1, 0.7)
+    labels[0] = True
+    scores = np.round(rng.normal(labels * rng.uniform(0, 2), 1.0), int(rng.integers(1, 4)))  # ties too
+    f1, t = metrics.f1_threshold(labels, scores)
+    bf1, bt = _brute_force_f1(labels, scores)
+    assert f1 == pytest.approx(bf1, abs=1e-12) and t == bt
+    assert f1 == metrics.f1_max(labels, scores)
+    masks = rng.random((3, 8, 8)) < 0.2
+    maps = np.round(rng.random((3, 8, 8)) + masks * 0.5, 2)
+    out = compute_all(labels, scores, masks, maps, thresholds=True)
+    assert out["I-threshold"] == bt and out["P-threshold"] == _brute_force_f1(masks.ravel(), maps.ravel())[1]
+    hist = PixelHistogram(bins=1 << 12, lo=0.0, hi=2.0)
+    hist.update(masks, maps)
+    assert abs(hist.compute(thresholds=True)["P-threshold"] - out["P-threshold"]) <= hist.resolution
