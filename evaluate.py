@@ -1,5 +1,5 @@
-"""Evaluate INP-Former: the paper's seven metrics per class, pictures of what the model found, and scores for
-new, unlabelled images.
+"""Evaluate INP-Former: the paper's seven metrics per class, a calibrated decision rule, pictures, scores and
+decisions for new images, and an ONNX export of the scoring path.
 
     python evaluate.py --ckpt runs/mvtec-multi/model.safetensors           # on the data it was trained on
     python evaluate.py --ckpt model.pth --data mvtec --data-root /data/mvtec_anomaly_detection   # authors' weights
@@ -8,14 +8,15 @@ new, unlabelled images.
     python evaluate.py --ckpt runs/mvtec-single                   # a single-class run: each class with its own model
     python evaluate.py --ckpt runs/realiad-multi/model.safetensors --streaming  # bounded memory on Real-IAD
     python evaluate.py --ckpt runs/mvtec-multi/model.safetensors --full-res     # pixel metrics at native resolution
-    python evaluate.py --ckpt runs/line7/model.safetensors --images new_parts/  # CSV of scores + heat-maps
+    python evaluate.py --ckpt runs/line7/model.safetensors --data-root held_out/ --calibrate  # store a decision rule
+    python evaluate.py --ckpt runs/line7/model.safetensors --images new_parts/  # scores, decisions, heat maps
+    python evaluate.py --ckpt runs/line7/model.safetensors --export line7.onnx  # anomaly_map, score [, normalised]
 
-The data arguments default to what the checkpoint's metadata records (data set, root, classes, sizes), so
-`--ckpt` alone re-evaluates a model on its own data; the authors' `model.pth` records nothing: give --data and
---data-root. Written under --out (default `eval/` beside the checkpoint; `eval-<data>`, `-zero-shot`,
-`-full-res` for the other protocols, so that one never overwrites another): metrics.json, metrics.csv (fractions)
-and metrics.md (percent) per class and mean; image_scores.csv; with --save-maps N, maps/<class>/{most,least}_NN_*.png
-(image | ground truth | heat-map overlay); with --images, predictions.csv and heatmaps/*.png.
+Data arguments default to the checkpoint's metadata (data set, root, classes, sizes); the authors' `model.pth`
+records none: give --data and --data-root. Written under --out (default `eval/` beside the checkpoint; `eval-<data>`,
+`-zero-shot`, `-full-res` for the other protocols): metrics.json (with the F1-max thresholds and the calibration),
+metrics.csv (fractions), metrics.md (percent), image_scores.csv; --save-maps N: maps/<class>/{most,least}_NN_*.png;
+--images: predictions.csv and heatmaps/*.png.
 
 Protocol (the official `evaluation_batch(max_ratio=0.01, resize_mask=256)`): maps at the crop size, resized
 bilinearly to 256x256, 5x5 Gaussian with sigma 4 and zero padding; image score = mean of the top 1% (655) of
@@ -23,19 +24,20 @@ the smoothed pixels; ground truth = the crop-size mask resized to 256 with `near
 scored on its own; "mean" is the plain average over classes. Metrics come from metrics.py and are exact, not
 the 200-bin approximations of the authors' GPU code (expect pixel AP a little off the paper's numbers).
 --full-res (the MVTec AD protocol) scores pixels at each image's own resolution over the part the centre crop
-saw: the 256 map resized to that box against the original mask cut to it; the border outside the crop is left
-out rather than filled with invented scores. --zero-shot (paper Table S8): the map is the INP distance.
-
-Memory: one class at a time; exact metrics peak at about 2.4x the float32 maps (bench/bench_eval.py: 1725 maps of
-256x256, +1.0 GiB). --map-dtype float16 rounds the maps and moves the metrics (~0.015 points): opt-in only.
---streaming keeps 65536-bin histograms over [0, 2] (~0.1 GB whatever the class size) and writes the largest
-possible difference from the exact metrics ("error_bounds"). --precision bf16 runs the model in bf16 (also on
-CPUs with bf16 units: 2.4x the fp32 forward on an AVX512-BF16 CPU without AMX); maps, scores, metrics stay fp32.
+saw. --zero-shot (paper Table S8): the map is the INP distance. Memory: one class at a time; exact metrics peak
+at about 2.4x the float32 maps; --map-dtype float16 halves that and moves the metrics (~0.015 points);
+--streaming keeps 65536-bin histograms (~0.1 GB) and writes its largest possible error ("error_bounds").
+--precision bf16 runs the model in bf16, also on CPUs with bf16 units; maps, scores, metrics stay fp32.
 """
 import argparse
+import contextlib
+import copy
 import csv
+import dataclasses
 import heapq
+import io
 import json
+import logging
 import math
 import time
 import warnings
@@ -45,7 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import data as datasets  # the module; `data` is the name of a data set in the functions below
 import inpformer
@@ -72,6 +74,8 @@ class Options:
     streaming: bool = False
     map_dtype: str = "float32"
     save_maps: int = 0
+    calibration: dict = None  # the checkpoint's (see calibration()): decisions, heat-map scale and outline
+    outline: bool = False  # pictures: draw the edge of the region above the calibrated pixel threshold
 
 
 def prepare(model, opts: Options):
@@ -137,22 +141,79 @@ class ClassScores:
         self.masks[i:i + b] = torch.stack(list(masks)) if isinstance(maps, list) else masks
 
     def compute(self, warn=None):
-        """{metric: float} in METRICS order; undefined metrics are NaN (warn(message) says why), absent ones None."""
+        """{metric: float} in METRICS order, then the F1-max thresholds "I-threshold" and "P-threshold";
+        undefined values are NaN (warn(message) says why), absent ones None."""
         if self.count != self.n:
             raise ValueError(f"{self.count} of {self.n} images were added")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", metrics.UndefinedMetricWarning)
             if self.hist is None and self.pixels:
-                result = metrics.compute_all(self.labels, self.scores, self.masks, self.maps, fpr_limit=FPR_LIMIT)
+                result = metrics.compute_all(self.labels, self.scores, self.masks, self.maps, FPR_LIMIT, True)
             else:
+                f1, t = metrics.f1_threshold(self.labels, self.scores)
                 result = {"I-AUROC": metrics.auroc(self.labels, self.scores),
-                          "I-AP": metrics.average_precision(self.labels, self.scores),
-                          "I-F1max": metrics.f1_max(self.labels, self.scores),
-                          **(self.hist.compute(fpr_limit=FPR_LIMIT) if self.hist else {})}
+                          "I-AP": metrics.average_precision(self.labels, self.scores), "I-F1max": f1,
+                          **(self.hist.compute(FPR_LIMIT, thresholds=True) if self.hist else {}), "I-threshold": t}
         for w in caught:  # one log line each instead of python's two-line warning format
             if warn:
                 warn(str(w.message))
-        return {k: float(result[k]) if k in result else None for k in METRICS}
+        return {k: float(result[k]) if k in result else None for k in (*METRICS, "I-threshold", "P-threshold")}
+
+
+def calibration(labels, scores, hist, sigmas=3.0):
+    """The decision rule of a checkpoint, from labelled images of its classes (pooled): labels, scores (N,),
+    and hist, a metrics.PixelHistogram of their 256x256 maps (anomalous pixels where masks say so).
+
+    Thresholds: where F1 is maximal (the I-F1max and P-F1max points) when the images include anomalies (their
+    masks, for pixels); else, from normal images alone, mean + 3 std of the normal scores (pixels). The
+    normalised score is anomalib's, clip((score - threshold) / (max - min) + 0.5, 0, 1) over the calibration
+    scores, so 0.5 is the threshold. Heat maps are coloured from the median normal pixel (cool) to as far above
+    the pixel threshold as the threshold is above it (hot), the threshold half way."""
+    labels, scores = np.asarray(labels, bool), np.asarray(scores, np.float64)
+    normal = scores[~labels]
+    if not normal.size:
+        raise ValueError("calibration needs normal images")
+    centres = hist.lo + (np.arange(hist.bins) + 0.5) * hist.resolution
+    weights = hist.normal / hist.normal.sum()
+    p_mean = float(weights @ centres)
+    p_std, p_median = float(np.sqrt(weights @ (centres - p_mean) ** 2)), float(centres[np.searchsorted(
+        np.cumsum(weights), 0.5)])
+    image_t = metrics.f1_threshold(labels, scores)[1] if labels.any() else normal.mean() + sigmas * normal.std()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pixel_t = hist.compute(FPR_LIMIT, True)["P-threshold"] if hist.n_regions else p_mean + sigmas * p_std
+    rule = {k: "f1-max" if known else f"normal mean + {sigmas:g} std" for k, known in
+            (("image", labels.any()), ("pixel", hist.n_regions > 0))}
+    return dict(rule=rule, image_threshold=float(image_t), pixel_threshold=float(pixel_t),
+                score_range=[float(scores.min()), float(scores.max())],
+                heat_range=[p_median, p_median + 2 * max(pixel_t - p_median, hist.resolution)],
+                normal=dict(images=int(normal.size), score_mean=float(normal.mean()), score_std=float(normal.std()),
+                            score_max=float(normal.max()), pixel_median=p_median, pixel_mean=p_mean, pixel_std=p_std),
+                anomalous_images=int(labels.sum()))
+
+
+def decide(score, calibration, cls=None) -> dict:
+    """One image score under a calibration: threshold (the class's if calibrated, else the pooled one),
+    normalised score (anomalib's: 0.5 at the threshold, clipped to [0, 1]) and decision."""
+    t = calibration.get("classes", {}).get(cls, calibration["image_threshold"])
+    lo, hi = calibration["score_range"]
+    return dict(threshold=t, normalised=float(np.clip((score - t) / max(hi - lo, 1e-12) + 0.5, 0.0, 1.0)),
+                decision="anomalous" if score >= t else "normal")
+
+
+def title(path, score, calibration, cls=None):
+    verdict = decide(score, calibration, cls) if calibration else None
+    return f"{Path(path).name}: score {score:.4g}" + (
+        f" ({verdict['normalised']:.2f}) {verdict['decision'].upper()}" if verdict else " (no calibration)")
+
+
+def heat_scale(opts, heat_range=None):
+    """(scale, outline) of the pictures: --heat-range, else the calibration's; None: the caller's fallback."""
+    cal = opts.calibration
+    outline = cal["pixel_threshold"] if cal and opts.outline else None
+    if heat_range:
+        return (*heat_range, "--heat-range"), outline
+    return ((*cal["heat_range"], "calibration") if cal else None), outline
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -174,13 +235,32 @@ def to_rgb(x, size=EVAL_SIZE):
     return (img.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
 
 
-def picture(image, amap, lo, hi, mask=None):
-    """image | [ground truth |] heat-map overlay, side by side: (H, 2W or 3W, 3) uint8. The map is coloured on
-    the fixed range [lo, hi], so that pictures sharing a range can be compared."""
-    heat = heat_colors((np.asarray(amap, np.float64) - lo) / max(hi - lo, 1e-12))
+def picture(image, amap, scale, title="", mask=None, outline=None) -> Image.Image:
+    """image | [ground truth |] heat-map overlay | colour bar, under a title line. scale = (lo, hi, source):
+    the map is coloured on this fixed range, so that pictures sharing it compare, and the source is stated on
+    the bar. outline: a pixel threshold, whose region's edge is drawn in white (and marked on the bar)."""
+    lo, hi, source = scale
+    amap, (h, w) = np.asarray(amap, np.float64), image.shape[:2]
+    heat = heat_colors((amap - lo) / max(hi - lo, 1e-12))
     overlay = (0.5 * image.astype(np.float32) + 0.5 * heat.astype(np.float32) + 0.5).astype(np.uint8)
+    if outline is not None:
+        r = amap >= outline
+        inner = r.copy()
+        inner[1:-1, 1:-1] &= r[:-2, 1:-1] & r[2:, 1:-1] & r[1:-1, :-2] & r[1:-1, 2:]
+        overlay[r & ~inner] = 255
     panels = [image] + ([np.repeat(np.asarray(mask, np.uint8)[..., None] * 255, 3, axis=2)] if mask is not None else [])
-    return np.concatenate(panels + [overlay], axis=1)
+    x = w * (len(panels) + 1)
+    canvas = Image.new("RGB", (x + 84, h + 14), "white")
+    canvas.paste(Image.fromarray(np.concatenate(panels + [overlay], axis=1)), (0, 14))
+    canvas.paste(Image.fromarray(heat_colors(np.linspace(1, 0, h)[:, None].repeat(12, axis=1))), (x + 4, 14))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((2, 1), title, fill="black")
+    for y, text in ((14, f"{hi:.4g}"), (h + 3, f"{lo:.4g}"), (14 + h // 2 - 16, source[:12]), (14 + h // 2, source[12:24])):
+        draw.text((x + 19, y), text, fill="black")
+    if outline is not None and lo <= outline <= hi:
+        y = 14 + round((hi - outline) / max(hi - lo, 1e-12) * (h - 1))
+        draw.line([(x + 2, y), (x + 17, y)], fill="black", width=2)
+    return canvas
 
 
 def _file_stem(path):
@@ -207,16 +287,18 @@ class Gallery:
                 item = item or make_item()
                 (heapq.heappush if len(heap) < self.n else heapq.heapreplace)(heap, (key, order, item))
 
-    def write(self, folder):
-        """most_01_*.png (highest score first) and least_01_*.png (lowest first), on one colour range."""
+    def write(self, folder, scale=None, outline=None):
+        """most_01_*.png (highest score first) and least_01_*.png (lowest first), on one colour scale: the
+        calibration's, else min..max of these pictures."""
         kept = [e[2] for e in self.most + self.least]
         if kept:
             folder.mkdir(parents=True, exist_ok=True)
-            lo, hi = min(float(i["map"].min()) for i in kept), max(float(i["map"].max()) for i in kept)
+            scale = scale or (min(float(i["map"].min()) for i in kept), max(float(i["map"].max()) for i in kept),
+                              "min..max here")
         for name, heap in (("most", self.most), ("least", self.least)):
             for rank, (_, _, item) in enumerate(sorted(heap, reverse=True), start=1):
                 path = folder / f"{name}_{rank:02d}_{_file_stem(item['path'])}.png"
-                Image.fromarray(picture(item["image"], item["map"], lo, hi, item["mask"])).save(path)
+                picture(item["image"], item["map"], scale, item["title"], item["mask"], outline).save(path)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -251,7 +333,9 @@ def combine(parts, **protocol):
         counts.update(r["counts"])
     values = {k: [m[k] for m in per_class.values()] for k in METRICS}
     mean = {k: None if None in v else float(np.mean(v)) for k, v in values.items()}
-    results = dict(classes=per_class, mean=mean, counts=counts, protocol=dict(parts[-1]["protocol"], **protocol))
+    results = dict(classes=per_class, mean=mean, counts=counts, protocol=dict(parts[-1]["protocol"], **protocol),
+                   thresholds={c: t for r in parts for c, t in r["thresholds"].items()},
+                   calibration=parts[0]["calibration"] if len(parts) == 1 else None)
     bounds = {c: b for r in parts for c, b in r.get("error_bounds", {}).items()}
     return dict(results, error_bounds=bounds) if bounds else results
 
@@ -276,7 +360,7 @@ def evaluate(model, data, root, classes, opts=Options(), out_dir=None, log=print
         f"{'original resolution' if opts.full_res else f'{EVAL_SIZE}x{EVAL_SIZE}'}, "
         f"{'streaming' if opts.streaming else 'exact'} metrics, {opts.device} {opts.precision}")
     progress = Progress(total, log)
-    per_class, counts, bounds, rows = {}, {}, {}, []
+    per_class, counts, bounds, thresholds, rows, pooled = {}, {}, {}, {}, [], metrics.PixelHistogram()
     for cls, ds in test_sets.items():
         t0 = time.monotonic()
         pixels = not any(s.label and s.mask is None for s in ds.samples)
@@ -296,18 +380,24 @@ def evaluate(model, data, root, classes, opts=Options(), out_dir=None, log=print
                 acc.add(batch["label"], scores, native, big)
             else:
                 acc.add(batch["label"], scores, masks, maps)
+            known = batch["label"] >= 0 if pixels else batch["label"] == 0  # pixels whose label is known
+            if known.any():
+                pooled.update(masks[known], maps[known])
             for i, path in enumerate(batch["path"]):
                 rows.append((cls, path, int(batch["label"][i]), float(scores[i])))
                 gallery.offer(float(scores[i]), lambda i=i, path=path: dict(
-                    image=to_rgb(batch["image"][i]), mask=masks[i].numpy(), map=maps[i].numpy(), path=path))
+                    image=to_rgb(batch["image"][i]), mask=masks[i].numpy(), map=maps[i].numpy(), path=path,
+                    title=title(path, float(scores[i]), opts.calibration, cls)))
             progress.step(len(scores), cls)
-        m = per_class[cls] = acc.compute(warn=lambda msg, cls=cls: log(f"  note: {cls}: {msg}"))
+        m = acc.compute(warn=lambda msg, cls=cls: log(f"  note: {cls}: {msg}"))
+        per_class[cls] = {k: m[k] for k in METRICS}
+        thresholds[cls] = {"image": m["I-threshold"], "pixel": m["P-threshold"]}
         n_bad = int(acc.labels.sum())
         counts[cls] = {"normal": len(ds) - n_bad, "anomalous": n_bad}
         if acc.hist:
             bounds[cls] = acc.hist.error_bounds(fpr_limit=FPR_LIMIT)
         if out_dir:
-            gallery.write(Path(out_dir) / "maps" / cls)
+            gallery.write(Path(out_dir) / "maps" / cls, *heat_scale(opts))
         log(f"  {cls}: {len(ds)} images ({n_bad} anomalous) in {time.monotonic() - t0:.1f}s; "
             + " ".join(f"{k} {_cell(m[k])}" for k in METRICS)
             + (f"; binning error <= {100 * max(bounds[cls].values()):.3f} points" if cls in bounds else ""))
@@ -318,7 +408,10 @@ def evaluate(model, data, root, classes, opts=Options(), out_dir=None, log=print
                     fpr_limit=FPR_LIMIT, precision=opts.precision,
                     metrics=f"streaming ({metrics.PixelHistogram().bins} bins over [0, 2])" if opts.streaming
                     else f"exact ({opts.map_dtype} maps)")
-    results = combine([dict(classes=per_class, counts=counts, protocol=protocol, error_bounds=bounds)])
+    cal = calibration([r[2] for r in rows], [r[3] for r in rows], pooled)
+    cal["classes"] = {c: t["image"] for c, t in thresholds.items() if math.isfinite(t["image"])}
+    results = combine([dict(classes=per_class, counts=counts, protocol=protocol, error_bounds=bounds,
+                            thresholds=thresholds, calibration=cal)])
     if out_dir:
         write_results(results, out_dir, rows)
     return results
@@ -391,18 +484,22 @@ def image_files(specs):
     return files
 
 
-def predict_images(model, files, opts=Options(), out_dir=None, heat_range=None, log=print):
-    """Score unlabelled images: [(path, score, heat-map file name)], and with out_dir predictions.csv and
-    heatmaps/<name>.png (image | overlay, 512x256). The overlay is coloured on heat_range (lo, hi) when given
-    (use it to compare images), else on each image's own min..max, as the official visualisation does."""
+def predict_images(model, files, opts=Options(), out_dir=None, heat_range=None, cls=None, log=print):
+    """Score unlabelled images: [dict(path, class, score, and with opts.calibration threshold, normalised,
+    decision; heatmap)], and with out_dir predictions.csv and heatmaps/<name>.png. An image takes the threshold
+    of `cls`, else of the first calibrated class named in its path, else the pooled one. The heat maps share one
+    scale: heat_range, else the calibration's, else min..max over all these images (their maps then wait in
+    memory, 0.3 MB each, until all are scored)."""
     model = prepare(model, opts)
     samples = [datasets.Sample(str(f), None, 0, "", "") for f in files]
     loader = torch.utils.data.DataLoader(datasets.ImageDataset(samples, opts.image_size, opts.crop_size),
                                          batch_size=opts.batch_size, num_workers=opts.workers)
+    (scale, outline), cal = heat_scale(opts, heat_range), opts.calibration
     heat_dir = Path(out_dir) / "heatmaps" if out_dir else None
     if heat_dir:
         heat_dir.mkdir(parents=True, exist_ok=True)
-    progress, rows, used = Progress(len(files), log), [], set()
+    draw = lambda p: picture(p[0], p[1].float().numpy(), scale, p[2], outline=outline).save(heat_dir / p[3])  # noqa
+    progress, rows, used, waiting = Progress(len(files), log), [], set(), []
     for batch in loader:
         maps, scores = (t.cpu() for t in predict_maps(model, batch["image"].to(opts.device), opts.zero_shot))
         for i, path in enumerate(batch["path"]):
@@ -411,17 +508,94 @@ def predict_images(model, files, opts=Options(), out_dir=None, heat_range=None, 
                 k += 1
                 name = f"{Path(path).stem}_{k}"
             used.add(name)
+            c = cls or next((p for p in Path(path).parts if cal and p in cal.get("classes", {})), None)
+            s = float(scores[i])
+            rows.append(dict(path=path, **{"class": c or ""}, score=s, **(decide(s, cal, c) if cal else {}),
+                             heatmap=f"{name}.png"))
             if heat_dir:
-                lo, hi = heat_range or (float(maps[i].min()), float(maps[i].max()))
-                pic = picture(to_rgb(batch["image"][i]), maps[i].numpy(), lo, hi)
-                Image.fromarray(pic).save(heat_dir / f"{name}.png")
-            rows.append((path, float(scores[i]), f"{name}.png"))
+                waiting.append((to_rgb(batch["image"][i]), maps[i].half(), title(path, s, cal, c), f"{name}.png"))
+                if scale:
+                    draw(waiting.pop())
         progress.step(len(scores), "images")
+    if waiting:
+        lo, hi = min(float(p[1].min()) for p in waiting), max(float(p[1].max()) for p in waiting)
+        scale = (lo, hi, f"min..max of {len(waiting)} images")
+        for p in waiting:
+            draw(p)
     if out_dir:
-        _write_csv(Path(out_dir) / "predictions.csv", ["path", "score", "heatmap"],
-                   [(p, repr(s), h) for p, s, h in rows])
-    log(f"scored {len(rows)} images, {progress.rate():.1f} img/s")
+        _write_csv(Path(out_dir) / "predictions.csv", ["path", "class", "score", "normalised_score", "decision",
+                                                       "heatmap"],
+                   [(r["path"], r["class"], repr(r["score"]), r.get("normalised", ""), r.get("decision", ""),
+                     r["heatmap"]) for r in rows])
+    n_bad = sum(r.get("decision") == "anomalous" for r in rows)
+    log(f"scored {len(rows)} images, {progress.rate():.1f} img/s; " + (
+        f"{n_bad} anomalous, {len(rows) - n_bad} normal (pooled threshold {cal['image_threshold']:.4g}, "
+        f"{cal['rule']['image']})" if cal else "no decisions: the checkpoint has no calibration (add one with "
+        "evaluate.py --calibrate)"))
     return rows
+
+
+class Scorer(torch.nn.Module):
+    """model.predict at one input size as one exportable graph: the interpolated position table becomes a
+    constant (the bicubic interpolation does not export), and a calibration adds the normalised score."""
+
+    def __init__(self, model, crop_size, calibration=None):
+        super().__init__()
+        self.model, self.calibration = copy.deepcopy(model).float().eval(), calibration
+        enc, g = self.model.encoder, crop_size // model.encoder.config.patch_size
+        with torch.no_grad():
+            enc.pos_embed = torch.nn.Parameter(enc.interpolate_pos_encoding(g, g))
+        enc.config = dataclasses.replace(enc.config, pos_grid=g)
+
+    def forward(self, x):
+        maps, scores = self.model.predict(x, out_size=EVAL_SIZE, max_ratio=MAX_RATIO)
+        if not self.calibration:
+            return maps, scores
+        t, (lo, hi) = self.calibration["image_threshold"], self.calibration["score_range"]
+        return maps, scores, ((scores - t) / max(hi - lo, 1e-12) + 0.5).clamp(0, 1)
+
+
+def export_onnx(model, path, opts, images=None, log=print):
+    """Write the scoring path as ONNX: input "image", a float32 (B, 3, crop, crop) batch preprocessed as
+    data.load_image does, B dynamic; outputs "anomaly_map" (B, 256, 256), "score" (B,) and, with a calibration,
+    "normalised_score". Then checks it: onnxruntime against PyTorch on 3 images (the first of `images`, else
+    seeded random ones) at batch 1 and 3."""
+    try:
+        import onnxruntime
+        import onnxscript  # noqa: F401  (the dynamo exporter's back end)
+    except ImportError:
+        raise ValueError("--export needs the optional packages onnx, onnxscript and onnxruntime: "
+                         "pip install onnx onnxscript onnxruntime") from None
+    if opts.zero_shot:
+        raise ValueError("--export writes the reconstruction-error scoring path; drop --zero-shot")
+    scorer, c = Scorer(prepare(model, dataclasses.replace(opts, device="cpu")), opts.crop_size, opts.calibration), opts.crop_size
+    names = ["anomaly_map", "score"] + (["normalised_score"] if opts.calibration else [])
+    x = (torch.stack([datasets.load_image(f, opts.image_size, c) for f in image_files(images)[:3]]) if images
+         else torch.randn(3, 3, c, c, generator=torch.Generator().manual_seed(0)))
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(scorer, (x[:2],), str(path), dynamo=True, external_data=False, input_names=["image"],
+                          output_names=names, dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for b in (1, 3):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            want = scorer(x[:b])
+        t1 = time.perf_counter()
+        got = session.run(None, {"image": x[:b].numpy()})
+        t2 = time.perf_counter()
+        diff = float((torch.from_numpy(got[0]) - want[0]).abs().max() / want[0].abs().max())
+        worst = max(worst, diff)
+        log(f"  batch {b}: max |onnx - torch| map {diff:.2e} of its maximum, score "
+            f"{float((torch.from_numpy(got[1]) - want[1]).abs().max()):.2e}; {1e3 * (t2 - t1) / b:.0f} ms/image "
+            f"onnxruntime, {1e3 * (t1 - t0) / b:.0f} ms/image torch")
+    log(f"wrote {path} ({Path(path).stat().st_size / 2**20:.1f} MiB): {opts.image_size} -> {c} px input, outputs "
+        f"{', '.join(names)}" + ("" if opts.calibration else " (no calibration, so no normalised_score)"))
+    if worst > 1e-4:
+        raise ValueError(f"{path}: the ONNX maps differ from PyTorch's by {worst:.2e} of their maximum")
+    return 0
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -453,13 +627,44 @@ def parse_args(argv=None):
     p.add_argument("--images", nargs="+", metavar="PATH",
                    help="score these images or folders (no labels): predictions.csv + heatmaps/*.png")
     p.add_argument("--heat-range", nargs=2, type=float, metavar=("LO", "HI"),
-                   help="--images: colour every heat-map on this fixed range (default: each image's min..max)")
+                   help="colour heat maps on this range (default: the calibration's; uncalibrated --images: "
+                        "min..max over the images scored)")
+    p.add_argument("--outline", action="store_true", help="pictures: outline where the map passes the calibrated "
+                                                          "pixel threshold")
+    p.add_argument("--calibrate", action="store_true",
+                   help="store the decision rule learnt on this labelled test set (thresholds, normal statistics, "
+                        "heat-map scale) in the checkpoint, its tensors untouched")
+    p.add_argument("--export", type=Path, metavar="OUT.onnx",
+                   help="write the scoring path as ONNX (anomaly_map, score) and check it with onnxruntime")
     args = p.parse_args(argv)
-    if args.images and (args.full_res or args.streaming or args.save_maps):
-        raise ValueError("--images scores unlabelled images: --full-res, --streaming and --save-maps need a test set")
+    if args.images and (args.full_res or args.streaming or args.save_maps or args.calibrate):
+        raise ValueError("--images scores unlabelled images: --full-res, --streaming, --save-maps and --calibrate "
+                         "need a test set")
+    if args.calibrate and args.zero_shot:
+        raise ValueError("--calibrate learns the decision rule of the reconstruction maps; drop --zero-shot")
     if args.streaming and args.map_dtype != "float32":
         raise ValueError("--map-dtype applies to exact metrics; --streaming keeps no maps")
     return args
+
+
+def write_calibration(path, calibration) -> Path:
+    """Store `calibration` in a project checkpoint's metadata: the file is rewritten atomically, every tensor
+    as it was. An official state dict (.pth) is left alone and a calibrated project checkpoint is written beside
+    it (<name>.safetensors). Returns the file written."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path, target = Path(path), Path(path).with_suffix(".safetensors")
+    if path != target:
+        if target.exists():
+            raise ValueError(f"{target}: exists; calibrate that file instead of {path}")
+        inpformer.save_checkpoint(inpformer.load_model(path), target, {"calibration": calibration})
+        return target
+    with safe_open(path, framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    with inpformer.atomic_write(path) as tmp:
+        save_file(tensors, tmp, metadata={**meta, "calibration": json.dumps(_json_safe(calibration))})
+    return path
 
 
 def checkpoint_files(path):
@@ -521,13 +726,17 @@ def main(argv=None):
                    crop_size=args.crop_size or meta.get("crop_size") or 392, batch_size=args.batch_size or 16,
                    device=str(datasets.device(args.device)), workers=datasets.workers(args.workers),
                    precision="fp32" if args.precision == "auto" else args.precision, zero_shot=args.zero_shot,
-                   full_res=args.full_res, streaming=args.streaming, map_dtype=args.map_dtype, save_maps=args.save_maps)
+                   full_res=args.full_res, streaming=args.streaming, map_dtype=args.map_dtype, save_maps=args.save_maps,
+                   calibration=meta.get("calibration") if isinstance(meta.get("calibration"), dict) else None,
+                   outline=args.outline)
+    if args.export:
+        return export_onnx(first, args.export, opts, args.images, log)
     if args.images:
         if len(ckpts) > 1:
             raise ValueError(f"{args.ckpt}: --images needs one model file, not a folder of {len(ckpts)} models")
         files, out = image_files(args.images), args.out or default_out(args, ckpts[0], [])
         log(f"{ckpts[0]}: scoring {len(files)} images at {opts.image_size} -> {opts.crop_size} px on {opts.device}")
-        predict_images(first, files, opts, out, args.heat_range, log)
+        predict_images(first, files, opts, out, args.heat_range, args.classes, log)
         log(f"wrote {out / 'predictions.csv'} and {out / 'heatmaps'}/")
         return 0
 
@@ -554,10 +763,14 @@ def main(argv=None):
                          out / ckpt.parent.name, "all"))
     if not jobs:
         raise ValueError(f"{args.ckpt}: no model for --classes {args.classes}")
+    if args.calibrate and len(jobs) > len(ckpts):
+        raise ValueError("--calibrate learns one rule per model: evaluate it on one data set")
     results = {}
     for ckpt, d, root, classes, sub, table in jobs:
         model = first if ckpt == ckpts[0] else inpformer.load_model(ckpt)
         results.setdefault(table, []).append(evaluate(model, d, root, classes, opts, sub, log))
+        if args.calibrate:
+            log(f"calibrated {write_calibration(ckpt, results[table][-1]['calibration'])}")
     for table, parts in results.items():
         merged = combine(parts, **({"models": [str(j[0]) for j in jobs]} if len(ckpts) > 1 else {}))
         if len(parts) > 1:

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,24 +121,32 @@ def test_ckpt_alone_writes_the_paper_metrics_equal_to_metrics_py_and_pictures(ck
     assert "| mean |" in r.stdout and "img/s" in r.stdout
 
     results = json.loads((out / "metrics.json").read_text())
-    classes = data.list_classes("folder", demo)
+    classes, pooled = data.list_classes("folder", demo), ([], [])
     assert list(results["classes"]) == classes
     for cls in classes:
         labels, scores, masks, maps, paths = reference_maps(model, demo, cls)
         assert_metrics_equal(results["classes"][cls], metrics.compute_all(labels, scores, masks, maps))
         assert results["counts"][cls] == {"normal": 4, "anomalous": 6}
+        t = metrics.compute_all(labels, scores, masks, maps, thresholds=True)
+        assert results["thresholds"][cls] == {"image": t["I-threshold"], "pixel": t["P-threshold"]}
+        pooled[0].append(labels)
+        pooled[1].append(scores)
 
-        # Pictures: image | ground truth | overlay at 256x256 each, the most anomalous image first.
+        # Pictures: title line over image | ground truth | overlay at 256x256 each | colour bar, the most
+        # anomalous image first.
         pngs = sorted((out / "maps" / cls).glob("*.png"))
         assert [p.name[:8] for p in pngs] == ["least_01", "least_02", "most_01_", "most_02_"]
         for p in pngs:
             with Image.open(p) as im:
                 im.load()
-                assert im.size == (3 * 256, 256) and im.mode == "RGB"
+                assert im.size == (3 * 256 + 84, 14 + 256) and im.mode == "RGB"
         top = paths[int(scores.argmax())]
         assert (out / "maps" / cls / f"most_01_{evaluate._file_stem(top)}.png").is_file()
     mean = {k: float(np.mean([results["classes"][c][k] for c in classes])) for k in evaluate.METRICS}
     assert_metrics_equal(results["mean"], mean, tol=1e-12)
+    cal = results["calibration"]  # pooled over the classes
+    assert cal["image_threshold"] == metrics.f1_threshold(torch.cat(pooled[0]), torch.cat(pooled[1]))[1]
+    assert cal["rule"] == {"image": "f1-max", "pixel": "f1-max"} and cal["anomalous_images"] == 12
 
     with open(out / "metrics.csv") as f:
         rows = list(csv.reader(f))
@@ -192,9 +201,69 @@ def test_images_writes_a_csv_and_heatmaps(ckpt, model, demo, tmp_path):
     for row, s in zip(rows, want):
         assert math.isfinite(float(row["score"])) and abs(float(row["score"]) - float(s)) < 1e-5
     assert len({row["heatmap"] for row in rows}) == 3
-    for row in rows:
+    for row in rows:  # the test checkpoint has no calibration: scores only, on one scale over the three
+        assert row["decision"] == "" and row["normalised_score"] == ""
         with Image.open(out / "heatmaps" / row["heatmap"]) as im:
-            assert im.size == (2 * 256, 256)
+            assert im.size == (2 * 256 + 84, 14 + 256)
+    assert "no decisions: the checkpoint has no calibration" in r.stdout
+
+
+def split_halves(demo, root):
+    """The demo test set dealt into two MVTec-layout roots, each image with its mask: [(root, [samples])] x 2."""
+    halves = [(root / "a", []), (root / "b", [])]
+    for cls in data.list_classes("folder", demo):
+        for i, s in enumerate(data.list_samples("folder", demo, cls, "test")):
+            half, picked = halves[i % 2]
+            image = half / cls / "test" / s.defect / os.path.basename(s.image)
+            image.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(s.image, image)
+            if s.mask:
+                mask = half / cls / "ground_truth" / s.defect / os.path.basename(s.mask)
+                mask.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(s.mask, mask)
+            picked.append(dataclasses.replace(s, image=str(image)))
+    return halves
+
+
+def test_calibrate_on_one_half_decide_on_the_other(ckpt, demo, tmp_path, capsys):
+    """--calibrate stores the rule in the checkpoint, every tensor bit-identical; --images then decides, the
+    threshold at normalised score 0.5; on the calibration's fixed scale normal maps are cooler than defective."""
+    (a, _), (b, held_out) = split_halves(demo, tmp_path)
+    path = tmp_path / "model.safetensors"
+    shutil.copy(ckpt, path)
+    before, meta_before = load_file(path), inpformer.read_checkpoint_metadata(path)
+    r = run_cli("--ckpt", path, "--data-root", a, "--calibrate", "--workers", 0, "--out", tmp_path / "eval")
+    assert r.returncode == 0, r.stdout + r.stderr
+    after, meta = load_file(path), inpformer.read_checkpoint_metadata(path)
+    assert list(after) == list(before) and all(torch.equal(before[k], after[k]) for k in before)
+    cal = meta.pop("calibration")
+    assert meta == meta_before and cal["rule"] == {"image": "f1-max", "pixel": "f1-max"}
+    assert cal == json.loads((tmp_path / "eval" / "metrics.json").read_text())["calibration"]
+
+    r = run_cli("--ckpt", path, "--images", b / "fabric" / "test", b / "tiles" / "test", "--workers", 0,
+                "--out", tmp_path / "pred")
+    assert r.returncode == 0, r.stdout + r.stderr
+    with open(tmp_path / "pred" / "predictions.csv") as f:
+        rows = {row["path"]: row for row in csv.DictReader(f)}
+    assert set(rows) == {s.image for s in held_out}
+    right = 0
+    for s in held_out:
+        row = rows[s.image]
+        t = cal["classes"].get(s.cls, cal["image_threshold"])
+        assert row["class"] == s.cls and (row["decision"] == "anomalous") == (float(row["score"]) >= t)
+        assert (float(row["normalised_score"]) >= 0.5) == (row["decision"] == "anomalous")
+        right += (row["decision"] == "anomalous") == bool(s.label)
+    print(f"decision accuracy on the held-out half: {right}/{len(held_out)}")  # shown with pytest -s
+    assert right / len(held_out) > 0.5
+    assert f"{sum(r['decision'] == 'anomalous' for r in rows.values())} anomalous" in r.stdout
+
+    model = inpformer.load_model(path)  # one fixed scale: what the heat maps colour
+    lo, hi = cal["heat_range"]
+    heat = {0: [], 1: []}
+    for s in held_out:
+        amap, _ = model.predict(data.load_image(s.image, IMAGE, CROP)[None])
+        heat[s.label].append(float(((amap - lo) / (hi - lo)).clamp(0, 1).mean()))
+    assert np.mean(heat[0]) < np.mean(heat[1]), heat
 
 
 def test_single_class_run_folder_gives_one_table(ckpt, model, demo, tmp_path, capsys):
@@ -378,3 +447,37 @@ def test_a_class_without_ground_truth_gets_image_metrics_only(ckpt, model, demo,
     (tmp_path / "line" / "tiles" / "ground_truth").mkdir()
     with pytest.raises(data.DataError, match="missing/000.png: no mask"):
         data.test_set("folder", tmp_path / "line", "tiles")
+
+
+def test_export_onnx_round_trip_matches_pytorch(ckpt, model, demo, tmp_path):
+    """The whole scoring path of a calibrated checkpoint as ONNX, dynamic batch: onnxruntime's maps, scores and
+    normalised scores against PyTorch at batch 1 and 3, the maps within 1e-4 of their maximum."""
+    import onnxruntime  # an optional extra for users; CI installs it, so this test never skips there
+
+    images = sorted(Path(demo, "tiles", "test").rglob("*.png"))[:3]
+    x = torch.stack([data.load_image(p, IMAGE, CROP) for p in images])
+    cal = dict(image_threshold=float(model.predict(x)[1][1]), score_range=[0.0, 1.0])
+    path = tmp_path / "model.safetensors"
+    shutil.copy(ckpt, path)
+    evaluate.write_calibration(path, cal)
+    r = run_cli("--ckpt", path, "--export", tmp_path / "model.onnx", "--images", *images[:2])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "max |onnx - torch| map" in r.stdout and f"wrote {tmp_path / 'model.onnx'}" in r.stdout
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["anomaly_map", "score", "normalised_score"]
+    for b in (1, 3):
+        want_maps, want_scores = model.predict(x[:b])
+        maps, scores, normalised = session.run(None, {"image": x[:b].numpy()})
+        assert maps.shape == (b, 256, 256) and scores.shape == (b,)
+        assert np.abs(maps - want_maps.numpy()).max() <= 1e-4 * float(want_maps.abs().max())
+        assert np.abs(scores - want_scores.numpy()).max() <= 1e-4 * float(want_scores.abs().max())
+        assert normalised == pytest.approx([evaluate.decide(float(s), cal)["normalised"] for s in scores], abs=1e-6)
+    assert normalised[1] == pytest.approx(0.5, abs=1e-6)  # the threshold
+
+
+def test_export_without_the_onnx_extras_says_what_to_install(ckpt, tmp_path):
+    code = ("import sys; sys.modules['onnxruntime'] = None; import data, evaluate; "
+            f"data.guard(lambda: evaluate.main(['--ckpt', {str(ckpt)!r}, '--export', {str(tmp_path / 'm.onnx')!r}]))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "pip install onnx onnxscript onnxruntime" in r.stderr
+    assert not list(tmp_path.iterdir())

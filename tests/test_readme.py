@@ -1,5 +1,6 @@
 """The README's commands: the ones that need no download run as written; every other train.py/evaluate.py/
 data.py command line in it is accepted by the script's argument parser."""
+import csv
 import os
 import re
 import shlex
@@ -47,7 +48,11 @@ def test_main_job_runs_as_written(tmp_path):
             assert re.search(r"^\| mean \|( [0-9.]+ \|){7}$", r.stdout, re.M), r.stdout
     assert (tmp_path / "runs" / "demo-multi" / "eval" / "metrics.json").is_file()
     assert list((tmp_path / "runs" / "demo-multi" / "eval" / "maps").rglob("*.png"))
-    assert (tmp_path / "runs" / "demo-multi" / "predictions" / "predictions.csv").is_file()
+    with open(tmp_path / "runs" / "demo-multi" / "predictions" / "predictions.csv") as f:
+        assert all(row["decision"] == "anomalous" for row in csv.DictReader(f))  # calibrated: decisions
+    recipe = re.search(r"\*\*From Python\*\*.*?```python\n(.*?)```", README, re.S).group(1)
+    r = subprocess.run([sys.executable, "-c", recipe], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.split()[0] == "anomalous", r.stdout + r.stderr
 
 
 def table(text):
@@ -93,5 +98,5 @@ def test_every_command_line_parses(cmd):
         return
     try:
         PARSERS[script](rest)
-    except evaluate.CliError as e:  # a missing data set or checkpoint is fine here: only the syntax is checked
+    except ValueError as e:  # a missing data set or checkpoint is fine here: only the syntax is checked
         assert "see --help" not in str(e), f"{cmd}: {e}"  # the parser's own complaint

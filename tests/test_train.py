@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -291,3 +292,15 @@ def test_single_class_few_shot_and_super_multi_class_settings(demo_root, tmp_pat
     meta = inpformer.read_checkpoint_metadata(tmp_path / "super" / "model.safetensors")
     assert meta["data"] == "folder,folder" and meta["classes_per_set"] == [classes, data.list_classes("folder", other)]
     assert r.stdout.count("| mean |") == 2  # evaluated per data set
+
+
+def test_an_image_only_data_set_trains_and_evaluates(demo_root, tmp_path):
+    """MVTec layout without any ground_truth/ (image labels only): image metrics, pixel metrics null/"—"."""
+    root = tmp_path / "line"
+    shutil.copytree(demo_root, root, ignore=shutil.ignore_patterns("ground_truth"))
+    r = run_train(*tiny_args(str(root), tmp_path / "run", "--iters", 4))
+    results = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
+    for m in [*results["classes"].values(), results["mean"]]:
+        assert 0 <= m["I-AUROC"] <= 1 and m["P-AUROC"] is None and m["AUPRO"] is None
+    assert "no ground_truth/ masks, so image metrics only" in r.stdout
+    assert re.search(r"^\| mean \|( [0-9.]+ \|){3}( — \|){4}$", r.stdout, re.M), r.stdout
