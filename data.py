@@ -15,6 +15,7 @@ Every problem with the files on disk raises DataError, whose message is one line
     python data.py --check mvtec ROOT       # class counts and a quick file check; exit 2 with one line if bad
 """
 import argparse
+import collections
 import contextlib
 import csv
 import json
@@ -56,30 +57,18 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 HF_WEIGHTS = "https://huggingface.co/facebook/dinov2-with-registers-{size}/resolve/main/model.safetensors"
 WIDTHS = {"small": 384, "base": 768, "large": 1024}  # the DINOv2 sizes --backbone can download
 
-
 class DataError(ValueError):
     """A problem with the data on disk. str(e) is one line: "<path>: <problem>"."""
-
 
 def _error(path, problem) -> DataError:
     # Library messages (PIL, json) can span lines; the one-line promise is what lets scripts print them as is.
     return DataError(re.sub(r"\s*\n\s*", " ", f"{path}: {problem}"))
 
-
 def one_line(exc: BaseException) -> str:
-    """The one-line message of `exc`, also when a DataLoader worker re-raised it.
-
-    PyTorch re-raises a worker's exception with the worker's whole traceback as its message; the original
-    message is the traceback's last line, after the (module-qualified) exception name."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if len(lines) <= 1:
-        return lines[0] if lines else type(exc).__name__
-    for line in reversed(lines):
-        m = re.match(r"(?:[\w.]+\.)?DataError: (.*)", line)
-        if m:
-            return m.group(1)
-    return lines[-1]
-
+    """The one-line message of `exc`, also when a DataLoader worker re-raised it with the worker's whole
+    traceback as the message: the original message is its last line, after the exception's name."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    return re.sub(r"^(?:[\w.]+\.)?DataError: ", "", lines[-1]) if len(lines) > 1 else lines[0]
 
 @dataclass
 class Sample:
@@ -92,7 +81,6 @@ class Sample:
     # as the official loader reads them); an integer t marks a pixel anomalous where its value > t.
     mask_threshold: int | None = None
 
-
 # ----------------------------------------------------------------------------------------------------------
 # Layouts: where each data set keeps its classes, images and masks.
 
@@ -100,13 +88,11 @@ def default_root(data: str) -> str | None:
     """The folder used when no root is given: the demo set lives beside this file; real data sets need one."""
     return str(Path(__file__).resolve().parent / "demo_data") if data == "demo" else None
 
-
 @dataclass
 class _Layout:
     base: Path                      # MVTec-layout class folders; the raw VisA root; or Real-IAD's realiad_1024
     split_file: Path | None = None  # raw VisA: split_csv/1cls.csv
     jsons: Path | None = None       # Real-IAD: the folder of <class>.json files
-
 
 def _source(data: str, root) -> _Layout:
     """Where a data set root keeps its classes, after checking that it exists. Reads, never writes."""
@@ -141,21 +127,17 @@ def _source(data: str, root) -> _Layout:
 
     return _Layout(root)
 
-
 def _ordered(found, data: str) -> list[str]:
     official = OFFICIAL_ORDER.get(data, ())
     return [c for c in official if c in found] + sorted(set(found) - set(official))
 
-
 def _visible_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-
 
 def _images(folder: Path) -> list[Path]:
     # Hidden files include macOS "._000.png" resource forks, which carry an image suffix but are not images.
     return sorted(p for p in folder.iterdir()
                   if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
-
 
 def _read_split_file(split_file: Path) -> list[dict]:
     try:
@@ -169,19 +151,14 @@ def _read_split_file(split_file: Path) -> list[dict]:
         raise _error(split_file, f"not a VisA split file (its header must name {', '.join(need)})")
     return rows
 
-
 def _read_realiad_json(path: Path) -> dict:
     try:
-        with open(path) as f:
-            meta = json.load(f)
-    except FileNotFoundError:
-        raise _error(path, "not found") from None
+        meta = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise _error(path, f"cannot read Real-IAD json ({e})") from None
+        raise _error(path, "not found" if isinstance(e, FileNotFoundError) else f"cannot read Real-IAD json ({e})") from None
     if not isinstance(meta, dict):
         raise _error(path, "not a Real-IAD json (expected an object with 'train' and 'test' lists)")
     return meta
-
 
 def list_classes(data: str, root) -> list[str]:
     """The classes present under root: official order first where known, then sorted."""
@@ -203,15 +180,13 @@ def list_classes(data: str, root) -> list[str]:
         raise _error(base, f"no classes found (expected {expected})")
     return _ordered(found, data)
 
-
 def resolve_classes(data: str, root, spec) -> list[str]:
     """Classes for spec "all" (or None), "a,b,c" or a list of names; an unknown name is a DataError."""
     return _pick(spec, [list_classes(data, root)], root or default_root(data), data)[0]
 
-
 def _pick(spec, per_set: list[list[str]], where, what) -> list[list[str]]:
     """The classes of spec in each set of known classes; a name no set knows is a DataError."""
-    names = _names(spec)
+    names = list(dict.fromkeys(split_list(spec)))
     if not names or names == ["all"]:
         return per_set
     unknown = [c for c in names if not any(c in known for known in per_set)]
@@ -220,15 +195,10 @@ def _pick(spec, per_set: list[list[str]], where, what) -> list[list[str]]:
         raise _error(where, f"unknown class {', '.join(map(repr, unknown))} for {what} (known: {', '.join(known)})")
     return [[c for c in names if c in known] for known in per_set]
 
-
-def _split(value) -> list[str]:
+def split_list(value) -> list[str]:
+    """The items of a comma list ("a, b,c"), or of a list; empty ones dropped."""
     items = value.split(",") if isinstance(value, str) else list(value or ())
     return [str(s).strip() for s in items if str(s).strip()]
-
-
-def _names(spec) -> list[str]:
-    return list(dict.fromkeys(_split(spec)))
-
 
 def list_samples(data: str, root, cls: str, split: str) -> list[Sample]:
     """Every image of one class and split, paired with its mask; a DataError names what is missing."""
@@ -241,18 +211,14 @@ def list_samples(data: str, root, cls: str, split: str) -> list[Sample]:
         return _realiad_samples(src.base, src.jsons, cls, split)
     return _tree_samples(src.base, cls, split, data, root)
 
-
-def _known_hint(data, root) -> str:
-    try:
-        return f" (known: {', '.join(list_classes(data, root))})"
-    except DataError:
-        return ""
-
-
 def _tree_samples(base: Path, cls: str, split: str, data: str, root) -> list[Sample]:
     cdir = base / cls
     if not cdir.is_dir():
-        raise _error(cdir, "class folder not found" + _known_hint(data, root))
+        try:
+            known = f" (known: {', '.join(list_classes(data, root))})"
+        except DataError:
+            known = ""
+        raise _error(cdir, "class folder not found" + known)
     if split == "train":
         good = cdir / "train" / "good"
         if not good.is_dir():
@@ -285,7 +251,6 @@ def _tree_samples(base: Path, cls: str, split: str, data: str, root) -> list[Sam
         raise _error(test, f"no images ({', '.join(IMAGE_SUFFIXES)})")
     return samples
 
-
 def _visa_csv_samples(base: Path, split_file: Path, cls: str, split: str) -> list[Sample]:
     rows = _read_split_file(split_file)
     if not any(row["object"] == cls for row in rows):
@@ -311,7 +276,6 @@ def _visa_csv_samples(base: Path, split_file: Path, cls: str, split: str) -> lis
     if not samples:
         raise _error(split_file, f"no {split} rows for class {cls!r}")
     return samples
-
 
 def _realiad_samples(images: Path, jsons: Path, cls: str, split: str) -> list[Sample]:
     path = jsons / f"{cls}.json"
@@ -343,14 +307,12 @@ def _realiad_samples(images: Path, jsons: Path, cls: str, split: str) -> list[Sa
         samples.append(Sample(str(image), str(mask), 1, cls, str(rec["anomaly_class"]), mask_threshold=127))
     return samples
 
-
 # ----------------------------------------------------------------------------------------------------------
 # Pre-flight check: find bad files before training starts, without decoding every pixel.
 
 # A truncated download or unpack loses the end marker. Reading a file's last bytes finds that at the cost of
 # a header read; only files without the marker (or in formats without one) are decoded in full.
 _END_MARKERS = {"PNG": b"IEND", "JPEG": b"\xff\xd9"}
-
 
 @contextlib.contextmanager
 def _reading(path):
@@ -362,7 +324,6 @@ def _reading(path):
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error... for broken files
         raise _error(path, f"cannot read image ({e})") from None
 
-
 def _probe(path) -> tuple[int, int]:
     """(width, height) of an image file; DataError if it is missing, not an image, or does not decode."""
     with _reading(path), Image.open(path) as im:
@@ -370,17 +331,14 @@ def _probe(path) -> tuple[int, int]:
             im.load()
         return im.size
 
-
 def _tail_has(path, marker: bytes, n: int = 1024) -> bool:
     with open(path, "rb") as f:
         f.seek(0, os.SEEK_END)
         f.seek(max(0, f.tell() - n))
         return marker in f.read()
 
-
 def _size_error(mask, msize, image, size) -> DataError:
     return _error(mask, f"mask is {msize[0]}x{msize[1]} but its image {image} is {size[0]}x{size[1]}")
-
 
 def check_samples(samples) -> None:
     """Quick pre-flight: every image and mask opens, is complete, and each mask matches its image's size."""
@@ -391,7 +349,6 @@ def check_samples(samples) -> None:
             if msize != size:
                 raise _size_error(s.mask, msize, s.image, size)
 
-
 # ----------------------------------------------------------------------------------------------------------
 # The official preprocessing.
 
@@ -401,7 +358,6 @@ def check_samples(samples) -> None:
 _MEAN = np.array(IMAGENET_MEAN, np.float32).reshape(3, 1, 1)
 _STD = np.array(IMAGENET_STD, np.float32).reshape(3, 1, 1)
 
-
 def _open(path, keep=("RGB", "L"), other="RGB") -> Image.Image:
     """The decoded image, converted to `other` unless its mode is in `keep`."""
     with _reading(path), Image.open(path) as im:
@@ -410,11 +366,9 @@ def _open(path, keep=("RGB", "L"), other="RGB") -> Image.Image:
         # grey stays grey until after the resize: the same pixels for a third of the work.
         return im if im.mode in keep else im.convert(other)
 
-
 def crop_offset(image_size: int, crop_size: int) -> int:
     """Where the centre crop starts in the resized image: torchvision CenterCrop's rounding."""
     return int(round((image_size - crop_size) / 2.0))
-
 
 def crop_box(width, height, image_size: int, crop_size: int) -> tuple[int, int, int, int]:
     """(left, top, right, bottom) of the centre crop in an original width x height image's pixels, rounded
@@ -422,13 +376,11 @@ def crop_box(width, height, image_size: int, crop_size: int) -> tuple[int, int, 
     o, sx, sy = crop_offset(image_size, crop_size), width / image_size, height / image_size
     return round(o * sx), round(o * sy), round((o + crop_size) * sx), round((o + crop_size) * sy)
 
-
 def _geometry(im: Image.Image, image_size: int, crop_size: int) -> Image.Image:
     # PIL's bilinear resize (antialiased when shrinking) is what torchvision's Resize runs on PIL images.
     im = im.resize((image_size, image_size), Image.BILINEAR)
     top = crop_offset(image_size, crop_size)
     return im.crop((top, top, top + crop_size, top + crop_size))
-
 
 def _to_tensor(im: Image.Image, image_size: int, crop_size: int) -> torch.Tensor:
     im = _geometry(im, image_size, crop_size).convert("RGB")
@@ -438,7 +390,6 @@ def _to_tensor(im: Image.Image, image_size: int, crop_size: int) -> torch.Tensor
     x /= _STD
     return torch.from_numpy(x)
 
-
 def _grey_mask(m: Image.Image, threshold: int | None) -> Image.Image:
     """An "L" mask whose pixels > 127 are anomalous. m is "L", or "P" whose indices are class ids when a
     threshold applies (a P image's grey otherwise). 0/255 masks keep their grey values, so that at 256 they
@@ -447,16 +398,10 @@ def _grey_mask(m: Image.Image, threshold: int | None) -> Image.Image:
         return Image.fromarray(np.where(np.asarray(m) > threshold, 255, 0).astype(np.uint8))
     return m.convert("L") if m.mode == "P" else m
 
-
-def _zero_mask(size: int) -> torch.Tensor:
-    return torch.from_numpy(np.zeros((1, size, size), np.float32))
-
-
 def load_image(path, image_size: int = 448, crop_size: int = 392) -> torch.Tensor:
     """One preprocessed image (3, crop, crop) from a file or a PIL image; DataError on a bad file."""
     check_sizes(image_size, crop_size)
     return _to_tensor(path if isinstance(path, Image.Image) else _open(path), image_size, crop_size)
-
 
 def check_sizes(image_size: int, crop_size: int, patch_size: int = 1):
     """The one rule for --image-size/--crop-size: the crop is a positive multiple of the model's patch size
@@ -466,7 +411,6 @@ def check_sizes(image_size: int, crop_size: int, patch_size: int = 1):
                          f"(e.g. {max(crop_size // patch_size, 1) * patch_size})")
     if crop_size > image_size:
         raise ValueError(f"--crop-size {crop_size} must be at most --image-size {image_size}")
-
 
 class ImageDataset(torch.utils.data.Dataset):
     """Samples -> dict(image (3,c,c) normalised, mask (1,c,c) in {0,1}, label, path, cls). With native=True
@@ -486,7 +430,7 @@ class ImageDataset(torch.utils.data.Dataset):
         im = _open(s.image)
         m = None if s.mask is None else _open(s.mask, keep=("L", "P"), other="L")
         if m is None:
-            mask = _zero_mask(self.crop_size)
+            mask = torch.zeros(1, self.crop_size, self.crop_size)
         elif m.size != im.size:
             raise _size_error(s.mask, m.size, s.image, im.size)
         else:
@@ -509,13 +453,11 @@ class ImageDataset(torch.utils.data.Dataset):
             batch["native_mask"] = native
         return batch
 
-
 # ----------------------------------------------------------------------------------------------------------
 # Few-shot: the official 22-fold expansion of each shot (utils.augmentation), on normalised tensors.
 
 def _affine_theta(matrix) -> torch.Tensor:
     return torch.tensor(matrix, dtype=torch.float64).float()
-
 
 _ROTATIONS = [-math.pi / 4, -3 * math.pi / 16, -math.pi / 8, -math.pi / 16,
               math.pi / 16, math.pi / 8, 3 * math.pi / 16, math.pi / 4]
@@ -523,7 +465,6 @@ _SHIFTS = [(0.2, 0.2), (-0.2, 0.2), (-0.2, -0.2), (0.2, -0.2), (0.1, 0.1), (-0.1
 _WARPS = ([_affine_theta([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0]]) for a in _ROTATIONS]
           + [_affine_theta([[1, 0, a], [0, 1, b]]) for a, b in _SHIFTS])
 N_AUGMENT = 1 + len(_WARPS) + 2 + 3
-
 
 def _augment(x: torch.Tensor, j: int) -> torch.Tensor:
     """The j-th of the 22 views of x (3,H,W): original, 8 rotations, 8 translations, flip, grey, 3 quarter turns."""
@@ -544,12 +485,10 @@ def _augment(x: torch.Tensor, j: int) -> torch.Tensor:
     # so it is torch.rot90 (counter-clockwise) up to float rounding.
     return torch.rot90(x, j - 2, dims=(-2, -1))
 
-
 def few_shot_augment(x: torch.Tensor) -> torch.Tensor:
     """(3,H,W) -> (22,3,H,W): original, 8 rotations, 8 translations, hflip, grey, rot90 x3 (in this order;
     the official code shuffles them, which a shuffling DataLoader makes irrelevant)."""
     return torch.stack([_augment(x, j) for j in range(N_AUGMENT)])
-
 
 class FewShotSet(torch.utils.data.Dataset):
     """k shots per class, each seen as its 22 views. Views are made on access from the preprocessed shots:
@@ -564,9 +503,8 @@ class FewShotSet(torch.utils.data.Dataset):
     def __getitem__(self, i):
         b, j = divmod(i, N_AUGMENT)
         x = self.shots[b]
-        return dict(image=_augment(x, j).contiguous(), mask=_zero_mask(x.shape[-1]), label=0,
+        return dict(image=_augment(x, j).contiguous(), mask=torch.zeros(1, *x.shape[-2:]), label=0,
                     path=self.paths[b], cls=self.classes[b])
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Training and test sets.
@@ -575,8 +513,8 @@ def resolve_sets(data, root, classes="all") -> list[tuple[str, str, list[str]]]:
     """[(data set, root, classes)] for data and root that may be comma lists ("mvtec,visa", "/d/mvtec,/d/visa",
     the super-multi-class setting): "all" means all classes of each set, and named classes are taken from
     every set that has them. A class no set knows is a DataError."""
-    datas = _split(data)
-    roots = _split(root) if isinstance(root, (str, list, tuple)) else [root] if root else []
+    datas = split_list(data)
+    roots = split_list(root) if isinstance(root, (str, list, tuple)) else [root] if root else []
     roots = roots or [default_root(d) for d in datas]
     if len(roots) != len(datas) or None in roots:
         raise _error(root or data, f"{len(datas)} data set(s) ({', '.join(datas)}) need as many comma-separated "
@@ -584,7 +522,6 @@ def resolve_sets(data, root, classes="all") -> list[tuple[str, str, list[str]]]:
     known = [list_classes(d, r) for d, r in zip(datas, roots)]
     per_set = _pick(classes, known, ",".join(map(str, roots)), ",".join(datas))
     return [(d, str(r), cs) for d, r, cs in zip(datas, roots, per_set) if cs]
-
 
 def train_set(data, root, classes="all", image_size: int = 448, crop_size: int = 392, shots: int | None = None,
               seed: int = 1, check: bool = True) -> torch.utils.data.Dataset:
@@ -612,7 +549,6 @@ def train_set(data, root, classes="all", image_size: int = 448, crop_size: int =
     images = torch.stack([part[i]["image"] for part in parts for i in range(len(part))])
     return FewShotSet(images, [s.image for s in chosen], [s.cls for s in chosen])
 
-
 def test_set(data, root, cls, image_size: int = 448, crop_size: int = 392, check: bool = True,
              native: bool = False) -> ImageDataset:
     """All test images of one class with their masks (all-zero for normal images); native: see ImageDataset."""
@@ -621,19 +557,12 @@ def test_set(data, root, cls, image_size: int = 448, crop_size: int = 392, check
         check_samples(samples)
     return ImageDataset(samples, image_size, crop_size, native)
 
-
 # ----------------------------------------------------------------------------------------------------------
 # The demo data set: procedural textures with scratches, spots and missing pieces, exact masks, seeded.
 
 DEMO_MARKER = "demo.json"   # written last: a folder with it is a complete demo set
 DEMO_DEFECTS = ("scratch", "spot", "missing")
 _DEMO_COLOURS = {"tiles": (0.72, 0.46, 0.34), "fabric": (0.30, 0.38, 0.62)}   # terracotta, denim
-
-
-def _smooth_noise(rng, size: int, cells: int) -> np.ndarray:
-    coarse = rng.standard_normal((cells, cells)).astype(np.float32)
-    return np.asarray(Image.fromarray(coarse, "F").resize((size, size), Image.BICUBIC))
-
 
 def _texture(recipe: str, rng, size: int, colour: np.ndarray) -> np.ndarray:
     """A float RGB image in [0,1]: periodic structure at a random phase, smooth shading and fine grain, so that
@@ -653,10 +582,10 @@ def _texture(recipe: str, rng, size: int, colour: np.ndarray) -> np.ndarray:
         warp, weft = np.sin(np.pi * (u % 1)), np.sin(np.pi * (v % 1))
         over = (u.astype(int) + v.astype(int)) % 2 == 0
         img = colour * (0.55 + 0.45 * np.where(over, warp, weft))[..., None]
-    shade = 1 + 0.08 * _smooth_noise(rng, size, 5)[..., None] + rng.uniform(-0.04, 0.04)
+    coarse = Image.fromarray(rng.standard_normal((5, 5)).astype(np.float32), "F").resize((size, size), Image.BICUBIC)
+    shade = 1 + 0.08 * np.asarray(coarse)[..., None] + rng.uniform(-0.04, 0.04)
     grain = rng.normal(0, 0.015, (size, size, 1)).astype(np.float32)
     return np.clip(img * shade + grain, 0, 1)
-
 
 def _defect(kind: str, rng, clean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(defective image, 0/255 mask). Shapes are drawn without antialiasing, so the mask is exactly the set of
@@ -693,13 +622,11 @@ def _defect(kind: str, rng, clean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     mask = np.asarray(canvas)
     return np.where((mask > 0)[..., None], np.clip(fill, 0, 1), clean), mask
 
-
 def _save(path: Path, array: np.ndarray):
     path.parent.mkdir(parents=True, exist_ok=True)
     if array.dtype != np.uint8:
         array = (array * 255 + 0.5).astype(np.uint8)
     Image.fromarray(array).save(path, compress_level=1)  # grain does not compress; level 1 encodes about 4x faster
-
 
 def make_demo(out_dir, seed: int = 0, classes=("tiles", "fabric"), n_train: int = 72, n_test_good: int = 12,
               n_test_defect: int = 18, size: int = 256) -> Path:
@@ -724,16 +651,12 @@ def make_demo(out_dir, seed: int = 0, classes=("tiles", "fabric"), n_train: int 
         colour = np.float32(_DEMO_COLOURS[cls] if cls in _DEMO_COLOURS
                             else np.random.default_rng([seed, ci]).uniform(0.25, 0.8, 3))
 
-        def rng(split, i):
-            return np.random.default_rng([seed, ci, split, i])
-
-        for i in range(n_train):
-            _save(tmp / cls / "train" / "good" / f"{i:03d}.png", _texture(recipe, rng(0, i), size, colour))
-        for i in range(n_test_good):
-            _save(tmp / cls / "test" / "good" / f"{i:03d}.png", _texture(recipe, rng(1, i), size, colour))
+        rng = lambda split, i: np.random.default_rng([seed, ci, split, i])  # noqa: E731 (one per image)
+        for split, folder, n in ((0, "train", n_train), (1, "test", n_test_good)):
+            for i in range(n):
+                _save(tmp / cls / folder / "good" / f"{i:03d}.png", _texture(recipe, rng(split, i), size, colour))
         for i in range(n_test_defect):
-            kind, n = DEMO_DEFECTS[i % len(DEMO_DEFECTS)], i // len(DEMO_DEFECTS)
-            g = rng(2, i)
+            kind, n, g = DEMO_DEFECTS[i % len(DEMO_DEFECTS)], i // len(DEMO_DEFECTS), rng(2, i)
             image, mask = _defect(kind, g, _texture(recipe, g, size, colour))
             _save(tmp / cls / "test" / kind / f"{n:03d}.png", image)
             _save(tmp / cls / "ground_truth" / kind / f"{n:03d}_mask.png", mask)
@@ -748,6 +671,11 @@ def make_demo(out_dir, seed: int = 0, classes=("tiles", "fabric"), n_train: int 
     os.replace(tmp, out)
     return out
 
+def _demo_settings(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / DEMO_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
 
 def load_encoder(weights=None, backbone=None, demo=False, log=print):
     """train.py's encoder: --weights, else the demo's random ViT, else the DINOv2-with-registers file of
@@ -766,7 +694,6 @@ def load_encoder(weights=None, backbone=None, demo=False, log=print):
     log(f"backbone: ViT {c.embed_dim} wide, {c.depth} blocks, {c.num_heads} heads, {c.num_register_tokens} "
         f"registers, patch {c.patch_size}, from {getattr(vit, 'source', 'code')} weights")
     return vit
-
 
 def default_weights(backbone, log):
     cache = Path(os.environ.get("INPFORMER_CACHE", Path.home() / ".cache" / "inpformer"))
@@ -787,7 +714,6 @@ def default_weights(backbone, log):
                          f"save it as {path}, or pass --weights PATH") from None
     return path
 
-
 def demo_backbone():
     """The demo's encoder: a small randomly initialised ViT, so the demo runs with nothing downloaded. Random
     features still separate the demo's defects from its textures, though far less well than DINOv2's."""
@@ -805,14 +731,6 @@ def demo_backbone():
     vit.source = "random (demo)"
     return vit
 
-
-def _demo_settings(folder: Path) -> dict | None:
-    try:
-        return json.loads((folder / DEMO_MARKER).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Command line: `python data.py`, and the pieces train.py and evaluate.py share (data flags, their checks,
 # the device, and the one-line error guard).
@@ -820,7 +738,6 @@ def _demo_settings(folder: Path) -> dict | None:
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # a ValueError, so that guard() prints it as one line with exit status 2
         raise ValueError(f"{message} (see --help)")
-
 
 def number(kind=int, low=1):
     """An argparse type: a whole number of at least `low`, or (kind=float) a finite number above `low`."""
@@ -835,16 +752,14 @@ def number(kind=int, low=1):
                                                                 else f"a number above {low}"))
     return parse
 
-
 def data_names(text):
     """An argparse type: a comma list of known data set names."""
-    names = _split(text)
+    names = split_list(text)
     unknown = [n for n in names if n not in DATASETS]
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"unknown data set {', '.join(map(repr, unknown)) or repr(text)} "
                                          f"(known: {', '.join(DATASETS)})")
     return ",".join(names)
-
 
 def add_args(parser, required=False):
     """The data and device options of train.py and evaluate.py. Defaults are None: each script fills them in
@@ -864,17 +779,14 @@ def add_args(parser, required=False):
                    help="autocast dtype (auto: bf16 for CUDA training, else fp32; bf16 also runs on CPUs)")
     return g
 
-
 def format_time(s) -> str:
     s = int(s)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
 
 def workers(asked=None, default=4) -> int:
     """Loader processes: as asked, else up to `default`; never more than the CPUs this process may use."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return min(default if asked is None else asked, cpus)
-
 
 def device(name) -> torch.device:
     """"auto" (or None) -> cuda if available, else cpu; anything else must name a device that is there."""
@@ -890,13 +802,9 @@ def device(name) -> torch.device:
         raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
     return dev
 
-
 def guard(main) -> None:
-    """Run main(); bad input ends with one line "error: ..." on stderr and exit status 2, never a traceback.
-
-    Bad input is what the user can fix: data (DataError), weights (inpformer.WeightsError), an argument
-    (ValueError) or the file system (OSError). INPFORMER_TRACEBACK=1 shows the traceback instead (a
-    ValueError can also be a bug)."""
+    """Run main(); bad input (a ValueError such as DataError or inpformer.WeightsError, or an OSError) ends with
+    one line "error: ..." on stderr and exit status 2. INPFORMER_TRACEBACK=1 shows the traceback instead."""
     try:
         rc = main()
         sys.exit(rc if isinstance(rc, int) else 0)
@@ -910,22 +818,16 @@ def guard(main) -> None:
         print(f"error: {' '.join(msg.split())}", file=sys.stderr)
         sys.exit(2)
 
-
 def _check(data: str, root, classes: str) -> None:
     start, files = time.perf_counter(), 0
     for cls in resolve_classes(data, root, classes):
         train, test = list_samples(data, root, cls, "train"), list_samples(data, root, cls, "test")
         check_samples(train + test)
         files += len(train) + len(test) + sum(s.mask is not None for s in test)
-        defects = {}
-        for s in test:
-            if s.label:
-                defects[s.defect] = defects.get(s.defect, 0) + 1
-        detail = ", ".join(f"{d} {n}" for d, n in sorted(defects.items()))
-        print(f"{cls}: train {len(train)}, test {len(test) - sum(defects.values())} good + "
-              f"{sum(defects.values())} defective ({detail})")
+        defects = collections.Counter(s.defect for s in test if s.label)
+        print(f"{cls}: train {len(train)}, test {len(test) - defects.total()} good + {defects.total()} defective "
+              f"({', '.join(f'{d} {n}' for d, n in sorted(defects.items()))})")
     print(f"checked {files} files in {time.perf_counter() - start:.1f} s")
-
 
 def main(argv=None) -> int:
     p = Parser(description=__doc__.split("\n")[0])
@@ -942,7 +844,6 @@ def main(argv=None) -> int:
     if args.check:
         _check(*args.check, args.classes)
     return 0
-
 
 if __name__ == "__main__":
     guard(main)

@@ -34,7 +34,6 @@ import contextlib
 import copy
 import csv
 import dataclasses
-import heapq
 import io
 import json
 import logging
@@ -59,7 +58,6 @@ MAX_RATIO = 0.01  # image score: mean of the top 1% of the map's pixels
 FPR_LIMIT = 0.3  # AUPRO integration limit
 DTYPES = {"auto": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-
 @dataclass
 class Options:
     """How to evaluate: preprocessing, batching, device and precision, protocol, outputs."""
@@ -77,14 +75,12 @@ class Options:
     calibration: dict = None  # the checkpoint's (see calibration()): decisions, heat-map scale and outline
     outline: bool = False  # pictures: draw the edge of the region above the calibrated pixel threshold
 
-
 def prepare(model, opts: Options):
     """The model on the options' device and in their precision, ready to score; checks the sizes."""
     datasets.check_sizes(opts.image_size, opts.crop_size, model.encoder.config.patch_size)
     if opts.precision == "fp16" and torch.device(opts.device).type != "cuda":
         raise ValueError("--precision fp16 runs on CUDA only (use bf16 on a CPU)")
     return model.to(opts.device, DTYPES[opts.precision]).eval()
-
 
 def predict_maps(model, x, zero_shot=False):
     """(B, 3, c, c) preprocessed images -> (B, 256, 256) smoothed float32 maps and (B,) image scores, on the
@@ -94,10 +90,8 @@ def predict_maps(model, x, zero_shot=False):
         maps, scores = predict(x.to(model.prototype_token.dtype), out_size=EVAL_SIZE, max_ratio=MAX_RATIO)
     return maps.float(), scores.float()
 
-
 # -----------------------------------------------------------------------------------------------------
 # Accumulating and scoring one class
-
 
 class ClassScores:
     """Image labels and scores and pixel masks and maps of one class, added batch by batch; then the seven
@@ -159,7 +153,6 @@ class ClassScores:
                 warn(str(w.message))
         return {k: float(result[k]) if k in result else None for k in (*METRICS, "I-threshold", "P-threshold")}
 
-
 def calibration(labels, scores, hist, sigmas=3.0):
     """The decision rule of a checkpoint, from labelled images of its classes (pooled): labels, scores (N,),
     and hist, a metrics.PixelHistogram of their 256x256 maps (anomalous pixels where masks say so).
@@ -171,8 +164,6 @@ def calibration(labels, scores, hist, sigmas=3.0):
     the pixel threshold as the threshold is above it (hot), the threshold half way."""
     labels, scores = np.asarray(labels, bool), np.asarray(scores, np.float64)
     normal = scores[~labels]
-    if not normal.size:
-        raise ValueError("calibration needs normal images")
     centres = hist.lo + (np.arange(hist.bins) + 0.5) * hist.resolution
     weights = hist.normal / hist.normal.sum()
     p_mean = float(weights @ centres)
@@ -191,7 +182,6 @@ def calibration(labels, scores, hist, sigmas=3.0):
                             score_max=float(normal.max()), pixel_median=p_median, pixel_mean=p_mean, pixel_std=p_std),
                 anomalous_images=int(labels.sum()))
 
-
 def decide(score, calibration, cls=None) -> dict:
     """One image score under a calibration: threshold (the class's if calibrated, else the pooled one),
     normalised score (anomalib's: 0.5 at the threshold, clipped to [0, 1]) and decision."""
@@ -200,12 +190,10 @@ def decide(score, calibration, cls=None) -> dict:
     return dict(threshold=t, normalised=float(np.clip((score - t) / max(hi - lo, 1e-12) + 0.5, 0.0, 1.0)),
                 decision="anomalous" if score >= t else "normal")
 
-
 def title(path, score, calibration, cls=None):
     verdict = decide(score, calibration, cls) if calibration else None
     return f"{Path(path).name}: score {score:.4g}" + (
         f" ({verdict['normalised']:.2f}) {verdict['decision'].upper()}" if verdict else " (no calibration)")
-
 
 def heat_scale(opts, heat_range=None):
     """(scale, outline) of the pictures: --heat-range, else the calibration's; None: the caller's fallback."""
@@ -215,10 +203,8 @@ def heat_scale(opts, heat_range=None):
         return (*heat_range, "--heat-range"), outline
     return ((*cal["heat_range"], "calibration") if cal else None), outline
 
-
 # -----------------------------------------------------------------------------------------------------
 # Pictures
-
 
 def heat_colors(v):
     """Values in [0, 1] -> "jet" colours, (H, W) -> (H, W, 3) uint8."""
@@ -226,14 +212,12 @@ def heat_colors(v):
     rgb = np.clip(1.5 - np.abs(4.0 * v - np.array([3.0, 2.0, 1.0])), 0.0, 1.0)
     return (rgb * 255 + 0.5).astype(np.uint8)
 
-
 def to_rgb(x, size=EVAL_SIZE):
     """A preprocessed (3, c, c) image back to (size, size, 3) uint8, as the model saw it."""
     mean, std = (torch.tensor(v).view(3, 1, 1) for v in (datasets.IMAGENET_MEAN, datasets.IMAGENET_STD))
     img = (x.detach().float().cpu() * std + mean).clamp(0, 1)
     img = F.interpolate(img[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
     return (img.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
-
 
 def picture(image, amap, scale, title="", mask=None, outline=None) -> Image.Image:
     """image | [ground truth |] heat-map overlay | colour bar, under a title line. scale = (lo, hi, source):
@@ -262,48 +246,28 @@ def picture(image, amap, scale, title="", mask=None, outline=None) -> Image.Imag
         draw.line([(x + 2, y), (x + 17, y)], fill="black", width=2)
     return canvas
 
-
 def _file_stem(path):
     p = Path(path)
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{p.parent.name}_{p.stem}")
 
-
-class Gallery:
-    """The n most and the n least anomalous images of one class, kept (at 256x256) while the class streams
-    past, so that pictures cost no second pass and no stored maps."""
-
-    def __init__(self, n):
-        self.n, self.seen = n, 0
-        self.most, self.least = [], []  # min-heaps of (key, -seen, item): the root is the first to go
-
-    def offer(self, score, make_item):
-        """Keep this image if it ranks; make_item() builds its pictures' inputs only then. Ties: earlier wins."""
-        if self.n <= 0:
-            return
-        order, item = -self.seen, None
-        self.seen += 1
-        for heap, key in ((self.most, score), (self.least, -score)):
-            if len(heap) < self.n or (key, order) > heap[0][:2]:
-                item = item or make_item()
-                (heapq.heappush if len(heap) < self.n else heapq.heapreplace)(heap, (key, order, item))
-
-    def write(self, folder, scale=None, outline=None):
-        """most_01_*.png (highest score first) and least_01_*.png (lowest first), on one colour scale: the
-        calibration's, else min..max of these pictures."""
-        kept = [e[2] for e in self.most + self.least]
-        if kept:
-            folder.mkdir(parents=True, exist_ok=True)
-            scale = scale or (min(float(i["map"].min()) for i in kept), max(float(i["map"].max()) for i in kept),
-                              "min..max here")
-        for name, heap in (("most", self.most), ("least", self.least)):
-            for rank, (_, _, item) in enumerate(sorted(heap, reverse=True), start=1):
-                path = folder / f"{name}_{rank:02d}_{_file_stem(item['path'])}.png"
-                picture(item["image"], item["map"], scale, item["title"], item["mask"], outline).save(path)
-
+def save_maps(model, ds, scores, n, folder, opts, cls):
+    """Pictures of the n most and n least anomalous images of one class: most_01_* has the highest score,
+    least_01_* the lowest (ties: the earlier image). The 2n images are scored again, so that the pass over the
+    class keeps no maps. One colour scale: the calibration's, else min..max of these pictures."""
+    by_score = sorted(range(len(ds)), key=lambda i: -scores[i])
+    picks = [("most", by_score[:n]), ("least", sorted(range(len(ds)), key=lambda i: scores[i])[:n])]
+    items = [(name, rank, i, ds[i]) for name, idx in picks for rank, i in enumerate(idx, start=1)]
+    maps = [predict_maps(model, item["image"][None].to(opts.device))[0][0].cpu().numpy() for *_, item in items]
+    scale, outline = heat_scale(opts)
+    scale = scale or (min(m.min() for m in maps), max(m.max() for m in maps), "min..max here")
+    folder.mkdir(parents=True, exist_ok=True)
+    for (name, rank, i, item), amap in zip(items, maps):
+        mask = F.interpolate(item["mask"][None], size=(EVAL_SIZE, EVAL_SIZE), mode="nearest")[0, 0] > 0.5
+        picture(to_rgb(item["image"]), amap, scale, title(item["path"], float(scores[i]), opts.calibration, cls),
+                mask.numpy(), outline).save(folder / f"{name}_{rank:02d}_{_file_stem(item['path'])}.png")
 
 # -----------------------------------------------------------------------------------------------------
 # Evaluation
-
 
 class Progress:
     """A progress line every `every` seconds: images done, images/s, ETA."""
@@ -323,7 +287,6 @@ class Progress:
     def rate(self):
         return self.done / max(time.monotonic() - self.start, 1e-9)
 
-
 def combine(parts, **protocol):
     """One results dict (classes, mean, counts) from the results of disjoint sets of classes, e.g. the models
     of a single-class run. The mean is over classes; None (absent) where any class lacks the metric."""
@@ -338,7 +301,6 @@ def combine(parts, **protocol):
                    calibration=parts[0]["calibration"] if len(parts) == 1 else None)
     bounds = {c: b for r in parts for c, b in r.get("error_bounds", {}).items()}
     return dict(results, error_bounds=bounds) if bounds else results
-
 
 def evaluate(model, data, root, classes, opts=Options(), out_dir=None, log=print):
     """The seven metrics of `model` on the test sets of `classes` ("all", "a,b" or a list) of one data set.
@@ -369,7 +331,6 @@ def evaluate(model, data, root, classes, opts=Options(), out_dir=None, log=print
         loader = torch.utils.data.DataLoader(ds, batch_size=opts.batch_size, num_workers=opts.workers,
                                              pin_memory=torch.device(opts.device).type == "cuda", collate_fn=ds.collate)
         acc = ClassScores(len(ds), opts.streaming, getattr(torch, opts.map_dtype), pixels)
-        gallery = Gallery(opts.save_maps if out_dir else 0)
         for batch in loader:
             maps, scores = (t.cpu() for t in predict_maps(model, batch["image"].to(opts.device), opts.zero_shot))
             masks = F.interpolate(batch["mask"], size=(EVAL_SIZE, EVAL_SIZE), mode="nearest")[:, 0] > 0.5
@@ -383,11 +344,7 @@ def evaluate(model, data, root, classes, opts=Options(), out_dir=None, log=print
             known = batch["label"] >= 0 if pixels else batch["label"] == 0  # pixels whose label is known
             if known.any():
                 pooled.update(masks[known], maps[known])
-            for i, path in enumerate(batch["path"]):
-                rows.append((cls, path, int(batch["label"][i]), float(scores[i])))
-                gallery.offer(float(scores[i]), lambda i=i, path=path: dict(
-                    image=to_rgb(batch["image"][i]), mask=masks[i].numpy(), map=maps[i].numpy(), path=path,
-                    title=title(path, float(scores[i]), opts.calibration, cls)))
+            rows += [(cls, p, int(y), float(s)) for p, y, s in zip(batch["path"], batch["label"], scores)]
             progress.step(len(scores), cls)
         m = acc.compute(warn=lambda msg, cls=cls: log(f"  note: {cls}: {msg}"))
         per_class[cls] = {k: m[k] for k in METRICS}
@@ -396,8 +353,8 @@ def evaluate(model, data, root, classes, opts=Options(), out_dir=None, log=print
         counts[cls] = {"normal": len(ds) - n_bad, "anomalous": n_bad}
         if acc.hist:
             bounds[cls] = acc.hist.error_bounds(fpr_limit=FPR_LIMIT)
-        if out_dir:
-            gallery.write(Path(out_dir) / "maps" / cls, *heat_scale(opts))
+        if out_dir and opts.save_maps:
+            save_maps(model, ds, acc.scores.tolist(), opts.save_maps, Path(out_dir) / "maps" / cls, opts, cls)
         log(f"  {cls}: {len(ds)} images ({n_bad} anomalous) in {time.monotonic() - t0:.1f}s; "
             + " ".join(f"{k} {_cell(m[k])}" for k in METRICS)
             + (f"; binning error <= {100 * max(bounds[cls].values()):.3f} points" if cls in bounds else ""))
@@ -408,22 +365,20 @@ def evaluate(model, data, root, classes, opts=Options(), out_dir=None, log=print
                     fpr_limit=FPR_LIMIT, precision=opts.precision,
                     metrics=f"streaming ({metrics.PixelHistogram().bins} bins over [0, 2])" if opts.streaming
                     else f"exact ({opts.map_dtype} maps)")
-    cal = calibration([r[2] for r in rows], [r[3] for r in rows], pooled)
-    cal["classes"] = {c: t["image"] for c, t in thresholds.items() if math.isfinite(t["image"])}
+    cal = calibration([r[2] for r in rows], [r[3] for r in rows], pooled) if any(r[2] == 0 for r in rows) else None
+    if cal:
+        cal["classes"] = {c: t["image"] for c, t in thresholds.items() if math.isfinite(t["image"])}
     results = combine([dict(classes=per_class, counts=counts, protocol=protocol, error_bounds=bounds,
                             thresholds=thresholds, calibration=cal)])
     if out_dir:
         write_results(results, out_dir, rows)
     return results
 
-
 # -----------------------------------------------------------------------------------------------------
 # Output
 
-
 def _cell(v):
     return "—" if v is None else "n/a" if math.isnan(v) else f"{100 * v:.1f}"
-
 
 def markdown_table(results) -> str:
     """Each class, then "mean"; the paper's columns; percent with one decimal ("n/a" where undefined, "—"
@@ -433,14 +388,12 @@ def markdown_table(results) -> str:
         lines.append(f"| {name} | " + " | ".join(_cell(m[k]) for k in METRICS) + " |")
     return "\n".join(lines)
 
-
 def _json_safe(x):  # JSON has no NaN: undefined metrics are written as null
     if isinstance(x, dict):
         return {k: _json_safe(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [_json_safe(v) for v in x]
     return None if isinstance(x, float) and math.isnan(x) else x
-
 
 def write_results(results, out_dir, image_rows=None):
     """metrics.json, metrics.csv (class, then the seven metrics as fractions), metrics.md, image_scores.csv."""
@@ -455,17 +408,14 @@ def write_results(results, out_dir, image_rows=None):
         _write_csv(out / "image_scores.csv", ["class", "path", "label", "score"],
                    [(c, p, label, repr(s)) for c, p, label, s in image_rows])
 
-
 def _write_csv(path, header, rows):
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
         w.writerows(rows)
 
-
 # -----------------------------------------------------------------------------------------------------
 # Predictions on new images
-
 
 def image_files(specs):
     """Image files named by `specs` (files, or folders searched recursively, hidden entries skipped), sorted
@@ -482,7 +432,6 @@ def image_files(specs):
     if not files:
         raise ValueError(f"{', '.join(map(str, specs))}: no images ({', '.join(datasets.IMAGE_SUFFIXES)})")
     return files
-
 
 def predict_images(model, files, opts=Options(), out_dir=None, heat_range=None, cls=None, log=print):
     """Score unlabelled images: [dict(path, class, score, and with opts.calibration threshold, normalised,
@@ -534,7 +483,6 @@ def predict_images(model, files, opts=Options(), out_dir=None, heat_range=None, 
         "evaluate.py --calibrate)"))
     return rows
 
-
 class Scorer(torch.nn.Module):
     """model.predict at one input size as one exportable graph: the interpolated position table becomes a
     constant (the bicubic interpolation does not export), and a calibration adds the normalised score."""
@@ -553,7 +501,6 @@ class Scorer(torch.nn.Module):
             return maps, scores
         t, (lo, hi) = self.calibration["image_threshold"], self.calibration["score_range"]
         return maps, scores, ((scores - t) / max(hi - lo, 1e-12) + 0.5).clamp(0, 1)
-
 
 def export_onnx(model, path, opts, images=None, log=print):
     """Write the scoring path as ONNX: input "image", a float32 (B, 3, crop, crop) batch preprocessed as
@@ -597,10 +544,8 @@ def export_onnx(model, path, opts, images=None, log=print):
         raise ValueError(f"{path}: the ONNX maps differ from PyTorch's by {worst:.2e} of their maximum")
     return 0
 
-
 # -----------------------------------------------------------------------------------------------------
 # Command line
-
 
 def parse_args(argv=None):
     doc = __doc__.split("\n\n")
@@ -646,7 +591,6 @@ def parse_args(argv=None):
         raise ValueError("--map-dtype applies to exact metrics; --streaming keeps no maps")
     return args
 
-
 def write_calibration(path, calibration) -> Path:
     """Store `calibration` in a project checkpoint's metadata: the file is rewritten atomically, every tensor
     as it was. An official state dict (.pth) is left alone and a calibrated project checkpoint is written beside
@@ -666,7 +610,6 @@ def write_calibration(path, calibration) -> Path:
         save_file(tensors, tmp, metadata={**meta, "calibration": json.dumps(_json_safe(calibration))})
     return path
 
-
 def checkpoint_files(path):
     """[model file]: the file itself, <dir>/model.safetensors, or every <dir>/<class>/model.safetensors."""
     p = Path(path)
@@ -679,12 +622,11 @@ def checkpoint_files(path):
         raise ValueError(f"{p}: no such file")
     return [p]
 
-
 def plan_sets(args, meta, ckpt):
     """[(data, root, classes, own)] to evaluate: the command line first, then the checkpoint's metadata. own:
     the checkpoint was trained on that data (by name, or the same folder under another name), None when the
     checkpoint does not say. Another data set defaults to all its classes."""
-    split = datasets._split
+    split = datasets.split_list
     trained, trained_roots, per_set = split(meta.get("data")), split(meta.get("data_root")), meta.get("classes_per_set")
     if not isinstance(per_set, list) or len(per_set) != len(trained):
         per_set = [meta.get("classes") or "all"] if len(trained) == 1 else ["all"] * len(trained)
@@ -708,13 +650,11 @@ def plan_sets(args, meta, ckpt):
         sets.append((d, root, classes, None if not trained else k is not None))
     return sets
 
-
 def default_out(args, ckpt, sets):
     base = Path(args.ckpt) if Path(args.ckpt).is_dir() else ckpt.parent
     foreign = "".join(f"-{d}" for d, *_, own in sets if own is False)
     return base / ("predictions" if args.images else
                    f"eval{foreign}{'-zero-shot' if args.zero_shot else ''}{'-full-res' if args.full_res else ''}")
-
 
 def main(argv=None):
     args = parse_args(argv)
@@ -753,7 +693,7 @@ def main(argv=None):
     if len(ckpts) == 1:
         names = [d if [s[0] for s in sets].count(d) == 1 else f"{d}{i + 1}" for i, (d, *_) in enumerate(sets)]
         jobs = [(ckpts[0], d, r, c, out / n if len(sets) > 1 else out, n) for (d, r, c, _), n in zip(sets, names)]
-    wanted, split = set(datasets._split(args.classes)), datasets._split
+    wanted, split = set(datasets.split_list(args.classes)), datasets.split_list
     for ckpt in ckpts if len(ckpts) > 1 else []:  # a single-class run: each model on its own classes (those asked for)
         m = inpformer.read_checkpoint_metadata(ckpt)
         classes = [c for c in split(m.get("classes")) or [ckpt.parent.name] if not wanted or c in wanted]
@@ -769,6 +709,8 @@ def main(argv=None):
     for ckpt, d, root, classes, sub, table in jobs:
         model = first if ckpt == ckpts[0] else inpformer.load_model(ckpt)
         results.setdefault(table, []).append(evaluate(model, d, root, classes, opts, sub, log))
+        if args.calibrate and not results[table][-1]["calibration"]:
+            raise ValueError(f"{root}: no normal test image of {d} to calibrate on")
         if args.calibrate:
             log(f"calibrated {write_calibration(ckpt, results[table][-1]['calibration'])}")
     for table, parts in results.items():
@@ -779,7 +721,6 @@ def main(argv=None):
     log(f"wrote {out}/metrics.json, metrics.csv, metrics.md" + (", image_scores.csv" if len(ckpts) == 1 else "")
         + (", maps/" if args.save_maps else ""))
     return 0
-
 
 if __name__ == "__main__":
     datasets.guard(main)

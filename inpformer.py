@@ -31,7 +31,6 @@ import torch.nn.functional as F
 # -----------------------------------------------------------------------------------------------------
 # DINOv2 ViT/14 (encoder)
 
-
 @dataclass
 class ViTConfig:
     embed_dim: int = 768
@@ -42,7 +41,6 @@ class ViTConfig:
     pos_grid: int = 37  # position embeddings are stored for a 37x37 grid (518 px / 14)
     mlp_ratio: float = 4.0
 
-
 class Mlp(nn.Module):
     def __init__(self, dim, hidden):
         super().__init__()
@@ -51,7 +49,6 @@ class Mlp(nn.Module):
 
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x)))
-
 
 class Block(nn.Module):
     def __init__(self, dim, num_heads, mlp_ratio):
@@ -72,7 +69,6 @@ class Block(nn.Module):
         a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
         x = x + self.ls1.gamma * self.attn.proj(a)
         return x + self.ls2.gamma * self.mlp(self.norm2(x))
-
 
 class ViT(nn.Module):
     """DINOv2 vision transformer. Tokens are [CLS, registers, patches]; registers get no position embedding."""
@@ -123,22 +119,17 @@ class ViT(nn.Module):
                 out.append(t[:, 1 + regs:])
         return out if layers else self.norm(t)
 
-
 def vit_small(num_register_tokens=4):
     return ViT(ViTConfig(embed_dim=384, depth=12, num_heads=6, num_register_tokens=num_register_tokens))
-
 
 def vit_base(num_register_tokens=4):
     return ViT(ViTConfig(embed_dim=768, depth=12, num_heads=12, num_register_tokens=num_register_tokens))
 
-
 def vit_large(num_register_tokens=4):
     return ViT(ViTConfig(embed_dim=1024, depth=24, num_heads=16, num_register_tokens=num_register_tokens))
 
-
 # -----------------------------------------------------------------------------------------------------
 # INP Extractor and INP-Guided Decoder (LayerNorm eps 1e-8 in both, as in the official heads)
-
 
 class INPExtractorBlock(nn.Module):
     """The learnable INP queries attend (softmax) to the image tokens."""
@@ -158,7 +149,6 @@ class INPExtractorBlock(nn.Module):
         x = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, M, C)
         queries = queries + self.attn.proj(x)
         return queries + self.mlp(self.norm2(queries))
-
 
 class DecoderAttention(nn.Module):
     """Tokens query the INPs: cosine similarity times a learnable per-head scale, then ReLU, no softmax.
@@ -182,7 +172,6 @@ class DecoderAttention(nn.Module):
         attn = F.relu(q @ F.normalize(k, dim=-1).transpose(-2, -1) * self.learn_scale)  # (B, h, N, M)
         return self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
 
-
 class DecoderBlock(nn.Module):
     def __init__(self, dim, num_heads, mlp_ratio=4.0):
         super().__init__()
@@ -197,10 +186,8 @@ class DecoderBlock(nn.Module):
         x = self.attn(self.norm1(x), self.norm1(inps))
         return x + self.mlp(self.norm2(x))
 
-
 # -----------------------------------------------------------------------------------------------------
 # INP-Former
-
 
 @dataclass
 class INPFormerConfig:
@@ -217,7 +204,6 @@ class INPFormerConfig:
             self.target_layers = range(4, 19, 2) if self.vit.embed_dim >= 1024 else range(2, 10)
         self.target_layers = [int(i) for i in self.target_layers]
         self.fuse_groups = [[int(i) for i in g] for g in self.fuse_groups]
-
 
 class INPFormer(nn.Module):
     """A frozen encoder, one INP Extractor block, a bottleneck MLP and the INP-Guided Decoder. INPFormer(encoder,
@@ -312,10 +298,8 @@ class INPFormer(nn.Module):
         d = F.interpolate(d, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=True)
         return score_maps(d, out_size, max_ratio)
 
-
 # -----------------------------------------------------------------------------------------------------
 # Losses and the anomaly map
-
 
 def inp_distance(tokens, inps, eps=1e-8):
     """Per token, 1 - cosine similarity to its nearest INP: (B, N). Its mean is the INP coherence loss.
@@ -325,7 +309,6 @@ def inp_distance(tokens, inps, eps=1e-8):
         t = tokens / tokens.norm(dim=-1, keepdim=True).clamp_min(eps)
         p = inps / inps.norm(dim=-1, keepdim=True).clamp_min(eps)
         return (1 - t @ p.transpose(1, 2)).min(dim=-1).values
-
 
 def soft_mining_loss(en, de, y=3.0):
     """Global cosine loss whose gradient is reweighted per pixel by (d / mean d)^y, d = 1 - cos over channels:
@@ -341,7 +324,6 @@ def soft_mining_loss(en, de, y=3.0):
         total = total + (1 - F.cosine_similarity(e.flatten(1), d.flatten(1), dim=1)).mean()
     return total / len(en)
 
-
 def anomaly_map(en, de, size):
     """Mean over groups of the per-pixel 1 - cos over channels, upsampled (align_corners=True) to `size`.
     Always in fp32, also under autocast: the maps' small differences are the whole signal."""
@@ -350,12 +332,10 @@ def anomaly_map(en, de, size):
         maps = [F.interpolate(m, size=tuple(size), mode="bilinear", align_corners=True) for m in maps]
         return torch.cat(maps, dim=1).mean(dim=1, keepdim=True)
 
-
 def gaussian_kernel(size=5, sigma=4.0):
     r = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
     g = torch.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * sigma**2))
     return (g / g.sum()).view(1, 1, size, size)
-
 
 def score_maps(maps, out_size=256, max_ratio=0.01):
     """(B, 1, H, W) maps -> resized (align_corners=False), 5x5 sigma-4 Gaussian with zero padding, and the
@@ -370,22 +350,17 @@ def score_maps(maps, out_size=256, max_ratio=0.01):
         scores = flat.topk(k, dim=1).values.mean(dim=1) if k > 0 else flat.max(dim=1).values
     return maps, scores
 
-
 def _full(t):  # fp32 for half-precision tensors (autocast outputs); fp32/fp64 tensors stay as they are
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
 
 # -----------------------------------------------------------------------------------------------------
 # Weights: DINOv2 backbones in torch-hub, Hugging Face or timm names, and INP-Former checkpoints
 
-
 class WeightsError(ValueError):
     """A weights or checkpoint file that cannot be used; the message is one line naming the file."""
 
-
 def _first_line(e):
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-
 
 def read_state_dict(path, tensors=True):
     """(tensors, metadata) from a .safetensors file or a torch .pth/.pt state dict, wrapper prefixes (DDP's
@@ -419,13 +394,11 @@ def read_state_dict(path, tensors=True):
             sd = {k[len(prefix):]: v for k, v in sd.items()}
     return sd, meta
 
-
 # Hugging Face Dinov2(WithRegisters)Model names -> torch-hub names: replacements applied in order to every key.
 _HF_NAMES = (("embeddings.patch_embeddings.projection", "patch_embed.proj"), ("embeddings.position_embeddings",
               "pos_embed"), ("embeddings.", ""), ("encoder.layer.", "blocks."), ("attention.output.dense", "attn.proj"),
              ("attention.attention.", "attn."), ("layer_scale1.lambda1", "ls1.gamma"),
              ("layer_scale2.lambda1", "ls2.gamma"), ("layernorm.", "norm."))
-
 
 def to_hub_names(sd):
     """(state dict in torch-hub names, "torch-hub" | "huggingface" | "timm"), the naming detected from the keys."""
@@ -453,7 +426,6 @@ def to_hub_names(sd):
         return sd, "timm"
     return sd, "torch-hub"
 
-
 def vit_config_from_state_dict(sd, num_heads=None):
     """The ViT size of torch-hub-named tensors. The head count is not in them: DINOv2 heads are 64 wide."""
     D = sd["pos_embed"].shape[-1]
@@ -463,7 +435,6 @@ def vit_config_from_state_dict(sd, num_heads=None):
                      num_register_tokens=sd["register_tokens"].shape[1] if "register_tokens" in sd else 0,
                      patch_size=sd["patch_embed.proj.weight"].shape[-1],
                      pos_grid=math.isqrt(sd["pos_embed"].shape[1] - 1), mlp_ratio=hidden / D)
-
 
 def load_strict(module, sd, path):
     """Copy `sd` into `module`, failing with one line on any missing or unexpected key or wrong shape."""
@@ -476,7 +447,6 @@ def load_strict(module, sd, path):
             raise WeightsError(f"{path}: {k!r} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)}")
     module.load_state_dict({k: v.float() for k, v in sd.items()})
     return module
-
 
 def load_backbone(path, num_heads=None) -> ViT:
     """A DINOv2 ViT from .safetensors or .pth in torch-hub, Hugging Face or timm names; size detected, the
@@ -501,7 +471,6 @@ def load_backbone(path, num_heads=None) -> ViT:
     vit.source = source
     return vit
 
-
 def save_checkpoint(model: INPFormer, path, metadata=None):
     """Write the whole model (frozen encoder included) as one .safetensors file with its config in the
     metadata; atomically, so a crash never leaves a half-written checkpoint."""
@@ -512,7 +481,6 @@ def save_checkpoint(model: INPFormer, path, metadata=None):
     sd = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_write(path) as tmp:
         save_file(sd, tmp, metadata=meta)
-
 
 @contextlib.contextmanager
 def atomic_write(path):
@@ -525,7 +493,6 @@ def atomic_write(path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
 
 def load_model(path, device="cpu") -> INPFormer:
     """An INPFormer (eval mode) from a project checkpoint or an official INP-Former state dict (the authors'
@@ -547,7 +514,6 @@ def load_model(path, device="cpu") -> INPFormer:
         raise WeightsError(f"{path}: unreadable inpformer_config metadata ({_first_line(e)})") from None
     options = {k: v for k, v in asdict(config).items() if k != "vit"}
     return load_strict(INPFormer(ViT(config.vit), **options), sd, path).to(device).eval()
-
 
 def read_checkpoint_metadata(path):
     """The metadata dict of a project checkpoint (values JSON-decoded where possible); reads no tensor."""

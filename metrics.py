@@ -38,19 +38,15 @@ import torch
 __all__ = ["auroc", "average_precision", "f1_max", "f1_threshold", "aupro", "label_components", "compute_all",
            "PixelHistogram", "UndefinedMetricWarning"]
 
-
 class UndefinedMetricWarning(UserWarning):
     """A metric is undefined on the given data (for example no anomalous sample); NaN was returned."""
-
 
 def _undefined(name, why):
     warnings.warn(f"{name} is undefined: {why}; returning NaN", UndefinedMetricWarning, stacklevel=4)
     return float("nan")
 
-
 # -----------------------------------------------------------------------------------------------------
 # Inputs
-
 
 def _numpy(x):
     if isinstance(x, torch.Tensor):
@@ -59,7 +55,6 @@ def _numpy(x):
             x = x.float()
         return x.cpu().numpy()
     return np.asarray(x)
-
 
 def _binary(x, name):
     """Masks or labels as bool: nonzero is anomalous; float input must already be 0/1."""
@@ -74,7 +69,6 @@ def _binary(x, name):
         return a == 1
     raise TypeError(f"{name}: expected bool, integer or 0/1 float values, got {a.dtype}")
 
-
 def _scores(x, name):
     a = _numpy(x)
     if a.dtype == np.bool_:
@@ -83,17 +77,14 @@ def _scores(x, name):
         raise TypeError(f"{name}: expected real scores, got {a.dtype}")
     return a
 
-
 def _key_dtype(dtype):
     # Scores are compared in this dtype. float16 is widened because numpy sorts it slowly; the widening is
     # exact, as is keeping every other dtype as it is.
     return np.dtype(np.float32) if dtype == np.float16 else dtype
 
-
 def _check_no_nan(a, name):
     if a.dtype.kind == "f" and np.isnan(a).any():
         raise ValueError(f"{name} contain NaN")
-
 
 def _volume(masks, maps):
     """(N, H, W) bool masks and scores; 2-D input is one image, leading axes beyond 3-D are flattened."""
@@ -104,19 +95,16 @@ def _volume(masks, maps):
         raise ValueError(f"masks and maps need (N, H, W) or (H, W), got {m.shape}")
     return m.reshape(-1, *m.shape[-2:]), s.reshape(-1, *s.shape[-2:])
 
-
 # -----------------------------------------------------------------------------------------------------
 # Connected components: 8-connected, per image, on horizontal runs of anomalous pixels
 #
 # Working on runs instead of pixels keeps the graph small (masks are mostly empty, blobs are wide), and
 # the whole stack of images is labelled at once with array operations instead of a per-pixel loop.
 
-
 def _expand(first, count):
     """Concatenated ranges [first[i], first[i] + count[i])."""
     offsets = np.cumsum(count) - count
     return np.repeat(first - offsets, count) + np.arange(int(count.sum()))
-
 
 def _runs(mask):
     """Runs of anomalous pixels in raster order: (row, start, stop), rows numbered across all images."""
@@ -129,7 +117,6 @@ def _runs(mask):
     r, start = np.nonzero(step > 0)
     _, stop = np.nonzero(step < 0)  # nonzero is row-major, so the i-th stop closes the i-th start
     return active[r], start, stop
-
 
 def _union(n, a, b):
     """Components of the graph on n nodes with edges (a, b); ids numbered in order of each smallest node."""
@@ -149,7 +136,6 @@ def _union(n, a, b):
             parent = grand
     roots, comp = np.unique(parent, return_inverse=True)
     return comp, roots.size
-
 
 def _label_runs(mask):
     """Runs of an (N, H, W) bool mask and their 8-connected region ids, regions never crossing images.
@@ -172,7 +158,6 @@ def _label_runs(mask):
     region, n = _union(row.size, a, b)
     return row, start, stop, region, n
 
-
 def label_components(mask2d):
     """8-connected components of one (H, W) mask (pixels touching at a corner are connected).
 
@@ -189,7 +174,6 @@ def label_components(mask2d):
     labels.reshape(-1)[_expand(row * width + start, length)] = np.repeat(region + 1, length)
     return labels, n
 
-
 def _region_pixels(mask):
     """Flat indices of the anomalous pixels (raster order), the weight 1/|region| of each, and #regions."""
     _, _, width = mask.shape
@@ -197,7 +181,6 @@ def _region_pixels(mask):
     length = stop - start
     size = np.bincount(region, weights=length, minlength=n)
     return _expand(row * width + start, length), np.repeat(1.0 / size[region], length), n
-
 
 # -----------------------------------------------------------------------------------------------------
 # Curves
@@ -208,7 +191,6 @@ def _region_pixels(mask):
 # each distinct anomalous score t_k (descending): tp_k = #anomalous >= t_k, fp_ge_k = #normal >= t_k,
 # fp_gt_k = #normal > t_k and pro_k = PRO(t_k). The normal pixels tied at t_k are the diagonal segment from
 # (fp_gt_k, pro_{k-1}) to (fp_ge_k, pro_k).
-
 
 class _Curve:
     def __init__(self, tp, fp_gt, fp_ge, n_pos, n_neg, pro=None, n_regions=0, thresholds=None):
@@ -264,7 +246,6 @@ class _Curve:
         x[-1], y[-1] = 1.0, pro[-1]
         return float(_area_up_to(x, y, fpr_limit) / fpr_limit)
 
-
 def _area_up_to(x, y, limit):
     """Trapezoid area under the polyline (x, y), x non-decreasing from 0 to >= limit, for x in [0, limit]."""
     i = int(np.searchsorted(x, limit, side="right"))  # x[:i] <= limit < x[i:]
@@ -275,12 +256,10 @@ def _area_up_to(x, y, limit):
         area += (limit - x0) * (y0 + y_cut) / 2
     return area
 
-
 # Up to this many scores (image scores), one full sort is simplest; above it, bucketing is faster.
 _SORT_ALL_MAX = 1 << 16
 _MAX_BUCKETS = 1 << 22
 _CHUNK = 1 << 22
-
 
 def _count_at_or_above(values, thresholds):
     """For ascending distinct thresholds t (in the key dtype): (#values >= t, #values > t), exactly.
@@ -362,7 +341,6 @@ def _count_at_or_above(values, thresholds):
     above = n - np.cumsum(counts)  # [b]: scores in buckets above b
     return above[home] + at_ge, above[home] + at_gt
 
-
 def _exact_curve(pos_scores, all_scores, weights=None, n_regions=0):
     """Curve of every distinct anomalous score; all_scores includes the anomalous ones."""
     key = _key_dtype(all_scores.dtype)
@@ -382,13 +360,11 @@ def _exact_curve(pos_scores, all_scores, weights=None, n_regions=0):
     tp_before = np.concatenate(([0], tp[:-1]))  # anomalous scores strictly above t_k
     return _Curve(tp, gt - tp_before, ge - tp, pos.size, all_scores.size - pos.size, pro, n_regions, thresholds)
 
-
 def _image_curve(labels, scores):
     y, s = _binary(labels, "labels").reshape(-1), _scores(scores, "scores").reshape(-1)
     if y.size != s.size:
         raise ValueError(f"{y.size} labels but {s.size} scores")
     return _exact_curve(s[y], s)
-
 
 def _pixel_curve(masks, maps):
     mask, score = _volume(masks, maps)
@@ -396,30 +372,24 @@ def _pixel_curve(masks, maps):
     where, weights, n_regions = _region_pixels(mask)
     return _exact_curve(flat[where], flat, weights, n_regions)
 
-
 # -----------------------------------------------------------------------------------------------------
 # Public API
-
 
 def auroc(labels, scores):
     """Area under the ROC curve (scikit-learn's roc_auc_score); NaN unless both classes are present."""
     return _image_curve(labels, scores).auroc()
 
-
 def average_precision(labels, scores):
     """Step-wise average precision (scikit-learn's average_precision_score); NaN without a positive."""
     return _image_curve(labels, scores).average_precision()
-
 
 def f1_max(labels, scores):
     """Largest F1 over all thresholds (0 where P + R = 0, no epsilon); NaN without a positive."""
     return _image_curve(labels, scores).f1_max()
 
-
 def f1_threshold(labels, scores):
     """(F1-max, the highest threshold reaching it): decide "anomalous" where score >= threshold."""
     return _image_curve(labels, scores).f1_threshold()
-
 
 def aupro(masks, maps, fpr_limit=0.3):
     """Normalised area under the PRO curve up to FPR = fpr_limit (MVTec AD definition).
@@ -428,7 +398,6 @@ def aupro(masks, maps, fpr_limit=0.3):
     or without any normal pixel.
     """
     return _pixel_curve(masks, maps).aupro(fpr_limit)
-
 
 def compute_all(image_labels, image_scores, masks, maps, fpr_limit=0.3, thresholds=False):
     """The seven metrics: image AUROC, AP, F1-max from (labels, scores), and pixel AUROC, AP, F1-max and
@@ -449,10 +418,8 @@ def compute_all(image_labels, image_scores, masks, maps, fpr_limit=0.3, threshol
         **({"I-threshold": i_t, "P-threshold": p_t} if thresholds else {}),
     }
 
-
 # -----------------------------------------------------------------------------------------------------
 # Streaming
-
 
 class PixelHistogram:
     """Pixel AUROC, AP, F1-max and AUPRO from fixed-width score histograms, accumulated batch by batch.

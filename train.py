@@ -35,7 +35,6 @@ import inpformer
 # -----------------------------------------------------------------------------------------------------
 # Optimiser and schedule
 
-
 class StableAdamW(torch.optim.Optimizer):
     """AdamW with decoupled weight decay, optional AMSGrad, and per-tensor update clipping: each tensor's step
     is divided by max(1, RMS(g / denom)), which keeps rare huge gradients from blowing up the update."""
@@ -67,7 +66,6 @@ class StableAdamW(torch.optim.Optimizer):
                 scale = torch.clamp(rms / group["clip_threshold"], min=1.0)
                 p.addcdiv_(state["exp_avg"], denom * scale, value=-group["lr"] / (1 - beta1**t))
 
-
 def optimizer_step(loss, opt, scaler, params, max_norm=0.1):
     """Backward, then the official global gradient-norm clipping (on unscaled fp16 gradients), then a step."""
     opt.zero_grad(set_to_none=True)
@@ -77,7 +75,6 @@ def optimizer_step(loss, opt, scaler, params, max_norm=0.1):
     scaler.step(opt)
     scaler.update()
 
-
 def warm_cosine(it, total, base, final, warmup):
     """Learning rate of iteration `it`: linear from 0 over `warmup` iterations, then cosine from base to final."""
     if it < warmup:
@@ -85,7 +82,6 @@ def warm_cosine(it, total, base, final, warmup):
     if it >= total:
         return final
     return final + 0.5 * (base - final) * (1 + math.cos(math.pi * (it - warmup) / (total - warmup)))
-
 
 class EpochBatches(torch.utils.data.Sampler):
     """Batches of one epoch: permutation seeded by (seed, epoch), every world-th index from `rank`, no partial
@@ -104,7 +100,6 @@ class EpochBatches(torch.utils.data.Sampler):
         for b in range(self.skip, len(self)):
             yield idx[b * self.batch_size : (b + 1) * self.batch_size].tolist()
 
-
 class LossModule(torch.nn.Module):
     """model.loss (or, on cached features, loss_from_features) as a forward(), for DistributedDataParallel."""
 
@@ -114,7 +109,6 @@ class LossModule(torch.nn.Module):
 
     def forward(self, x=None, features=None):
         return self.model.loss(x) if features is None else self.model.loss_from_features(*features)
-
 
 def cache_features(model, dataset, args, device, amp):
     """The frozen encoder's outputs for every training image, (en groups, fused, grid), on the CPU in the
@@ -127,14 +121,12 @@ def cache_features(model, dataset, args, device, amp):
         fused.append(f.to("cpu", dtype))
     return torch.cat(en), torch.cat(fused), model.token_grid(batch["image"])
 
-
 def save_state(path, run, it):
     """Everything --resume needs (trainable weights, optimizer, RNG, position, log window), as one atomic file."""
     state = dict(model={k: v for k, v in run.model.state_dict().items() if not k.startswith("encoder.")},
                  opt=run.opt.state_dict(), rng=torch.get_rng_state(), iteration=it, window=run.window, meta=run.meta)
     with inpformer.atomic_write(path) as tmp:
         torch.save(state, tmp)
-
 
 def load_state(path, run):
     """Restore what save_state wrote; returns the iteration to continue at."""
@@ -154,10 +146,8 @@ def load_state(path, run):
     run.window = state["window"]
     return state["iteration"]
 
-
 # -----------------------------------------------------------------------------------------------------
 # One training run: setup, then the loop
-
 
 def setup(args, encoder, sets, out, device, log, rank=0, world=1):
     """Model, data, optimiser and schedule for one model (on a copy of `encoder`) trained on the union of
@@ -194,7 +184,6 @@ def setup(args, encoder, sets, out, device, log, rank=0, world=1):
         log(f"cached encoder features of {len(dataset)} images in {time.time() - t0:.0f}s "
             f"({(run.features[0].nbytes + run.features[1].nbytes) / 2**30:.2f} GiB)")
     return run
-
 
 def train(run, log):
     """The loop: one step per batch, a checkpoint at the end of every epoch."""
@@ -242,10 +231,8 @@ def train(run, log):
                 break
     return model
 
-
 # -----------------------------------------------------------------------------------------------------
 # Command line
-
 
 def parse_args(argv=None):
     p = data.Parser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[1],
@@ -287,7 +274,6 @@ def parse_args(argv=None):
     args.out = args.out or Path("runs") / f"{args.data.replace(',', '+')}-{args.setting}"
     return args
 
-
 def plan(args, log):
     """[(sets, output folder)]: one run, or one per class for --setting single; every file checked."""
     if args.data == "demo":
@@ -302,7 +288,6 @@ def plan(args, log):
         check_out(out, args)
     return runs
 
-
 def check_out(out, args):
     """A run folder holding a run is never reused, unless --resume or --overwrite says so."""
     if out.exists() and not out.is_dir():
@@ -312,7 +297,6 @@ def check_out(out, args):
         done = found[0].name == "model.safetensors" and inpformer.read_checkpoint_metadata(found[0]).get("finished")
         raise ValueError(f"{found[0]}: --out already holds a {'finished' if done else 'started'} run; pass --resume "
                          "to continue it, another --out, or --overwrite to replace it")
-
 
 def main(argv=None, log=None):
     args = parse_args(argv)
@@ -344,7 +328,6 @@ def main(argv=None, log=None):
         evaluate.main(["--ckpt", str(args.out), "--batch-size", str(args.batch_size), "--workers", str(args.workers),
                        "--device", str(device), "--precision", asked])
     return models
-
 
 if __name__ == "__main__":
     data.guard(main)
