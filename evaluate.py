@@ -40,7 +40,6 @@ import logging
 import math
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +57,7 @@ MAX_RATIO = 0.01  # image score: mean of the top 1% of the map's pixels
 FPR_LIMIT = 0.3  # AUPRO integration limit
 DTYPES = {"auto": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-@dataclass
+@dataclasses.dataclass
 class Options:
     """How to evaluate: preprocessing, batching, device and precision, protocol, outputs."""
     image_size: int = 448
@@ -513,35 +512,35 @@ def export_onnx(model, path, opts, images=None, log=print):
     except ImportError:
         raise ValueError("--export needs the optional packages onnx, onnxscript and onnxruntime: "
                          "pip install onnx onnxscript onnxruntime") from None
-    if opts.zero_shot:
-        raise ValueError("--export writes the reconstruction-error scoring path; drop --zero-shot")
+    if opts.zero_shot or Path(path).exists():
+        raise ValueError(f"{path}: exists; not replacing it" if Path(path).exists() else
+                         "--export writes the reconstruction-error scoring path; drop --zero-shot")
     scorer, c = Scorer(prepare(model, dataclasses.replace(opts, device="cpu")), opts.crop_size, opts.calibration), opts.crop_size
     names = ["anomaly_map", "score"] + (["normalised_score"] if opts.calibration else [])
     x = (torch.stack([datasets.load_image(f, opts.image_size, c) for f in image_files(images)[:3]]) if images
          else torch.randn(3, 3, c, c, generator=torch.Generator().manual_seed(0)))
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(scorer, (x[:2],), str(path), dynamo=True, external_data=False, input_names=["image"],
-                          output_names=names, dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    worst = 0.0
-    for b in (1, 3):
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            want = scorer(x[:b])
-        t1 = time.perf_counter()
-        got = session.run(None, {"image": x[:b].numpy()})
-        t2 = time.perf_counter()
-        diff = float((torch.from_numpy(got[0]) - want[0]).abs().max() / want[0].abs().max())
-        worst = max(worst, diff)
-        log(f"  batch {b}: max |onnx - torch| map {diff:.2e} of its maximum, score "
-            f"{float((torch.from_numpy(got[1]) - want[1]).abs().max()):.2e}; {1e3 * (t2 - t1) / b:.0f} ms/image "
-            f"onnxruntime, {1e3 * (t1 - t0) / b:.0f} ms/image torch")
-    log(f"wrote {path} ({Path(path).stat().st_size / 2**20:.1f} MiB): {opts.image_size} -> {c} px input, outputs "
-        f"{', '.join(names)}" + ("" if opts.calibration else " (no calibration, so no normalised_score)"))
-    if worst > 1e-4:
-        raise ValueError(f"{path}: the ONNX maps differ from PyTorch's by {worst:.2e} of their maximum")
+    with inpformer.atomic_write(path) as tmp:  # checked before it is named `path`
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(scorer, (x[:2],), tmp, dynamo=True, external_data=False, input_names=["image"],
+                              output_names=names, dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+        session = onnxruntime.InferenceSession(tmp, providers=["CPUExecutionProvider"])
+        for b in (1, 3):
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                want = scorer(x[:b])
+            t1 = time.perf_counter()
+            got = [torch.from_numpy(a) for a in session.run(None, {"image": x[:b].numpy()})]
+            diff, t2 = float((got[0] - want[0]).abs().max() / want[0].abs().max()), time.perf_counter()
+            log(f"  batch {b}: max |onnx - torch| map {diff:.2e} of its maximum, score "
+                f"{float((got[1] - want[1]).abs().max()):.2e}; {1e3 * (t2 - t1) / b:.0f} ms/image onnxruntime, "
+                f"{1e3 * (t1 - t0) / b:.0f} ms/image torch")
+            if diff > 1e-4:
+                raise ValueError(f"{path}: the ONNX maps differ from PyTorch's by {diff:.2e} of their maximum")
+        size = Path(tmp).stat().st_size
+    log(f"wrote {path} ({size / 2**20:.1f} MiB): {opts.image_size} -> {c} px input, outputs {', '.join(names)}"
+        + ("" if opts.calibration else " (no calibration, so no normalised_score)"))
     return 0
 
 # -----------------------------------------------------------------------------------------------------
@@ -669,11 +668,11 @@ def main(argv=None):
                    full_res=args.full_res, streaming=args.streaming, map_dtype=args.map_dtype, save_maps=args.save_maps,
                    calibration=meta.get("calibration") if isinstance(meta.get("calibration"), dict) else None,
                    outline=args.outline)
+    if (args.images or args.export) and len(ckpts) > 1:
+        raise ValueError(f"{args.ckpt}: --images and --export need one model file, not a folder of {len(ckpts)}")
     if args.export:
         return export_onnx(first, args.export, opts, args.images, log)
     if args.images:
-        if len(ckpts) > 1:
-            raise ValueError(f"{args.ckpt}: --images needs one model file, not a folder of {len(ckpts)} models")
         files, out = image_files(args.images), args.out or default_out(args, ckpts[0], [])
         log(f"{ckpts[0]}: scoring {len(files)} images at {opts.image_size} -> {opts.crop_size} px on {opts.device}")
         predict_images(first, files, opts, out, args.heat_range, args.classes, log)

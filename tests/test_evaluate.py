@@ -396,6 +396,9 @@ def bad_files(ckpt, tmp_path_factory):
     (["--ckpt", "{ckpt}", "--classes", "nope"], ["nope"]),
     (["--ckpt", "{ckpt}", "--images", "/nonexistent/img.png"], ["/nonexistent/img.png"]),
     (["--ckpt", "{ckpt}", "--no-such-option"], ["--no-such-option"]),
+    (["--ckpt", "{ckpt}", "--export", "{bad}/junk.pth"], ["{bad}/junk.pth", "exists"]),  # never replaced
+    (["--ckpt", "{ckpt}", "--calibrate", "--zero-shot"], ["--calibrate", "--zero-shot"]),
+    (["--ckpt", "{ckpt}", "--calibrate", "--images", "{bad}"], ["--calibrate", "need a test set"]),
 ])
 def test_bad_input_fails_with_one_line(argv, words, ckpt, bad_files, tmp_path, capsys):
     names = dict(bad=bad_files, ckpt=ckpt, official=shared(*TINY, "inpformer_official.safetensors"),
