@@ -586,6 +586,8 @@ def parse_args(argv=None):
                          "need a test set")
     if args.calibrate and args.zero_shot:
         raise ValueError("--calibrate learns the decision rule of the reconstruction maps; drop --zero-shot")
+    if args.heat_range and not args.heat_range[0] < args.heat_range[1]:
+        raise ValueError(f"--heat-range {' '.join(map(str, args.heat_range))}: LO must be below HI")
     if args.streaming and args.map_dtype != "float32":
         raise ValueError("--map-dtype applies to exact metrics; --streaming keeps no maps")
     return args

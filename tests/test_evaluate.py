@@ -398,6 +398,7 @@ def bad_files(ckpt, tmp_path_factory):
     (["--ckpt", "{ckpt}", "--no-such-option"], ["--no-such-option"]),
     (["--ckpt", "{ckpt}", "--export", "{bad}/junk.pth"], ["{bad}/junk.pth", "exists"]),  # never replaced
     (["--ckpt", "{ckpt}", "--calibrate", "--zero-shot"], ["--calibrate", "--zero-shot"]),
+    (["--ckpt", "{ckpt}", "--images", "{bad}", "--heat-range", "0.5", "0.1"], ["--heat-range 0.5 0.1"]),
     (["--ckpt", "{ckpt}", "--calibrate", "--images", "{bad}"], ["--calibrate", "need a test set"]),
 ])
 def test_bad_input_fails_with_one_line(argv, words, ckpt, bad_files, tmp_path, capsys):
@@ -484,3 +485,30 @@ def test_export_without_the_onnx_extras_says_what_to_install(ckpt, tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "pip install onnx onnxscript onnxruntime" in r.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_calibration_rules_with_and_without_anomalies():
+    """F1-max thresholds where anomalies are labelled; from normal images alone, mean + 3 std of the normal
+    image scores and pixels; the heat scale from the median normal pixel, the pixel threshold half way."""
+    rng = np.random.default_rng(0)
+    masks = np.zeros((6, 32, 32), bool)
+    masks[3:, 8:16, 8:16] = True
+    maps = rng.uniform(0.1, 0.3, masks.shape) + 0.5 * masks
+    labels, scores = np.array([0, 0, 0, 1, 1, 1]), np.array([0.2, 0.25, 0.3, 0.28, 0.6, 0.7])
+    hist = metrics.PixelHistogram()
+    hist.update(masks, maps)
+    cal = evaluate.calibration(labels, scores, hist)
+    assert cal["rule"] == {"image": "f1-max", "pixel": "f1-max"}
+    assert cal["image_threshold"] == metrics.f1_threshold(labels, scores)[1] == 0.28
+    assert abs(cal["pixel_threshold"] - metrics.f1_threshold(masks.ravel(), maps.ravel())[1]) <= hist.resolution
+    lo, hi = cal["heat_range"]
+    assert lo == pytest.approx(np.median(maps[~masks]), abs=hist.resolution)
+    assert (lo + hi) / 2 == pytest.approx(cal["pixel_threshold"])
+    assert evaluate.decide(0.28, cal)["normalised"] == 0.5 and evaluate.decide(0.27, cal)["decision"] == "normal"
+
+    normal = metrics.PixelHistogram()
+    normal.update(masks[:3], maps[:3])
+    cal = evaluate.calibration(labels[:3], scores[:3], normal)
+    assert cal["rule"] == {"image": "normal mean + 3 std", "pixel": "normal mean + 3 std"}
+    assert cal["image_threshold"] == pytest.approx(scores[:3].mean() + 3 * scores[:3].std())
+    assert cal["pixel_threshold"] == pytest.approx(maps[:3].mean() + 3 * maps[:3].std(), abs=1e-4)
