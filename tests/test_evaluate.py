@@ -180,6 +180,14 @@ def test_official_pth_evaluates_with_data_arguments(demo, tmp_path, capsys):
     assert all(math.isfinite(v) for v in results["classes"]["tiles"].values())
     assert results["protocol"]["crop_size"] == CROP
     assert "| tiles |" in capsys.readouterr().out
+    # --calibrate leaves the authors' file as it is and writes a calibrated project checkpoint beside it
+    before = pth.read_bytes()
+    evaluate.main(["--ckpt", str(pth), "--data", "folder", "--data-root", demo, "--classes", "tiles",
+                   "--image-size", str(IMAGE), "--crop-size", str(CROP), "--workers", "0", "--calibrate"])
+    assert pth.read_bytes() == before
+    assert inpformer.read_checkpoint_metadata(pth.with_suffix(".safetensors"))["calibration"]["classes"].keys() == {"tiles"}
+    want, got = torch.load(pth), load_file(pth.with_suffix(".safetensors"))
+    assert all(torch.equal(want[k], got[k]) for k in want)
 
 
 def test_images_writes_a_csv_and_heatmaps(ckpt, model, demo, tmp_path):
@@ -274,9 +282,12 @@ def test_single_class_run_folder_gives_one_table(ckpt, model, demo, tmp_path, ca
         inpformer.save_checkpoint(model, run / cls / "model.safetensors",
                                   dict(data="folder", data_root=demo, classes=[cls], image_size=IMAGE,
                                        crop_size=CROP, setting="single", backbone=meta["backbone"]))
-    evaluate.main(["--ckpt", str(run), "--workers", "0", "--batch-size", str(BATCH)])
+    evaluate.main(["--ckpt", str(run), "--workers", "0", "--batch-size", str(BATCH), "--calibrate"])
     results = json.loads((run / "eval" / "metrics.json").read_text())
     assert list(results["classes"]) == ["fabric", "tiles"]
+    for cls in ("fabric", "tiles"):  # each model calibrated on its own class
+        cal = inpformer.read_checkpoint_metadata(run / cls / "model.safetensors")["calibration"]
+        assert list(cal["classes"]) == [cls] and cal["image_threshold"] == results["thresholds"][cls]["image"]
     labels, scores, masks, maps, _ = reference_maps(model, demo, "tiles")
     assert_metrics_equal(results["classes"]["tiles"], metrics.compute_all(labels, scores, masks, maps))
     assert (run / "eval" / "fabric" / "metrics.json").is_file()
