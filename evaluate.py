@@ -304,10 +304,11 @@ def combine(parts, **protocol):
 def evaluate(model, data, root, classes, opts=Options(), out_dir=None, log=print):
     """The seven metrics of `model` on the test sets of `classes` ("all", "a,b" or a list) of one data set.
 
-    Returns {"classes": {class: {metric: value}}, "mean": {metric: value}, "counts": ..., "protocol": ...}
-    (fractions; NaN where undefined, None where absent: pixel metrics of a class without masks; streaming adds
-    "error_bounds"). Writes nothing unless out_dir is given: then metrics.json/.csv/.md, image_scores.csv, and
-    with opts.save_maps=N the pictures under maps/<class>/. log receives progress lines."""
+    Returns {"classes": {class: {metric: value}}, "mean": {metric: value}, "counts": ..., "protocol": ...,
+    "thresholds": {class: {"image": t, "pixel": t}} (the F1-max ones), "calibration": calibration() pooled over
+    the classes (None without normal images)} (fractions; NaN where undefined, None where absent: pixel metrics
+    of a class without masks; streaming adds "error_bounds"). Writes nothing unless out_dir is given: then
+    metrics.json/.csv/.md, image_scores.csv, and with opts.save_maps=N pictures under maps/<class>/."""
     model = prepare(model, opts)
     if opts.map_dtype not in ("float32", "float16") or (opts.streaming and opts.map_dtype != "float32"):
         raise ValueError(f"--map-dtype {opts.map_dtype}: use float32 or float16, and float32 with --streaming")
