@@ -447,11 +447,8 @@ class ImageDataset(torch.utils.data.Dataset):
 
     @staticmethod
     def collate(items):
-        native = [item.pop("native_mask") for item in items] if "native_mask" in items[0] else None
-        batch = torch.utils.data.default_collate(items)
-        if native is not None:
-            batch["native_mask"] = native
-        return batch
+        native = [item.pop("native_mask") for item in items if "native_mask" in item]
+        return dict(torch.utils.data.default_collate(items), **({"native_mask": native} if native else {}))
 
 # ----------------------------------------------------------------------------------------------------------
 # Few-shot: the official 22-fold expansion of each shot (utils.augmentation), on normalised tensors.
@@ -796,10 +793,9 @@ def device(name) -> torch.device:
         dev = torch.device(name)
     except (RuntimeError, ValueError):
         raise ValueError(f"--device {name!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA device is available here (use --device cpu)")
-    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if dev.type == "cuda" and (dev.index or 0) >= (n := torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        raise ValueError(f"--device {name}: " + (f"only {n} CUDA device(s) here" if n else
+                                                 "no CUDA device is available here (use --device cpu)"))
     return dev
 
 def guard(main) -> None:

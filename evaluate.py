@@ -94,19 +94,14 @@ def predict_maps(model, x, zero_shot=False):
 
 class ClassScores:
     """Image labels and scores and pixel masks and maps of one class, added batch by batch; then the seven
-    metrics.
-
-    Exact (default): maps go into one preallocated (N, H, W) buffer (float32, or float16 on request) and masks
-    into a bool one, and metrics.compute_all ranks them exactly. Streaming: masks and maps only update a
-    metrics.PixelHistogram, whose memory does not grow; image scores are always kept exactly (N floats).
-    pixels=False (a class without masks): image metrics only, the pixel ones None."""
+    metrics. Exact (default): maps and masks go into preallocated (N, H, W) buffers (maps float32, or float16
+    on request) that metrics.compute_all ranks exactly. Streaming: they only update a metrics.PixelHistogram,
+    whose memory does not grow. Image scores are always exact. pixels=False (no masks): image metrics only."""
 
     def __init__(self, n, streaming=False, map_dtype=torch.float32, pixels=True):
-        self.n, self.count, self.pixels = n, 0, pixels
-        self.labels = torch.zeros(n, dtype=torch.bool)
-        self.scores = torch.zeros(n, dtype=torch.float32)
+        self.n, self.count, self.pixels, self.map_dtype = n, 0, pixels, map_dtype
+        self.labels, self.scores = torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.float32)
         self.hist = metrics.PixelHistogram() if streaming and pixels else None
-        self.map_dtype = map_dtype
         self.masks = self.maps = None  # allocated at the first batch, once the map size is known
 
     def add(self, labels, scores, masks, maps):
@@ -114,24 +109,21 @@ class ClassScores:
         b, i = len(scores), self.count
         if i + b > self.n:
             raise ValueError(f"more than the {self.n} images announced")
-        self.labels[i:i + b] = torch.as_tensor(labels).bool()
-        self.scores[i:i + b] = torch.as_tensor(scores).float()
+        self.labels[i:i + b], self.scores[i:i + b] = torch.as_tensor(labels).bool(), torch.as_tensor(scores).float()
         self.count += b
-        if not self.pixels:
-            return
         if self.hist is not None:
             for m, s in (zip(masks, maps) if isinstance(maps, list) else [(masks, maps)]):
                 self.hist.update(m, s)
+        if self.hist is not None or not self.pixels:
             return
-        shapes = {tuple(s.shape) for s in maps} if isinstance(maps, list) else {tuple(maps.shape[1:])}
+        shapes = {tuple(s.shape) for s in maps}
         if self.maps is None and len(shapes) == 1:
             self.maps = torch.empty((self.n, *next(iter(shapes))), dtype=self.map_dtype)
             self.masks = torch.empty(self.maps.shape, dtype=torch.bool)
         if self.maps is None or shapes - {tuple(self.maps.shape[1:])}:
             raise ValueError(f"test images of one class have different sizes ({', '.join(map(str, sorted(shapes)))}); "
                              "exact --full-res needs one size per class, use --streaming")
-        self.maps[i:i + b] = torch.stack(maps) if isinstance(maps, list) else maps
-        self.masks[i:i + b] = torch.stack(list(masks)) if isinstance(maps, list) else masks
+        self.maps[i:i + b], self.masks[i:i + b] = torch.stack(list(maps)), torch.stack(list(masks))
 
     def compute(self, warn=None):
         """{metric: float} in METRICS order, then the F1-max thresholds "I-threshold" and "P-threshold";
@@ -162,12 +154,10 @@ def calibration(labels, scores, hist, sigmas=3.0):
     scores, so 0.5 is the threshold. Heat maps are coloured from the median normal pixel (cool) to as far above
     the pixel threshold as the threshold is above it (hot), the threshold half way."""
     labels, scores = np.asarray(labels, bool), np.asarray(scores, np.float64)
-    normal = scores[~labels]
+    normal, weights = scores[~labels], hist.normal / hist.normal.sum()  # normal pixels per bin, as fractions
     centres = hist.lo + (np.arange(hist.bins) + 0.5) * hist.resolution
-    weights = hist.normal / hist.normal.sum()
-    p_mean = float(weights @ centres)
-    p_std, p_median = float(np.sqrt(weights @ (centres - p_mean) ** 2)), float(centres[np.searchsorted(
-        np.cumsum(weights), 0.5)])
+    p_mean, p_median = float(weights @ centres), float(centres[np.searchsorted(np.cumsum(weights), 0.5)])
+    p_std = float(np.sqrt(weights @ (centres - p_mean) ** 2))
     image_t = metrics.f1_threshold(labels, scores)[1] if labels.any() else normal.mean() + sigmas * normal.std()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -471,11 +461,10 @@ def predict_images(model, files, opts=Options(), out_dir=None, heat_range=None, 
         scale = (lo, hi, f"min..max of {len(waiting)} images")
         for p in waiting:
             draw(p)
-    if out_dir:
-        _write_csv(Path(out_dir) / "predictions.csv", ["path", "class", "score", "normalised_score", "decision",
-                                                       "heatmap"],
-                   [(r["path"], r["class"], repr(r["score"]), r.get("normalised", ""), r.get("decision", ""),
-                     r["heatmap"]) for r in rows])
+    if out_dir:  # without a calibration normalised_score and decision stay empty
+        cols = ("path", "class", "score", "normalised", "decision", "heatmap")
+        _write_csv(Path(out_dir) / "predictions.csv", [c.replace("normalised", "normalised_score") for c in cols],
+                   [[r.get(k, "") for k in cols] for r in rows])
     n_bad = sum(r.get("decision") == "anomalous" for r in rows)
     log(f"scored {len(rows)} images, {progress.rate():.1f} img/s; " + (
         f"{n_bad} anomalous, {len(rows) - n_bad} normal (pooled threshold {cal['image_threshold']:.4g}, "

@@ -218,16 +218,12 @@ class _Curve:
         return float(np.dot(gained[on].astype(np.float64), precision) / self.n_pos)
 
     def f1_max(self, name="F1-max"):
-        if self.n_pos == 0:
-            return _undefined(name, "no anomalous sample")
-        # 2PR / (P + R) with P = tp / (tp + fp), R = tp / n_pos simplifies to 2 tp / (n_pos + tp + fp).
-        return float(np.max(2.0 * self.tp / (self.n_pos + self.tp + self.fp_ge)))
-
-    def f1_threshold(self, name="F1-max"):
+        """(F1-max, the highest threshold reaching it); (NaN, NaN) without an anomalous sample."""
         if self.n_pos == 0:
             return _undefined(name, "no anomalous sample"), float("nan")
+        # 2PR / (P + R) with P = tp / (tp + fp), R = tp / n_pos simplifies to 2 tp / (n_pos + tp + fp).
         f1 = 2.0 * self.tp / (self.n_pos + self.tp + self.fp_ge)
-        k = int(np.argmax(f1))  # thresholds descend, so the first maximum is the highest threshold
+        k = int(np.argmax(f1))  # thresholds descend, so the first maximum is at the highest threshold
         return float(f1[k]), float(self.thresholds[k])
 
     def aupro(self, fpr_limit=0.3, name="AUPRO"):
@@ -385,11 +381,11 @@ def average_precision(labels, scores):
 
 def f1_max(labels, scores):
     """Largest F1 over all thresholds (0 where P + R = 0, no epsilon); NaN without a positive."""
-    return _image_curve(labels, scores).f1_max()
+    return _image_curve(labels, scores).f1_max()[0]
 
 def f1_threshold(labels, scores):
     """(F1-max, the highest threshold reaching it): decide "anomalous" where score >= threshold."""
-    return _image_curve(labels, scores).f1_threshold()
+    return _image_curve(labels, scores).f1_max()
 
 def aupro(masks, maps, fpr_limit=0.3):
     """Normalised area under the PRO curve up to FPR = fpr_limit (MVTec AD definition).
@@ -406,7 +402,7 @@ def compute_all(image_labels, image_scores, masks, maps, fpr_limit=0.3, threshol
     and "P-threshold" (see f1_threshold)."""
     image = _image_curve(image_labels, image_scores)
     pixel = _pixel_curve(masks, maps)
-    (i_f1, i_t), (p_f1, p_t) = image.f1_threshold("I-F1max"), pixel.f1_threshold("P-F1max")
+    (i_f1, i_t), (p_f1, p_t) = image.f1_max("I-F1max"), pixel.f1_max("P-F1max")
     return {
         "I-AUROC": image.auroc("I-AUROC"),
         "I-AP": image.average_precision("I-AP"),
@@ -505,7 +501,7 @@ class PixelHistogram:
                           "the end bins, which costs accuracy; pass a wider lo/hi",
                           RuntimeWarning, stacklevel=2)
         c = self._curve()
-        f1, t = c.f1_threshold("P-F1max")
+        f1, t = c.f1_max("P-F1max")
         return {"P-AUROC": c.auroc("P-AUROC"), "P-AP": c.average_precision("P-AP"), "P-F1max": f1,
                 "AUPRO": c.aupro(fpr_limit), **({"P-threshold": t} if thresholds else {})}
 

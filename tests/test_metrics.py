@@ -54,7 +54,7 @@ def pixel_curve_values(masks, maps):
     c = metrics._pixel_curve(masks, maps)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UndefinedMetricWarning)
-        values = {"auroc": c.auroc(), "average_precision": c.average_precision(), "f1_max": c.f1_max()}
+        values = {"auroc": c.auroc(), "average_precision": c.average_precision(), "f1_max": c.f1_max()[0]}
         values.update({k: c.aupro(limit) for k, limit in LIMITS.items()})
     return values
 
