@@ -703,7 +703,9 @@ def main(argv=None):
         if args.calibrate and not results[table][-1]["calibration"]:
             raise ValueError(f"{root}: no normal test image of {d} to calibrate on")
         if args.calibrate:
-            log(f"calibrated {write_calibration(ckpt, results[table][-1]['calibration'])}")
+            had = "calibration" in inpformer.read_checkpoint_metadata(ckpt)
+            log(f"calibrated {write_calibration(ckpt, results[table][-1]['calibration'])}"
+                + (" (its earlier calibration replaced, as --calibrate asked)" if had else ""))
     for table, parts in results.items():
         merged = combine(parts, **({"models": [str(j[0]) for j in jobs]} if len(ckpts) > 1 else {}))
         if len(parts) > 1:
