@@ -73,6 +73,7 @@ class Options:
     save_maps: int = 0
     calibration: dict = None  # the checkpoint's (see calibration()): decisions, heat-map scale and outline
     outline: bool = False  # pictures: draw the edge of the region above the calibrated pixel threshold
+    heat_range: tuple = None  # pictures: colour maps on this (lo, hi) instead of the calibration's scale
 
 def prepare(model, opts: Options):
     """The model on the options' device and in their precision, ready to score; checks the sizes."""
@@ -152,7 +153,8 @@ def calibration(labels, scores, hist, sigmas=3.0):
     masks, for pixels); else, from normal images alone, mean + 3 std of the normal scores (pixels). The
     normalised score is anomalib's, clip((score - threshold) / (max - min) + 0.5, 0, 1) over the calibration
     scores, so 0.5 is the threshold. Heat maps are coloured from the median normal pixel (cool) to as far above
-    the pixel threshold as the threshold is above it (hot), the threshold half way."""
+    the pixel threshold as the threshold is above it (hot), the threshold half way (should the threshold not
+    be above the median: to 6 std above it)."""
     labels, scores = np.asarray(labels, bool), np.asarray(scores, np.float64)
     normal, weights = scores[~labels], hist.normal / hist.normal.sum()  # normal pixels per bin, as fractions
     centres = hist.lo + (np.arange(hist.bins) + 0.5) * hist.resolution
@@ -166,7 +168,7 @@ def calibration(labels, scores, hist, sigmas=3.0):
             (("image", labels.any()), ("pixel", hist.n_regions > 0))}
     return dict(rule=rule, image_threshold=float(image_t), pixel_threshold=float(pixel_t),
                 score_range=[float(scores.min()), float(scores.max())],
-                heat_range=[p_median, p_median + 2 * max(pixel_t - p_median, hist.resolution)],
+                heat_range=[p_median, p_median + 2 * (pixel_t - p_median if pixel_t > p_median else 3 * p_std)],
                 normal=dict(images=int(normal.size), score_mean=float(normal.mean()), score_std=float(normal.std()),
                             score_max=float(normal.max()), pixel_median=p_median, pixel_mean=p_mean, pixel_std=p_std),
                 anomalous_images=int(labels.sum()))
@@ -184,12 +186,12 @@ def title(path, score, calibration, cls=None):
     return f"{Path(path).name}: score {score:.4g}" + (
         f" ({verdict['normalised']:.2f}) {verdict['decision'].upper()}" if verdict else " (no calibration)")
 
-def heat_scale(opts, heat_range=None):
+def heat_scale(opts):
     """(scale, outline) of the pictures: --heat-range, else the calibration's; None: the caller's fallback."""
     cal = opts.calibration
     outline = cal["pixel_threshold"] if cal and opts.outline else None
-    if heat_range:
-        return (*heat_range, "--heat-range"), outline
+    if opts.heat_range:
+        return (*opts.heat_range, "--heat-range"), outline
     return ((*cal["heat_range"], "calibration") if cal else None), outline
 
 # -----------------------------------------------------------------------------------------------------
@@ -246,7 +248,8 @@ def save_maps(model, ds, scores, n, folder, opts, cls):
     by_score = sorted(range(len(ds)), key=lambda i: -scores[i])
     picks = [("most", by_score[:n]), ("least", sorted(range(len(ds)), key=lambda i: scores[i])[:n])]
     items = [(name, rank, i, ds[i]) for name, idx in picks for rank, i in enumerate(idx, start=1)]
-    maps = [predict_maps(model, item["image"][None].to(opts.device))[0][0].cpu().numpy() for *_, item in items]
+    maps = [predict_maps(model, item["image"][None].to(opts.device), opts.zero_shot)[0][0].cpu().numpy()
+            for *_, item in items]
     scale, outline = heat_scale(opts)
     scale = scale or (min(m.min() for m in maps), max(m.max() for m in maps), "min..max here")
     folder.mkdir(parents=True, exist_ok=True)
@@ -357,7 +360,8 @@ def evaluate(model, data, root, classes, opts=Options(), out_dir=None, log=print
                     else f"exact ({opts.map_dtype} maps)")
     cal = calibration([r[2] for r in rows], [r[3] for r in rows], pooled) if any(r[2] == 0 for r in rows) else None
     if cal:
-        cal["classes"] = {c: t["image"] for c, t in thresholds.items() if math.isfinite(t["image"])}
+        cal.update(image_size=opts.image_size, crop_size=opts.crop_size,
+                   classes={c: t["image"] for c, t in thresholds.items() if math.isfinite(t["image"])})
     results = combine([dict(classes=per_class, counts=counts, protocol=protocol, error_bounds=bounds,
                             thresholds=thresholds, calibration=cal)])
     if out_dir:
@@ -423,17 +427,17 @@ def image_files(specs):
         raise ValueError(f"{', '.join(map(str, specs))}: no images ({', '.join(datasets.IMAGE_SUFFIXES)})")
     return files
 
-def predict_images(model, files, opts=Options(), out_dir=None, heat_range=None, cls=None, log=print):
+def predict_images(model, files, opts=Options(), out_dir=None, cls=None, log=print):
     """Score unlabelled images: [dict(path, class, score, and with opts.calibration threshold, normalised,
     decision; heatmap)], and with out_dir predictions.csv and heatmaps/<name>.png. An image takes the threshold
     of `cls`, else of the first calibrated class named in its path, else the pooled one. The heat maps share one
-    scale: heat_range, else the calibration's, else min..max over all these images (their maps then wait in
+    scale: opts.heat_range, else the calibration's, else min..max over all these images (their maps then wait in
     memory, 0.3 MB each, until all are scored)."""
     model = prepare(model, opts)
     samples = [datasets.Sample(str(f), None, 0, "", "") for f in files]
     loader = torch.utils.data.DataLoader(datasets.ImageDataset(samples, opts.image_size, opts.crop_size),
                                          batch_size=opts.batch_size, num_workers=opts.workers)
-    (scale, outline), cal = heat_scale(opts, heat_range), opts.calibration
+    (scale, outline), cal = heat_scale(opts), opts.calibration
     heat_dir = Path(out_dir) / "heatmaps" if out_dir else None
     if heat_dir:
         heat_dir.mkdir(parents=True, exist_ok=True)
@@ -494,8 +498,8 @@ class Scorer(torch.nn.Module):
 def export_onnx(model, path, opts, images=None, log=print):
     """Write the scoring path as ONNX: input "image", a float32 (B, 3, crop, crop) batch preprocessed as
     data.load_image does, B dynamic; outputs "anomaly_map" (B, 256, 256), "score" (B,) and, with a calibration,
-    "normalised_score". Then checks it: onnxruntime against PyTorch on 3 images (the first of `images`, else
-    seeded random ones) at batch 1 and 3."""
+    "normalised_score". Then checks every output: onnxruntime against PyTorch on 3 images (the first of
+    `images`, topped up with seeded random ones) at batch 1 and 3."""
     try:
         import onnxruntime
         import onnxscript  # noqa: F401  (the dynamo exporter's back end)
@@ -507,27 +511,31 @@ def export_onnx(model, path, opts, images=None, log=print):
                          "--export writes the reconstruction-error scoring path; drop --zero-shot")
     scorer, c = Scorer(prepare(model, dataclasses.replace(opts, device="cpu")), opts.crop_size, opts.calibration), opts.crop_size
     names = ["anomaly_map", "score"] + (["normalised_score"] if opts.calibration else [])
-    x = (torch.stack([datasets.load_image(f, opts.image_size, c) for f in image_files(images)[:3]]) if images
-         else torch.randn(3, 3, c, c, generator=torch.Generator().manual_seed(0)))
+    x = torch.randn(3, 3, c, c, generator=torch.Generator().manual_seed(0))
+    for i, f in enumerate(image_files(images)[:3] if images else []):  # the given images first
+        x[i] = datasets.load_image(f, opts.image_size, c)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with inpformer.atomic_write(path) as tmp:  # checked before it is named `path`
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(scorer, (x[:2],), tmp, dynamo=True, external_data=False, input_names=["image"],
-                              output_names=names, dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
-        session = onnxruntime.InferenceSession(tmp, providers=["CPUExecutionProvider"])
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(scorer, (x[:2],), tmp, dynamo=True, external_data=False, input_names=["image"],
+                                  output_names=names, dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+            session = onnxruntime.InferenceSession(tmp, providers=["CPUExecutionProvider"])
+        except Exception as e:  # the exporter's and onnxruntime's own errors, as one line
+            raise ValueError(f"{path}: the export failed ({inpformer._first_line(e)})") from e
         for b in (1, 3):
             t0 = time.perf_counter()
             with torch.no_grad():
                 want = scorer(x[:b])
             t1 = time.perf_counter()
             got = [torch.from_numpy(a) for a in session.run(None, {"image": x[:b].numpy()})]
-            diff, t2 = float((got[0] - want[0]).abs().max() / want[0].abs().max()), time.perf_counter()
-            log(f"  batch {b}: max |onnx - torch| map {diff:.2e} of its maximum, score "
-                f"{float((got[1] - want[1]).abs().max()):.2e}; {1e3 * (t2 - t1) / b:.0f} ms/image onnxruntime, "
-                f"{1e3 * (t1 - t0) / b:.0f} ms/image torch")
-            if diff > 1e-4:
-                raise ValueError(f"{path}: the ONNX maps differ from PyTorch's by {diff:.2e} of their maximum")
+            t2 = time.perf_counter()
+            diffs = [float((g - w).abs().max() / w.abs().max().clamp_min(1e-12)) for g, w in zip(got, want)]
+            log(f"  batch {b}: max |onnx - torch| / max |torch|: {', '.join(f'{n} {d:.2e}' for n, d in zip(names, diffs))};"
+                f" {1e3 * (t2 - t1) / b:.0f} ms/image onnxruntime, {1e3 * (t1 - t0) / b:.0f} ms/image torch")
+            if max(diffs) > 1e-4:
+                raise ValueError(f"{path}: the ONNX outputs differ from PyTorch's by {max(diffs):.2e} of their maximum")
         size = Path(tmp).stat().st_size
     log(f"wrote {path} ({size / 2**20:.1f} MiB): {opts.image_size} -> {c} px input, outputs {', '.join(names)}"
         + ("" if opts.calibration else " (no calibration, so no normalised_score)"))
@@ -576,30 +584,50 @@ def parse_args(argv=None):
                          "need a test set")
     if args.calibrate and args.zero_shot:
         raise ValueError("--calibrate learns the decision rule of the reconstruction maps; drop --zero-shot")
+    if args.export and (args.calibrate or args.save_maps or args.streaming or args.full_res or args.zero_shot):
+        raise ValueError("--export only writes the ONNX file: run --calibrate, --save-maps, --streaming, --full-res "
+                         "or --zero-shot on their own")
     if args.heat_range and not args.heat_range[0] < args.heat_range[1]:
         raise ValueError(f"--heat-range {' '.join(map(str, args.heat_range))}: LO must be below HI")
     if args.streaming and args.map_dtype != "float32":
         raise ValueError("--map-dtype applies to exact metrics; --streaming keeps no maps")
     return args
 
-def write_calibration(path, calibration) -> Path:
+def read_calibration(meta, path, log=print):
+    """The calibration in a checkpoint's metadata, or None (with a note if it is there but unusable)."""
+    cal = meta.get("calibration")
+    if cal is not None and not (isinstance(cal, dict) and {"image_threshold", "pixel_threshold", "score_range",
+                                                           "heat_range", "classes"} <= set(cal)):
+        log(f"note: {path}: unreadable calibration metadata, ignored (evaluate.py --calibrate writes a new one)")
+        return None
+    return cal
+
+def calibration_target(path) -> Path:
+    """The file --calibrate writes: the checkpoint itself, or beside an official .pth its .safetensors twin."""
+    path, target = Path(path), Path(path).with_suffix(".safetensors")
+    if path != target and target.exists():
+        raise ValueError(f"{target}: exists; calibrate that file instead of {path}")
+    return target
+
+def write_calibration(path, calibration, protocol=None) -> Path:
     """Store `calibration` in a project checkpoint's metadata: the file is rewritten atomically, every tensor
     as it was. An official state dict (.pth) is left alone and a calibrated project checkpoint is written beside
-    it (<name>.safetensors). Returns the file written."""
+    it, recording the sizes and data of `protocol` (evaluate()'s). Returns the file written."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    path, target = Path(path), Path(path).with_suffix(".safetensors")
-    if path != target:
-        if target.exists():
-            raise ValueError(f"{target}: exists; calibrate that file instead of {path}")
-        inpformer.save_checkpoint(inpformer.load_model(path), target, {"calibration": calibration})
+    target = calibration_target(path)
+    if Path(path) != target:
+        p = protocol or {}
+        extra = {k: p[k] for k in ("image_size", "crop_size", "data") if k in p}
+        inpformer.save_checkpoint(inpformer.load_model(path), target, dict(
+            extra, data_root=p.get("root"), classes=list(calibration["classes"]), calibration=calibration))
         return target
     with safe_open(path, framework="pt") as f:
         tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     with inpformer.atomic_write(path) as tmp:
         save_file(tensors, tmp, metadata={**meta, "calibration": json.dumps(_json_safe(calibration))})
-    return path
+    return target
 
 def checkpoint_files(path):
     """[model file]: the file itself, <dir>/model.safetensors, or every <dir>/<class>/model.safetensors."""
@@ -653,27 +681,36 @@ def main(argv=None):
     ckpts = checkpoint_files(args.ckpt)
     meta = inpformer.read_checkpoint_metadata(ckpts[0])  # a junk or truncated file fails here, naming itself
     first = inpformer.load_model(ckpts[0])  # and a file that is no INP-Former checkpoint here
-    opts = Options(image_size=args.image_size or meta.get("image_size") or 448,
-                   crop_size=args.crop_size or meta.get("crop_size") or 392, batch_size=args.batch_size or 16,
+    cal = None if args.zero_shot else read_calibration(meta, ckpts[0], log)  # its rule is for reconstruction maps
+    opts = Options(image_size=args.image_size or meta.get("image_size") or (cal or {}).get("image_size") or 448,
+                   crop_size=args.crop_size or meta.get("crop_size") or (cal or {}).get("crop_size") or 392,
+                   batch_size=args.batch_size or 16,
                    device=str(datasets.device(args.device)), workers=datasets.workers(args.workers),
                    precision="fp32" if args.precision == "auto" else args.precision, zero_shot=args.zero_shot,
                    full_res=args.full_res, streaming=args.streaming, map_dtype=args.map_dtype, save_maps=args.save_maps,
-                   calibration=meta.get("calibration") if isinstance(meta.get("calibration"), dict) else None,
-                   outline=args.outline)
+                   calibration=cal, outline=args.outline, heat_range=args.heat_range)
+    if cal and (cal.get("image_size"), cal.get("crop_size")) not in ((None, None), (opts.image_size, opts.crop_size)):
+        log(f"note: {ckpts[0]} was calibrated at {cal['image_size']} -> {cal['crop_size']} px, not "
+            f"{opts.image_size} -> {opts.crop_size}: its thresholds may not hold")
+    if args.outline and not cal:
+        log(f"note: --outline draws the calibrated pixel threshold, and {ckpts[0]} has no calibration")
     if (args.images or args.export) and len(ckpts) > 1:
         raise ValueError(f"{args.ckpt}: --images and --export need one model file, not a folder of {len(ckpts)}")
     if args.export:
         return export_onnx(first, args.export, opts, args.images, log)
     if args.images:
+        if args.classes and ("," in args.classes or cal and args.classes not in cal["classes"]):
+            raise ValueError(f"--classes {args.classes}: with --images, one class whose threshold to use" + (
+                f" (calibrated: {', '.join(cal['classes'])})" if cal else ""))
         files, out = image_files(args.images), args.out or default_out(args, ckpts[0], [])
         log(f"{ckpts[0]}: scoring {len(files)} images at {opts.image_size} -> {opts.crop_size} px on {opts.device}")
-        predict_images(first, files, opts, out, args.heat_range, args.classes, log)
+        predict_images(first, files, opts, out, args.classes, log)
         log(f"wrote {out / 'predictions.csv'} and {out / 'heatmaps'}/")
         return 0
 
     sets = plan_sets(args, meta, ckpts[0])
     for d, _, _, own in sets:
-        if own is False and not args.zero_shot:
+        if own is False and not args.zero_shot and not args.calibrate:
             log(f"note: {ckpts[0]} was trained on {meta.get('data')}, not {d}; the paper's zero-shot protocol "
                 "uses INP-distance maps: add --zero-shot")
     if len(ckpts) > 1 and any(own is False for *_, own in sets):
@@ -696,16 +733,19 @@ def main(argv=None):
         raise ValueError(f"{args.ckpt}: no model for --classes {args.classes}")
     if args.calibrate and len(jobs) > len(ckpts):
         raise ValueError("--calibrate learns one rule per model: evaluate it on one data set")
+    for ckpt, d, root, classes, *_ in jobs if args.calibrate else []:  # fail now, not after the evaluation
+        calibration_target(ckpt)
+        if not any(s.label == 0 for c in datasets.resolve_classes(d, root, classes)
+                   for s in datasets.list_samples(d, root, c, "test")):
+            raise ValueError(f"{root}: no normal test image of {d} to calibrate {ckpt} on")
     results = {}
     for ckpt, d, root, classes, sub, table in jobs:
-        model = first if ckpt == ckpts[0] else inpformer.load_model(ckpt)
-        results.setdefault(table, []).append(evaluate(model, d, root, classes, opts, sub, log))
-        if args.calibrate and not results[table][-1]["calibration"]:
-            raise ValueError(f"{root}: no normal test image of {d} to calibrate on")
+        model, m = (first, meta) if ckpt == ckpts[0] else (inpformer.load_model(ckpt), inpformer.read_checkpoint_metadata(ckpt))
+        job_opts = dataclasses.replace(opts, calibration=None if args.zero_shot else read_calibration(m, ckpt, log))
+        results.setdefault(table, []).append(evaluate(model, d, root, classes, job_opts, sub, log))
         if args.calibrate:
-            had = "calibration" in inpformer.read_checkpoint_metadata(ckpt)
-            log(f"calibrated {write_calibration(ckpt, results[table][-1]['calibration'])}"
-                + (" (its earlier calibration replaced, as --calibrate asked)" if had else ""))
+            log(f"calibrated {write_calibration(ckpt, results[table][-1]['calibration'], results[table][-1]['protocol'])}"
+                + (" (its earlier calibration replaced, as --calibrate asked)" if "calibration" in m else ""))
     for table, parts in results.items():
         merged = combine(parts, **({"models": [str(j[0]) for j in jobs]} if len(ckpts) > 1 else {}))
         if len(parts) > 1:

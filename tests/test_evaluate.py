@@ -185,7 +185,10 @@ def test_official_pth_evaluates_with_data_arguments(demo, tmp_path, capsys):
     evaluate.main(["--ckpt", str(pth), "--data", "folder", "--data-root", demo, "--classes", "tiles",
                    "--image-size", str(IMAGE), "--crop-size", str(CROP), "--workers", "0", "--calibrate"])
     assert pth.read_bytes() == before
-    assert inpformer.read_checkpoint_metadata(pth.with_suffix(".safetensors"))["calibration"]["classes"].keys() == {"tiles"}
+    with pytest.raises(ValueError, match="exists; calibrate that file instead"):  # before evaluating anything
+        evaluate.main(["--ckpt", str(pth), "--data", "folder", "--data-root", demo, "--calibrate"])
+    meta = inpformer.read_checkpoint_metadata(pth.with_suffix(".safetensors"))
+    assert meta["calibration"]["classes"].keys() == {"tiles"} and (meta["image_size"], meta["crop_size"]) == (IMAGE, CROP)
     want, got = torch.load(pth), load_file(pth.with_suffix(".safetensors"))
     assert all(torch.equal(want[k], got[k]) for k in want)
 
@@ -264,6 +267,8 @@ def test_calibrate_on_one_half_decide_on_the_other(ckpt, demo, tmp_path, capsys)
     print(f"decision accuracy on the held-out half: {right}/{len(held_out)}")  # shown with pytest -s
     assert right / len(held_out) > 0.5
     assert f"{sum(r['decision'] == 'anomalous' for r in rows.values())} anomalous" in r.stdout
+    r = run_cli("--ckpt", path, "--images", b, "--classes", "tilez", "--out", tmp_path / "none")
+    assert r.returncode == 2 and "calibrated: fabric, tiles" in r.stderr and not (tmp_path / "none").exists()
 
     model = inpformer.load_model(path)  # one fixed scale: what the heat maps colour
     lo, hi = cal["heat_range"]
@@ -317,6 +322,14 @@ def test_zero_shot_maps_are_the_inp_distance(model, demo):
     labels, scores, masks, maps, _ = reference_maps(model, demo, "tiles", zero_shot=True)
     assert_metrics_equal(got["classes"]["tiles"], metrics.compute_all(labels, scores, masks, maps), tol=1e-6)
     assert got["protocol"]["maps"] == "inp-distance"
+
+
+def test_zero_shot_pictures_show_the_inp_distance(model, demo, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(model, "predict", lambda *a, **k: calls.append("reconstruction"))
+    evaluate.evaluate(model, "folder", demo, "tiles", evaluate.Options(IMAGE, CROP, BATCH, zero_shot=True,
+                                                                       save_maps=1), out_dir=tmp_path)
+    assert not calls and len(list((tmp_path / "maps" / "tiles").glob("*.png"))) == 2
 
 
 def test_streaming_is_within_its_error_bounds_and_float16_is_opt_in(model, demo):
@@ -409,6 +422,7 @@ def bad_files(ckpt, tmp_path_factory):
     (["--ckpt", "{ckpt}", "--no-such-option"], ["--no-such-option"]),
     (["--ckpt", "{ckpt}", "--export", "{bad}/junk.pth"], ["{bad}/junk.pth", "exists"]),  # never replaced
     (["--ckpt", "{ckpt}", "--calibrate", "--zero-shot"], ["--calibrate", "--zero-shot"]),
+    (["--ckpt", "{ckpt}", "--export", "{bad}/new.onnx", "--calibrate"], ["--export", "--calibrate"]),
     (["--ckpt", "{ckpt}", "--images", "{bad}", "--heat-range", "0.5", "0.1"], ["--heat-range 0.5 0.1"]),
     (["--ckpt", "{ckpt}", "--calibrate", "--images", "{bad}"], ["--calibrate", "need a test set"]),
 ])
@@ -471,13 +485,17 @@ def test_export_onnx_round_trip_matches_pytorch(ckpt, model, demo, tmp_path):
 
     images = sorted(Path(demo, "tiles", "test").rglob("*.png"))[:3]
     x = torch.stack([data.load_image(p, IMAGE, CROP) for p in images])
-    cal = dict(image_threshold=float(model.predict(x)[1][1]), score_range=[0.0, 1.0])
+    cal = dict(image_threshold=float(model.predict(x)[1][1]), score_range=[0.0, 1.0], pixel_threshold=0.5,
+               heat_range=[0.0, 1.0], classes={})
+    notes = []  # an incomplete calibration (hand-edited, say) is ignored with a note, never a traceback
+    assert evaluate.read_calibration({"calibration": {"image_threshold": 0.1}}, "x", notes.append) is None
+    assert "unreadable calibration metadata" in notes[0]
     path = tmp_path / "model.safetensors"
     shutil.copy(ckpt, path)
     evaluate.write_calibration(path, cal)
     r = run_cli("--ckpt", path, "--export", tmp_path / "model.onnx", "--images", *images[:2])
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "max |onnx - torch| map" in r.stdout and f"wrote {tmp_path / 'model.onnx'}" in r.stdout
+    assert "max |onnx - torch| / max |torch|: anomaly_map" in r.stdout and f"wrote {tmp_path / 'model.onnx'}" in r.stdout
     session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
     assert [o.name for o in session.get_outputs()] == ["anomaly_map", "score", "normalised_score"]
     for b in (1, 3):
