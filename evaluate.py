@@ -173,12 +173,18 @@ def calibration(labels, scores, hist, sigmas=3.0):
                             score_max=float(normal.max()), pixel_median=p_median, pixel_mean=p_mean, pixel_std=p_std),
                 anomalous_images=int(labels.sum()))
 
+def normalise(score, calibration, threshold):
+    """anomalib's normalised score, (score - threshold) / (max - min) + 0.5 over the calibration scores,
+    clipped to [0, 1]: a float for a float, a tensor for a tensor (the exported graph)."""
+    lo, hi = calibration["score_range"]
+    v = (score - threshold) / max(hi - lo, 1e-12) + 0.5
+    return v.clamp(0, 1) if isinstance(v, torch.Tensor) else min(max(float(v), 0.0), 1.0)
+
 def decide(score, calibration, cls=None) -> dict:
     """One image score under a calibration: threshold (the class's if calibrated, else the pooled one),
-    normalised score (anomalib's: 0.5 at the threshold, clipped to [0, 1]) and decision."""
+    normalised score (see normalise) and decision."""
     t = calibration.get("classes", {}).get(cls, calibration["image_threshold"])
-    lo, hi = calibration["score_range"]
-    return dict(threshold=t, normalised=float(np.clip((score - t) / max(hi - lo, 1e-12) + 0.5, 0.0, 1.0)),
+    return dict(threshold=t, normalised=normalise(score, calibration, t),
                 decision="anomalous" if score >= t else "normal")
 
 def title(path, score, calibration, cls=None):
@@ -492,8 +498,7 @@ class Scorer(torch.nn.Module):
         maps, scores = self.model.predict(x, out_size=EVAL_SIZE, max_ratio=MAX_RATIO)
         if not self.calibration:
             return maps, scores
-        t, (lo, hi) = self.calibration["image_threshold"], self.calibration["score_range"]
-        return maps, scores, ((scores - t) / max(hi - lo, 1e-12) + 0.5).clamp(0, 1)
+        return maps, scores, normalise(scores, self.calibration, self.calibration["image_threshold"])
 
 def export_onnx(model, path, opts, images=None, log=print):
     """Write the scoring path as ONNX: input "image", a float32 (B, 3, crop, crop) batch preprocessed as
@@ -509,7 +514,9 @@ def export_onnx(model, path, opts, images=None, log=print):
     if opts.zero_shot or Path(path).exists():
         raise ValueError(f"{path}: exists; not replacing it" if Path(path).exists() else
                          "--export writes the reconstruction-error scoring path; drop --zero-shot")
-    scorer, c = Scorer(prepare(model, dataclasses.replace(opts, device="cpu")), opts.crop_size, opts.calibration), opts.crop_size
+    # the graph is fp32 whatever --precision says: a model cast to bf16 first would lose its weights' precision
+    cpu = dataclasses.replace(opts, device="cpu", precision="fp32")
+    scorer, c = Scorer(prepare(model, cpu), opts.crop_size, opts.calibration), opts.crop_size
     names = ["anomaly_map", "score"] + (["normalised_score"] if opts.calibration else [])
     x = torch.randn(3, 3, c, c, generator=torch.Generator().manual_seed(0))
     for i, f in enumerate(image_files(images)[:3] if images else []):  # the given images first
@@ -741,7 +748,8 @@ def main(argv=None):
     results = {}
     for ckpt, d, root, classes, sub, table in jobs:
         model, m = (first, meta) if ckpt == ckpts[0] else (inpformer.load_model(ckpt), inpformer.read_checkpoint_metadata(ckpt))
-        job_opts = dataclasses.replace(opts, calibration=None if args.zero_shot else read_calibration(m, ckpt, log))
+        job_opts = opts if ckpt == ckpts[0] or args.zero_shot else dataclasses.replace(
+            opts, calibration=read_calibration(m, ckpt, log))
         results.setdefault(table, []).append(evaluate(model, d, root, classes, job_opts, sub, log))
         if args.calibrate:
             log(f"calibrated {write_calibration(ckpt, results[table][-1]['calibration'], results[table][-1]['protocol'])}"
