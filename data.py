@@ -453,14 +453,12 @@ class ImageDataset(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------------------------------------
 # Few-shot: the official 22-fold expansion of each shot (utils.augmentation), on normalised tensors.
 
-def _affine_theta(matrix) -> torch.Tensor:
-    return torch.tensor(matrix, dtype=torch.float64).float()
-
 _ROTATIONS = [-math.pi / 4, -3 * math.pi / 16, -math.pi / 8, -math.pi / 16,
               math.pi / 16, math.pi / 8, 3 * math.pi / 16, math.pi / 4]
 _SHIFTS = [(0.2, 0.2), (-0.2, 0.2), (-0.2, -0.2), (0.2, -0.2), (0.1, 0.1), (-0.1, 0.1), (-0.1, -0.1), (0.1, -0.1)]
-_WARPS = ([_affine_theta([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0]]) for a in _ROTATIONS]
-          + [_affine_theta([[1, 0, a], [0, 1, b]]) for a, b in _SHIFTS])
+_WARPS = [torch.tensor(m, dtype=torch.float32) for m in
+          [[[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0]] for a in _ROTATIONS]
+          + [[[1, 0, a], [0, 1, b]] for a, b in _SHIFTS]]
 N_AUGMENT = 1 + len(_WARPS) + 2 + 3
 
 def _augment(x: torch.Tensor, j: int) -> torch.Tensor:

@@ -388,18 +388,14 @@ def markdown_table(results) -> str:
         lines.append(f"| {name} | " + " | ".join(_cell(m[k]) for k in METRICS) + " |")
     return "\n".join(lines)
 
-def _json_safe(x):  # JSON has no NaN: undefined metrics are written as null
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return None if isinstance(x, float) and math.isnan(x) else x
+def _json(x, **kw):  # JSON has no NaN: undefined metrics are written as null
+    return json.dumps(json.loads(json.dumps(x), parse_constant=lambda _: None), **kw)
 
 def write_results(results, out_dir, image_rows=None):
     """metrics.json, metrics.csv (class, then the seven metrics as fractions), metrics.md, image_scores.csv."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(_json_safe(results), indent=1) + "\n")
+    (out / "metrics.json").write_text(_json(results, indent=1) + "\n")
     rows = [[name, *("" if m[k] is None else repr(m[k]) for k in METRICS)]
             for name, m in [*results["classes"].items(), ("mean", results["mean"])]]
     _write_csv(out / "metrics.csv", ["class", *METRICS], rows)
@@ -633,7 +629,7 @@ def write_calibration(path, calibration, protocol=None) -> Path:
     with safe_open(path, framework="pt") as f:
         tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     with inpformer.atomic_write(path) as tmp:
-        save_file(tensors, tmp, metadata={**meta, "calibration": json.dumps(_json_safe(calibration))})
+        save_file(tensors, tmp, metadata={**meta, "calibration": _json(calibration)})
     return target
 
 def checkpoint_files(path):
