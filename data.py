@@ -151,15 +151,6 @@ def _read_split_file(split_file: Path) -> list[dict]:
         raise _error(split_file, f"not a VisA split file (its header must name {', '.join(need)})")
     return rows
 
-def _read_realiad_json(path: Path) -> dict:
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise _error(path, "not found" if isinstance(e, FileNotFoundError) else f"cannot read Real-IAD json ({e})") from None
-    if not isinstance(meta, dict):
-        raise _error(path, "not a Real-IAD json (expected an object with 'train' and 'test' lists)")
-    return meta
-
 def list_classes(data: str, root) -> list[str]:
     """The classes present under root: official order first where known, then sorted."""
     src = _source(data, root)
@@ -282,9 +273,13 @@ def _realiad_samples(images: Path, jsons: Path, cls: str, split: str) -> list[Sa
     if not path.is_file():
         known = sorted(j.stem for j in jsons.glob("*.json"))
         raise _error(path, f"not found (known: {', '.join(known)})")
-    records = _read_realiad_json(path).get(split)
+    try:
+        records = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise _error(path, f"cannot read Real-IAD json ({e})") from None
+    records = records.get(split) if isinstance(records, dict) else None
     if not isinstance(records, list) or not records:
-        raise _error(path, f"no '{split}' list of images")
+        raise _error(path, f"not a Real-IAD json with a '{split}' list of images")
     cdir = images / cls
     if not cdir.is_dir():
         raise _error(cdir, "class image folder not found (unpack the class's realiad_1024 zip here)")
@@ -326,16 +321,11 @@ def _reading(path):
 
 def _probe(path) -> tuple[int, int]:
     """(width, height) of an image file; DataError if it is missing, not an image, or does not decode."""
-    with _reading(path), Image.open(path) as im:
-        if (marker := _END_MARKERS.get(im.format)) is None or not _tail_has(path, marker):
+    with _reading(path), Image.open(path) as im, open(path, "rb") as f:
+        f.seek(max(0, os.path.getsize(path) - 1024))  # the last 1 KiB holds the end marker of a complete file
+        if (marker := _END_MARKERS.get(im.format)) is None or marker not in f.read():
             im.load()
         return im.size
-
-def _tail_has(path, marker: bytes, n: int = 1024) -> bool:
-    with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        f.seek(max(0, f.tell() - n))
-        return marker in f.read()
 
 def _size_error(mask, msize, image, size) -> DataError:
     return _error(mask, f"mask is {msize[0]}x{msize[1]} but its image {image} is {size[0]}x{size[1]}")

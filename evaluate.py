@@ -195,10 +195,8 @@ def title(path, score, calibration, cls=None):
 def heat_scale(opts):
     """(scale, outline) of the pictures: --heat-range, else the calibration's; None: the caller's fallback."""
     cal = opts.calibration
-    outline = cal["pixel_threshold"] if cal and opts.outline else None
-    if opts.heat_range:
-        return (*opts.heat_range, "--heat-range"), outline
-    return ((*cal["heat_range"], "calibration") if cal else None), outline
+    scale = (*opts.heat_range, "--heat-range") if opts.heat_range else (*cal["heat_range"], "calibration") if cal else None
+    return scale, cal["pixel_threshold"] if cal and opts.outline else None
 
 # -----------------------------------------------------------------------------------------------------
 # Pictures
@@ -310,7 +308,8 @@ def evaluate(model, data, root, classes, opts=Options(), out_dir=None, log=print
     metrics.json/.csv/.md, image_scores.csv, and with opts.save_maps=N pictures under maps/<class>/."""
     model = prepare(model, opts)
     if opts.map_dtype not in ("float32", "float16") or (opts.streaming and opts.map_dtype != "float32"):
-        raise ValueError(f"--map-dtype {opts.map_dtype}: use float32 or float16, and float32 with --streaming")
+        raise ValueError(f"--map-dtype {opts.map_dtype}: use float32 or float16 (float32 with --streaming, which keeps "
+                         "no maps)")
     classes = datasets.resolve_classes(data, root, classes)
     # Build every test set first: their pre-flight file checks fail now, not an hour into the run.
     test_sets = {c: datasets.test_set(data, root, c, opts.image_size, opts.crop_size, native=opts.full_res)
@@ -592,8 +591,6 @@ def parse_args(argv=None):
                          "or --zero-shot on their own")
     if args.heat_range and not args.heat_range[0] < args.heat_range[1]:
         raise ValueError(f"--heat-range {' '.join(map(str, args.heat_range))}: LO must be below HI")
-    if args.streaming and args.map_dtype != "float32":
-        raise ValueError("--map-dtype applies to exact metrics; --streaming keeps no maps")
     return args
 
 def read_calibration(meta, path, log=print):
@@ -640,9 +637,7 @@ def checkpoint_files(path):
         if not found:
             raise ValueError(f"{p}: no model.safetensors in it or in its sub-folders")
         return found
-    if not p.exists():
-        raise ValueError(f"{p}: no such file")
-    return [p]
+    return [p]  # read_checkpoint_metadata says if it is not there
 
 def plan_sets(args, meta, ckpt):
     """[(data, root, classes, own)] to evaluate: the command line first, then the checkpoint's metadata. own:

@@ -308,8 +308,7 @@ def main(argv=None, log=None):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     log = log or ((lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None))
     asked = args.precision  # evaluation runs in fp32 unless a precision was asked for
-    if args.precision == "auto":
-        args.precision = "bf16" if device.type == "cuda" else "fp32"
+    args.precision = ("bf16" if device.type == "cuda" else "fp32") if asked == "auto" else asked
     if args.precision == "fp16" and device.type != "cuda":
         raise ValueError("--precision fp16 runs on CUDA only (use bf16 on a CPU)")
     check_out(args.out, args)  # before anything is written

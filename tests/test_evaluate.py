@@ -425,6 +425,7 @@ def bad_files(ckpt, tmp_path_factory):
     (["--ckpt", "{ckpt}", "--export", "{bad}/new.onnx", "--calibrate"], ["--export", "--calibrate"]),
     (["--ckpt", "{ckpt}", "--images", "{bad}", "--heat-range", "0.5", "0.1"], ["--heat-range 0.5 0.1"]),
     (["--ckpt", "{ckpt}", "--calibrate", "--images", "{bad}"], ["--calibrate", "need a test set"]),
+    (["--ckpt", "{ckpt}", "--streaming", "--map-dtype", "float16"], ["--map-dtype float16", "--streaming"]),
 ])
 def test_bad_input_fails_with_one_line(argv, words, ckpt, bad_files, tmp_path, capsys):
     names = dict(bad=bad_files, ckpt=ckpt, official=shared(*TINY, "inpformer_official.safetensors"),
