@@ -583,7 +583,7 @@ def _defect(kind: str, rng, clean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     # Every defect shows a foreign colour. Dark, pale or grey fills looked like the tiles' grout or plain
     # interiors to some trained models and not to others, so the tiles' pixel AP swung by 7 to 20 points from
     # one --seed to the next; the random ViT's features separate colours reliably.
-    stain = np.clip(1 - clean.reshape(-1, 3).mean(0) + rng.uniform(-0.15, 0.15, 3), 0, 1).astype(np.float32)
+    fill = np.clip(1 - clean.reshape(-1, 3).mean(0) + rng.uniform(-0.15, 0.15, 3), 0, 1).astype(np.float32)
     if kind == "scratch":
         # A quadratic Bezier stroke through the surface, baring the layer beneath.
         length, angle = rng.uniform(0.15, 0.35) * size, rng.uniform(0, np.pi)
@@ -599,14 +599,13 @@ def _defect(kind: str, rng, clean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             ox, oy = rng.normal(0, 0.03, 2) * size
             rx, ry = rng.uniform(0.025, 0.06, 2) * size
             draw.ellipse([cx + ox - rx, cy + oy - ry, cx + ox + rx, cy + oy + ry], fill=255)
-        stain = 0.35 * clean + 0.65 * stain
+        fill = 0.35 * clean + 0.65 * fill
     else:  # "missing": an irregular polygonal chip, the layer beneath showing
         angles = np.sort(rng.uniform(0, 2 * np.pi, int(rng.integers(7, 12))))
         radii = rng.uniform(0.04, 0.1, len(angles)) * size
         draw.polygon([(cx + r * np.cos(a), cy + r * np.sin(a)) for a, r in zip(angles, radii)], fill=255)
-    fill = stain + noise
     mask = np.asarray(canvas)
-    return np.where((mask > 0)[..., None], np.clip(fill, 0, 1), clean), mask
+    return np.where((mask > 0)[..., None], np.clip(fill + noise, 0, 1), clean), mask
 
 def _save(path: Path, array: np.ndarray):
     path.parent.mkdir(parents=True, exist_ok=True)

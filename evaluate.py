@@ -715,30 +715,30 @@ def main(argv=None):
         raise ValueError(f"{args.ckpt}: a single-class run evaluates each model on its own class; pick one "
                          "model file to evaluate on another data set")
     out = args.out or default_out(args, ckpts[0], sets)
-    jobs = []  # (model file, data set, root, classes, output folder, table)
+    jobs = []  # (model file, its metadata, data set, root, classes, output folder, table)
     if len(ckpts) == 1:
         names = [d if [s[0] for s in sets].count(d) == 1 else f"{d}{i + 1}" for i, (d, *_) in enumerate(sets)]
-        jobs = [(ckpts[0], d, r, c, out / n if len(sets) > 1 else out, n) for (d, r, c, _), n in zip(sets, names)]
+        jobs = [(ckpts[0], meta, d, r, c, out / n if len(sets) > 1 else out, n) for (d, r, c, _), n in zip(sets, names)]
     wanted, split = set(datasets.split_list(args.classes)), datasets.split_list
     for ckpt in ckpts if len(ckpts) > 1 else []:  # a single-class run: each model on its own classes (those asked for)
         m = inpformer.read_checkpoint_metadata(ckpt)
         classes = [c for c in split(m.get("classes")) or [ckpt.parent.name] if not wanted or c in wanted]
         if classes:
-            jobs.append((ckpt, (split(m.get("data")) or [sets[0][0]])[0],
+            jobs.append((ckpt, m, (split(m.get("data")) or [sets[0][0]])[0],
                          (split(args.data_root) or split(m.get("data_root")) or [sets[0][1]])[0], classes,
                          out / ckpt.parent.name, "all"))
     if not jobs:
         raise ValueError(f"{args.ckpt}: no model for --classes {args.classes}")
     if args.calibrate and len(jobs) > len(ckpts):
         raise ValueError("--calibrate learns one rule per model: evaluate it on one data set")
-    for ckpt, d, root, classes, *_ in jobs if args.calibrate else []:  # fail now, not after the evaluation
+    for ckpt, _, d, root, classes, *_ in jobs if args.calibrate else []:  # fail now, not after the evaluation
         calibration_target(ckpt)
         if not any(s.label == 0 for c in datasets.resolve_classes(d, root, classes)
                    for s in datasets.list_samples(d, root, c, "test")):
             raise ValueError(f"{root}: no normal test image of {d} to calibrate {ckpt} on")
     results = {}
-    for ckpt, d, root, classes, sub, table in jobs:
-        model, m = (first, meta) if ckpt == ckpts[0] else (inpformer.load_model(ckpt), inpformer.read_checkpoint_metadata(ckpt))
+    for ckpt, m, d, root, classes, sub, table in jobs:
+        model = first if ckpt == ckpts[0] else inpformer.load_model(ckpt)
         job_opts = opts if ckpt == ckpts[0] or args.zero_shot else dataclasses.replace(
             opts, calibration=read_calibration(m, ckpt, log))
         results.setdefault(table, []).append(evaluate(model, d, root, classes, job_opts, sub, log))

@@ -5,7 +5,7 @@
 
 Runs the demo once per (kernel, seed), one run at a time (two torch processes on 2 cores run 10-30x slower),
 into a temporary folder, and prints every run's table, the spread of each cell, and each cell's largest
-distance from the README's table. Each run takes about 30 s on a 2-core CPU.
+distance from the README's table. Each run takes 30-45 s on a 2-core CPU.
 """
 import argparse
 import os
