@@ -134,10 +134,11 @@ def _ordered(found, data: str) -> list[str]:
 def _visible_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
-def _images(folder: Path) -> list[Path]:
-    # Hidden files include macOS "._000.png" resource forks, which carry an image suffix but are not images.
-    return sorted(p for p in folder.iterdir()
-                  if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
+def images_in(folder: Path, pattern="*") -> list[Path]:
+    """The image files in folder (pattern "**/*": and below it), sorted; hidden entries are skipped (they include
+    macOS "._000.png" resource forks, which carry an image suffix but are not images)."""
+    return sorted(p for p in folder.glob(pattern) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 def _read_split_file(split_file: Path) -> list[dict]:
     try:
@@ -214,7 +215,7 @@ def _tree_samples(base: Path, cls: str, split: str, data: str, root) -> list[Sam
         good = cdir / "train" / "good"
         if not good.is_dir():
             raise _error(good, "folder not found")
-        samples = [Sample(str(p), None, 0, cls, "good") for p in _images(good)]
+        samples = [Sample(str(p), None, 0, cls, "good") for p in images_in(good)]
         if not samples:
             raise _error(good, f"no images ({', '.join(IMAGE_SUFFIXES)})")
         return samples
@@ -226,14 +227,14 @@ def _tree_samples(base: Path, cls: str, split: str, data: str, root) -> list[Sam
     for folder in _visible_dirs(test):
         defect = folder.name
         if defect == "good":
-            samples += [Sample(str(p), None, 0, cls, "good") for p in _images(folder)]
+            samples += [Sample(str(p), None, 0, cls, "good") for p in images_in(folder)]
             continue
         # Pair by file stem, not by sorted order as the official loader does: a missing mask then names its
         # image instead of silently shifting every later pair. MVTec names masks <stem>_mask.png, the prepared
         # VisA tree <stem>.png. A class without any ground_truth/ folder is image-only: no masks at all.
         gt = cdir / "ground_truth" / defect
-        masks = {p.stem: p for p in _images(gt)} if gt.is_dir() else {}
-        for p in _images(folder):
+        masks = {p.stem: p for p in images_in(gt)} if gt.is_dir() else {}
+        for p in images_in(folder):
             mask = masks.get(p.stem + "_mask") or masks.get(p.stem)
             if mask is None and (cdir / "ground_truth").is_dir():
                 raise _error(p, f"no mask (expected {gt / (p.stem + '_mask.png')})")

@@ -417,13 +417,9 @@ def image_files(specs):
     within each folder."""
     files = []
     for spec in map(Path, specs):
-        if spec.is_dir():
-            files += sorted(q for q in spec.rglob("*") if q.suffix.lower() in datasets.IMAGE_SUFFIXES and q.is_file()
-                            and not any(part.startswith(".") for part in q.relative_to(spec).parts))
-        elif spec.is_file():
-            files.append(spec)
-        else:
+        if not spec.exists():
             raise ValueError(f"{spec}: no such file or folder")
+        files += datasets.images_in(spec, "**/*") if spec.is_dir() else [spec]
     if not files:
         raise ValueError(f"{', '.join(map(str, specs))}: no images ({', '.join(datasets.IMAGE_SUFFIXES)})")
     return files
@@ -595,9 +591,8 @@ def parse_args(argv=None):
 
 def read_calibration(meta, path, log=print):
     """The calibration in a checkpoint's metadata, or None (with a note if it is there but unusable)."""
-    cal = meta.get("calibration")
-    if cal is not None and not (isinstance(cal, dict) and {"image_threshold", "pixel_threshold", "score_range",
-                                                           "heat_range", "classes"} <= set(cal)):
+    cal, need = meta.get("calibration"), {"image_threshold", "pixel_threshold", "score_range", "heat_range", "classes"}
+    if cal is not None and not (isinstance(cal, dict) and need <= set(cal)):
         log(f"note: {path}: unreadable calibration metadata, ignored (evaluate.py --calibrate writes a new one)")
         return None
     return cal
@@ -613,7 +608,6 @@ def write_calibration(path, calibration, protocol=None) -> Path:
     """Store `calibration` in a project checkpoint's metadata: the file is rewritten atomically, every tensor
     as it was. An official state dict (.pth) is left alone and a calibrated project checkpoint is written beside
     it, recording the sizes and data of `protocol` (evaluate()'s). Returns the file written."""
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
     target = calibration_target(path)
@@ -623,8 +617,7 @@ def write_calibration(path, calibration, protocol=None) -> Path:
         inpformer.save_checkpoint(inpformer.load_model(path), target, dict(
             extra, data_root=p.get("root"), classes=list(calibration["classes"]), calibration=calibration))
         return target
-    with safe_open(path, framework="pt") as f:
-        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    tensors, meta = inpformer.read_state_dict(path)
     with inpformer.atomic_write(path) as tmp:
         save_file(tensors, tmp, metadata={**meta, "calibration": _json(calibration)})
     return target
@@ -719,7 +712,8 @@ def main(argv=None):
     if len(ckpts) == 1:
         names = [d if [s[0] for s in sets].count(d) == 1 else f"{d}{i + 1}" for i, (d, *_) in enumerate(sets)]
         jobs = [(ckpts[0], meta, d, r, c, out / n if len(sets) > 1 else out, n) for (d, r, c, _), n in zip(sets, names)]
-    wanted, split = set(datasets.split_list(args.classes)), datasets.split_list
+    split = datasets.split_list
+    wanted = set(split(args.classes)) - {"all"}
     for ckpt in ckpts if len(ckpts) > 1 else []:  # a single-class run: each model on its own classes (those asked for)
         m = inpformer.read_checkpoint_metadata(ckpt)
         classes = [c for c in split(m.get("classes")) or [ckpt.parent.name] if not wanted or c in wanted]

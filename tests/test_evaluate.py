@@ -287,7 +287,7 @@ def test_single_class_run_folder_gives_one_table(ckpt, model, demo, tmp_path, ca
         inpformer.save_checkpoint(model, run / cls / "model.safetensors",
                                   dict(data="folder", data_root=demo, classes=[cls], image_size=IMAGE,
                                        crop_size=CROP, setting="single", backbone=meta["backbone"]))
-    evaluate.main(["--ckpt", str(run), "--workers", "0", "--batch-size", str(BATCH), "--calibrate"])
+    evaluate.main(["--ckpt", str(run), "--workers", "0", "--batch-size", str(BATCH), "--calibrate", "--classes", "all"])
     results = json.loads((run / "eval" / "metrics.json").read_text())
     assert list(results["classes"]) == ["fabric", "tiles"]
     for cls in ("fabric", "tiles"):  # each model calibrated on its own class
