@@ -127,10 +127,6 @@ def _source(data: str, root) -> _Layout:
 
     return _Layout(root)
 
-def _ordered(found, data: str) -> list[str]:
-    official = OFFICIAL_ORDER.get(data, ())
-    return [c for c in official if c in found] + sorted(set(found) - set(official))
-
 def _visible_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
@@ -143,8 +139,7 @@ def images_in(folder: Path, pattern="*") -> list[Path]:
 def _read_split_file(split_file: Path) -> list[dict]:
     try:
         with open(split_file, newline="") as f:
-            reader = csv.DictReader(f)
-            rows = list(reader)
+            rows = list(reader := csv.DictReader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise _error(split_file, f"cannot read split file ({e})") from None
     need = ("object", "split", "label", "image", "mask")
@@ -170,22 +165,12 @@ def list_classes(data: str, root) -> list[str]:
             expected = "split_csv/1cls.csv of the raw download, or the prepared 1cls/<class>/train/good tree"
     if not found:
         raise _error(base, f"no classes found (expected {expected})")
-    return _ordered(found, data)
+    official = OFFICIAL_ORDER.get(data, ())
+    return [c for c in official if c in found] + sorted(set(found) - set(official))
 
 def resolve_classes(data: str, root, spec) -> list[str]:
     """Classes for spec "all" (or None), "a,b,c" or a list of names; an unknown name is a DataError."""
-    return _pick(spec, [list_classes(data, root)], root or default_root(data), data)[0]
-
-def _pick(spec, per_set: list[list[str]], where, what) -> list[list[str]]:
-    """The classes of spec in each set of known classes; a name no set knows is a DataError."""
-    names = list(dict.fromkeys(split_list(spec)))
-    if not names or names == ["all"]:
-        return per_set
-    unknown = [c for c in names if not any(c in known for known in per_set)]
-    if unknown:
-        known = dict.fromkeys(c for k in per_set for c in k)
-        raise _error(where, f"unknown class {', '.join(map(repr, unknown))} for {what} (known: {', '.join(known)})")
-    return [[c for c in names if c in known] for known in per_set]
+    return resolve_sets(data, root, spec)[0][2]
 
 def split_list(value) -> list[str]:
     """The items of a comma list ("a, b,c"), or of a list; empty ones dropped."""
@@ -206,25 +191,15 @@ def list_samples(data: str, root, cls: str, split: str) -> list[Sample]:
 def _tree_samples(base: Path, cls: str, split: str, data: str, root) -> list[Sample]:
     cdir = base / cls
     if not cdir.is_dir():
-        try:
+        known = ""
+        with contextlib.suppress(DataError):
             known = f" (known: {', '.join(list_classes(data, root))})"
-        except DataError:
-            known = ""
         raise _error(cdir, "class folder not found" + known)
-    if split == "train":
-        good = cdir / "train" / "good"
-        if not good.is_dir():
-            raise _error(good, "folder not found")
-        samples = [Sample(str(p), None, 0, cls, "good") for p in images_in(good)]
-        if not samples:
-            raise _error(good, f"no images ({', '.join(IMAGE_SUFFIXES)})")
-        return samples
-
-    test = cdir / "test"
-    if not test.is_dir():
-        raise _error(test, "folder not found")
+    top = cdir / "train" / "good" if split == "train" else cdir / "test"
+    if not top.is_dir():
+        raise _error(top, "folder not found")
     samples = []
-    for folder in _visible_dirs(test):
+    for folder in [top] if split == "train" else _visible_dirs(top):  # train/good is its own one "good" folder
         defect = folder.name
         if defect == "good":
             samples += [Sample(str(p), None, 0, cls, "good") for p in images_in(folder)]
@@ -240,7 +215,7 @@ def _tree_samples(base: Path, cls: str, split: str, data: str, root) -> list[Sam
                 raise _error(p, f"no mask (expected {gt / (p.stem + '_mask.png')})")
             samples.append(Sample(str(p), mask and str(mask), 1, cls, defect))
     if not samples:
-        raise _error(test, f"no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise _error(top, f"no images ({', '.join(IMAGE_SUFFIXES)})")
     return samples
 
 def _visa_csv_samples(base: Path, split_file: Path, cls: str, split: str) -> list[Sample]:
@@ -335,10 +310,8 @@ def check_samples(samples) -> None:
     """Quick pre-flight: every image and mask opens, is complete, and each mask matches its image's size."""
     for s in samples:
         size = _probe(s.image)
-        if s.mask is not None:
-            msize = _probe(s.mask)
-            if msize != size:
-                raise _size_error(s.mask, msize, s.image, size)
+        if s.mask is not None and (msize := _probe(s.mask)) != size:
+            raise _size_error(s.mask, msize, s.image, size)
 
 # ----------------------------------------------------------------------------------------------------------
 # The official preprocessing.
@@ -381,14 +354,6 @@ def _to_tensor(im: Image.Image, image_size: int, crop_size: int) -> torch.Tensor
     x /= _STD
     return torch.from_numpy(x)
 
-def _grey_mask(m: Image.Image, threshold: int | None) -> Image.Image:
-    """An "L" mask whose pixels > 127 are anomalous. m is "L", or "P" whose indices are class ids when a
-    threshold applies (a P image's grey otherwise). 0/255 masks keep their grey values, so that at 256 they
-    are binarised after the resize, as the official loader does (value/255 > 0.5 is value >= 128)."""
-    if threshold is not None:
-        return Image.fromarray(np.where(np.asarray(m) > threshold, 255, 0).astype(np.uint8))
-    return m.convert("L") if m.mode == "P" else m
-
 def load_image(path, image_size: int = 448, crop_size: int = 392) -> torch.Tensor:
     """One preprocessed image (3, crop, crop) from a file or a PIL image; DataError on a bad file."""
     check_sizes(image_size, crop_size)
@@ -425,7 +390,8 @@ class ImageDataset(torch.utils.data.Dataset):
         elif m.size != im.size:
             raise _size_error(s.mask, m.size, s.image, im.size)
         else:
-            m = _grey_mask(m, s.mask_threshold)
+            t = s.mask_threshold  # None: keep the grey values (a P mask's palette grey); else class ids > t
+            m = m.convert("L") if t is None else Image.fromarray(np.where(np.asarray(m) > t, 255, 0).astype(np.uint8))
             mask = np.asarray(_geometry(m, self.image_size, self.crop_size)) > 127
             mask = torch.from_numpy(mask[None].astype(np.float32))
         item = dict(image=_to_tensor(im, self.image_size, self.crop_size), mask=mask, label=s.label, path=s.image,
@@ -480,8 +446,8 @@ class FewShotSet(torch.utils.data.Dataset):
     """k shots per class, each seen as its 22 views. Views are made on access from the preprocessed shots:
     the same tensors as the official offline expansion, at 1/22 of the memory (2.4 GB for MVTec 4-shot)."""
 
-    def __init__(self, shots: torch.Tensor, paths, classes):
-        self.shots, self.paths, self.classes = shots, list(paths), list(classes)
+    def __init__(self, shots: torch.Tensor, samples):
+        self.shots, self.paths, self.classes = shots, [s.image for s in samples], [s.cls for s in samples]
 
     def __len__(self):
         return len(self.paths) * N_AUGMENT
@@ -506,8 +472,13 @@ def resolve_sets(data, root, classes="all") -> list[tuple[str, str, list[str]]]:
         raise _error(root or data, f"{len(datas)} data set(s) ({', '.join(datas)}) need as many comma-separated "
                                    "roots (--data-root)")
     known = [list_classes(d, r) for d, r in zip(datas, roots)]
-    per_set = _pick(classes, known, ",".join(map(str, roots)), ",".join(datas))
-    return [(d, str(r), cs) for d, r, cs in zip(datas, roots, per_set) if cs]
+    names = list(dict.fromkeys(split_list(classes)))
+    if names and names != ["all"]:
+        if unknown := [c for c in names if not any(c in k for k in known)]:
+            raise _error(",".join(map(str, roots)), f"unknown class {', '.join(map(repr, unknown))} for "
+                         f"{','.join(datas)} (known: {', '.join(dict.fromkeys(c for k in known for c in k))})")
+        known = [[c for c in names if c in k] for k in known]
+    return [(d, str(r), cs) for d, r, cs in zip(datas, roots, known) if cs]
 
 def train_set(data, root, classes="all", image_size: int = 448, crop_size: int = 392, shots: int | None = None,
               seed: int = 1, check: bool = True) -> torch.utils.data.Dataset:
@@ -516,8 +487,7 @@ def train_set(data, root, classes="all", image_size: int = 448, crop_size: int =
     classes in order (the official setup_seed(1) + random.sample) and expands each into its 22 views.
     check=True runs check_samples first, so a bad file stops the run before training rather than inside a
     loader worker."""
-    rng = random.Random(seed)
-    parts = []
+    rng, chosen = random.Random(seed), []
     for d, r, clss in resolve_sets(data, root, classes):
         for cls in clss:
             samples = list_samples(d, r, cls, "train")
@@ -528,12 +498,9 @@ def train_set(data, root, classes="all", image_size: int = 448, crop_size: int =
                 samples = rng.sample(samples, shots)
             if check:
                 check_samples(samples)
-            parts.append(ImageDataset(samples, image_size, crop_size))
-    if not shots:
-        return torch.utils.data.ConcatDataset(parts)
-    chosen = [s for part in parts for s in part.samples]
-    images = torch.stack([part[i]["image"] for part in parts for i in range(len(part))])
-    return FewShotSet(images, [s.image for s in chosen], [s.cls for s in chosen])
+            chosen += samples
+    ds = ImageDataset(chosen, image_size, crop_size)
+    return FewShotSet(torch.stack([ds[i]["image"] for i in range(len(ds))]), chosen) if shots else ds
 
 def test_set(data, root, cls, image_size: int = 448, crop_size: int = 392, check: bool = True,
              native: bool = False) -> ImageDataset:
@@ -653,15 +620,12 @@ def make_demo(out_dir, seed: int = 0, classes=("tiles", "fabric"), n_train: int 
         return out
     if out.exists():
         shutil.rmtree(out)                   # an older demo set (it has the marker) or an empty folder
-    out.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, out)
     return out
 
 def _demo_settings(folder: Path) -> dict | None:
-    try:
+    with contextlib.suppress(OSError, ValueError):
         return json.loads((folder / DEMO_MARKER).read_text())
-    except (OSError, ValueError):
-        return None
 
 def load_encoder(weights=None, backbone=None, demo=False, log=print):
     """train.py's encoder: --weights, else the demo's random ViT, else the DINOv2-with-registers file of
@@ -728,12 +692,10 @@ class Parser(argparse.ArgumentParser):
 def number(kind=int, low=1):
     """An argparse type: a whole number of at least `low`, or (kind=float) a finite number above `low`."""
     def parse(text):
-        try:
+        with contextlib.suppress(ValueError):
             v = kind(text)
             if v >= low if kind is int else math.isfinite(v) and v > low:
                 return v
-        except ValueError:
-            pass
         raise argparse.ArgumentTypeError(f"{text!r} is not " + (f"a whole number of at least {low}" if kind is int
                                                                 else f"a number above {low}"))
     return parse
@@ -763,7 +725,6 @@ def add_args(parser, required=False):
     g.add_argument("--device", help='"auto" (default: cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...')
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="autocast dtype (auto: bf16 for CUDA training, else fp32; bf16 also runs on CPUs)")
-    return g
 
 def format_time(s) -> str:
     s = int(s)

@@ -16,6 +16,7 @@ Depends on torch; safetensors is used for file I/O only.
 """
 import contextlib
 import copy
+import functools
 import json
 import math
 import os
@@ -260,7 +261,6 @@ class INPFormer(nn.Module):
 
     def decode(self, en, fused, grid):
         """Everything after the frozen encoder, from the outputs of encode(); grid is the (h, w) token grid."""
-        h, w = grid
         inps = self.extract_inps(fused)
         coherence = inp_distance(fused, inps).mean()
         de = [self.bottleneck[0](fused)]
@@ -268,7 +268,7 @@ class INPFormer(nn.Module):
             de.append(blk(de[-1], inps))
         de = de[:0:-1]  # the decoder blocks' outputs, the last one matched with the first encoder group
         de = [torch.stack([de[i] for i in g], dim=1).mean(dim=1) for g in self.config.fuse_groups]
-        to_map = lambda t: t.transpose(1, 2).reshape(t.shape[0], -1, h, w)  # noqa: E731
+        to_map = lambda t: t.transpose(1, 2).reshape(t.shape[0], -1, *grid)  # noqa: E731
         return [to_map(e) for e in en], [to_map(d) for d in de], coherence
 
     def loss(self, x, coherence_weight=0.2):
@@ -292,9 +292,8 @@ class INPFormer(nn.Module):
     @torch.no_grad()
     def predict_zero_shot(self, x, out_size=256, max_ratio=0.01):
         """Zero-shot maps: per token, the cosine distance to its nearest INP (no decoder involved)."""
-        h, w = self.token_grid(x)
         _, fused = self.encode(x)
-        d = inp_distance(fused, self.extract_inps(fused)).view(-1, 1, h, w)
+        d = inp_distance(fused, self.extract_inps(fused)).view(-1, 1, *self.token_grid(x))
         d = F.interpolate(d, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=True)
         return score_maps(d, out_size, max_ratio)
 
@@ -305,9 +304,7 @@ def inp_distance(tokens, inps, eps=1e-8):
     """Per token, 1 - cosine similarity to its nearest INP: (B, N). Its mean is the INP coherence loss.
     In fp32 also under autocast (it is cheap: M is a handful of INPs)."""
     with torch.autocast(tokens.device.type, enabled=False):
-        tokens, inps = _full(tokens), _full(inps)
-        t = tokens / tokens.norm(dim=-1, keepdim=True).clamp_min(eps)
-        p = inps / inps.norm(dim=-1, keepdim=True).clamp_min(eps)
+        t, p = F.normalize(_full(tokens), dim=-1, eps=eps), F.normalize(_full(inps), dim=-1, eps=eps)
         return (1 - t @ p.transpose(1, 2)).min(dim=-1).values
 
 def soft_mining_loss(en, de, y=3.0):
@@ -403,11 +400,7 @@ _HF_NAMES = (("embeddings.patch_embeddings.projection", "patch_embed.proj"), ("e
 def to_hub_names(sd):
     """(state dict in torch-hub names, "torch-hub" | "huggingface" | "timm"), the naming detected from the keys."""
     if any(k.startswith(("embeddings.", "encoder.layer.")) for k in sd):
-        out = {}
-        for k, v in sd.items():
-            for hf, hub in _HF_NAMES:
-                k = k.replace(hf, hub)
-            out[k] = v
+        out = {functools.reduce(lambda name, r: name.replace(*r), _HF_NAMES, k): v for k, v in sd.items()}
         for q in [k for k in out if re.fullmatch(r"blocks\.\d+\.attn\.query\.(weight|bias)", k)]:  # q, k, v -> qkv
             parts = [q.replace("query", p) for p in ("query", "key", "value")]
             out[q.replace("query", "qkv")] = torch.cat([out.pop(p) for p in parts])
@@ -416,9 +409,7 @@ def to_hub_names(sd):
     if "reg_token" in sd or (pos is not None and math.isqrt(pos.shape[1]) ** 2 == pos.shape[1]):
         # timm folds the class position into cls_token and drops mask_token; putting a zero class slot back
         # is exact, since that slot is only ever added to the class token.
-        sd = dict(sd)
-        if "reg_token" in sd:
-            sd["register_tokens"] = sd.pop("reg_token")
+        sd = {"register_tokens" if k == "reg_token" else k: v for k, v in sd.items()}
         if pos is not None and math.isqrt(pos.shape[1]) ** 2 == pos.shape[1]:
             sd["pos_embed"] = torch.cat((torch.zeros_like(pos[:, :1]), pos), dim=1)
         if "mask_token" not in sd and "cls_token" in sd:
@@ -457,9 +448,8 @@ def load_backbone(path, num_heads=None) -> ViT:
         sd = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
     try:
         sd, source = to_hub_names(sd)
-        folder, stem = os.path.split(os.fspath(path))
-        for name in ("config.json", f"{os.path.splitext(stem)[0]}_config.json"):
-            path_json = os.path.join(folder, name)
+        stem = os.path.splitext(os.fspath(path))[0]
+        for path_json in (os.path.join(os.path.dirname(stem), "config.json"), f"{stem}_config.json"):
             with contextlib.suppress(OSError, ValueError, KeyError, AttributeError), open(path_json) as f:
                 cfg = json.load(f)
                 if num_heads is None and cfg.get("hidden_size") == sd["pos_embed"].shape[-1]:

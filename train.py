@@ -154,9 +154,8 @@ def setup(args, encoder, sets, out, device, log, rank=0, world=1):
     `sets` [(data, root, classes)], restored from `out` with --resume."""
     torch.manual_seed(args.seed)
     model = inpformer.INPFormer(copy.deepcopy(encoder), inp_num=args.inp_num).to(device)
-    parts = [data.train_set(d, r, cs, args.image_size, args.crop_size, shots=args.shots, seed=args.seed, check=False)
-             for d, r, cs in sets]  # plan() already checked every file
-    dataset = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
+    dataset = torch.utils.data.ConcatDataset([data.train_set(d, r, cs, args.image_size, args.crop_size, check=False,
+                                              shots=args.shots, seed=args.seed) for d, r, cs in sets])  # plan() checked
     batches = EpochBatches(len(dataset), args.batch_size, args.seed, rank, world)
     if len(batches) == 0:
         raise ValueError(f"the training set has {len(dataset)} images, fewer than one batch of {args.batch_size} x "
@@ -214,7 +213,6 @@ def train(run, log):
             optimizer_step(loss, run.opt, run.scaler, model.trainable_parameters())
             it += 1
             run.window = [run.window[0] + value, run.window[1] + 1]  # the losses since the last log line
-            end_of_epoch = it % per_epoch == 0 or it == total
             line = None  # logged after the checkpoint
             if it % (args.log_every or per_epoch) == 0 or it == total:
                 eta, ips = (time.time() - t0) / (it - run.start) * (total - it), (it - run.start) * args.batch_size * run.world
@@ -222,7 +220,7 @@ def train(run, log):
                         f"{run.window[0] / run.window[1]:.4f} lr {run.opt.param_groups[0]['lr']:.2e} "
                         f"{ips / (time.time() - t0):.1f} img/s ETA {data.format_time(eta)}")
                 run.window = [0.0, 0]
-            if run.rank == 0 and end_of_epoch:  # saved with the log window, so a resumed run logs the same losses
+            if run.rank == 0 and (it % per_epoch == 0 or it == total):  # saved with the log window, so a resumed run logs the same losses
                 save_state(run.out / "train_state.pt", run, it)
                 inpformer.save_checkpoint(model, ckpt, dict(run.meta, iteration=it, finished=it == total))
             if line:
