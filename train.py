@@ -213,6 +213,7 @@ def train(run, log):
             optimizer_step(loss, run.opt, run.scaler, model.trainable_parameters())
             it += 1
             run.window = [run.window[0] + value, run.window[1] + 1]  # the losses since the last log line
+            end_of_epoch = it % per_epoch == 0 or it == total
             line = None  # logged after the checkpoint
             if it % (args.log_every or per_epoch) == 0 or it == total:
                 eta, ips = (time.time() - t0) / (it - run.start) * (total - it), (it - run.start) * args.batch_size * run.world
@@ -220,7 +221,7 @@ def train(run, log):
                         f"{run.window[0] / run.window[1]:.4f} lr {run.opt.param_groups[0]['lr']:.2e} "
                         f"{ips / (time.time() - t0):.1f} img/s ETA {data.format_time(eta)}")
                 run.window = [0.0, 0]
-            if run.rank == 0 and (it % per_epoch == 0 or it == total):  # saved with the log window, so a resumed run logs the same losses
+            if run.rank == 0 and end_of_epoch:  # saved with the log window, so a resumed run logs the same losses
                 save_state(run.out / "train_state.pt", run, it)
                 inpformer.save_checkpoint(model, ckpt, dict(run.meta, iteration=it, finished=it == total))
             if line:
