@@ -349,10 +349,7 @@ def _geometry(im: Image.Image, image_size: int, crop_size: int) -> Image.Image:
 def _to_tensor(im: Image.Image, image_size: int, crop_size: int) -> torch.Tensor:
     im = _geometry(im, image_size, crop_size).convert("RGB")
     x = np.asarray(im).transpose(2, 0, 1).astype(np.float32, order="C")
-    x /= np.float32(255)
-    x -= _MEAN
-    x /= _STD
-    return torch.from_numpy(x)
+    return torch.from_numpy((x / np.float32(255) - _MEAN) / _STD)
 
 def load_image(path, image_size: int = 448, crop_size: int = 392) -> torch.Tensor:
     """One preprocessed image (3, crop, crop) from a file or a PIL image; DataError on a bad file."""
@@ -375,8 +372,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __init__(self, samples, image_size: int = 448, crop_size: int = 392, native: bool = False):
         check_sizes(image_size, crop_size)
-        self.samples, self.native = list(samples), native
-        self.image_size, self.crop_size = image_size, crop_size
+        self.samples, self.native, self.image_size, self.crop_size = list(samples), native, image_size, crop_size
 
     def __len__(self):
         return len(self.samples)
@@ -656,8 +652,7 @@ def default_weights(backbone, log):
         with urllib.request.urlopen(url, timeout=30) as r, inpformer.atomic_write(path) as tmp, open(tmp, "wb") as f:
             total, done = int(r.headers.get("Content-Length") or 0), 0
             while chunk := r.read(1 << 24):
-                f.write(chunk)
-                done += len(chunk)
+                done += f.write(chunk)
                 log(f"  {done >> 20} / {total >> 20} MiB")
     except OSError as e:
         raise ValueError(f"could not download the DINOv2 weights ({getattr(e, 'reason', e)}): download {url} and "
@@ -735,17 +730,17 @@ def workers(asked=None, default=4) -> int:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return min(default if asked is None else asked, cpus)
 
-def device(name) -> torch.device:
+def device(name, precision=None) -> torch.device:
     """"auto" (or None) -> cuda if available, else cpu; anything else must name a device that is there."""
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        dev = torch.device(name)
+        dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name in (None, "auto") else name)
     except (RuntimeError, ValueError):
         raise ValueError(f"--device {name!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
     if dev.type == "cuda" and (dev.index or 0) >= (n := torch.cuda.device_count() if torch.cuda.is_available() else 0):
         raise ValueError(f"--device {name}: " + (f"only {n} CUDA device(s) here" if n else
                                                  "no CUDA device is available here (use --device cpu)"))
+    if precision == "fp16" and dev.type != "cuda":
+        raise ValueError("--precision fp16 runs on CUDA only (use bf16 on a CPU)")
     return dev
 
 def guard(main) -> None:

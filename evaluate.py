@@ -78,8 +78,6 @@ class Options:
 def prepare(model, opts: Options):
     """The model on the options' device and in their precision, ready to score; checks the sizes."""
     datasets.check_sizes(opts.image_size, opts.crop_size, model.encoder.config.patch_size)
-    if opts.precision == "fp16" and torch.device(opts.device).type != "cuda":
-        raise ValueError("--precision fp16 runs on CUDA only (use bf16 on a CPU)")
     return model.to(opts.device, DTYPES[opts.precision]).eval()
 
 def predict_maps(model, x, zero_shot=False):
@@ -126,7 +124,7 @@ class ClassScores:
                              "exact --full-res needs one size per class, use --streaming")
         self.maps[i:i + b], self.masks[i:i + b] = torch.stack(list(maps)), torch.stack(list(masks))
 
-    def compute(self, warn=None):
+    def compute(self, warn=lambda message: None):
         """{metric: float} in METRICS order, then the F1-max thresholds "I-threshold" and "P-threshold";
         undefined values are NaN (warn(message) says why), absent ones None."""
         if self.count != self.n:
@@ -141,8 +139,7 @@ class ClassScores:
                           "I-AP": metrics.average_precision(self.labels, self.scores), "I-F1max": f1,
                           **(self.hist.compute(FPR_LIMIT, thresholds=True) if self.hist else {}), "I-threshold": t}
         for w in caught:  # one log line each instead of python's two-line warning format
-            if warn:
-                warn(str(w.message))
+            warn(str(w.message))
         return {k: float(result[k]) if k in result else None for k in (*METRICS, "I-threshold", "P-threshold")}
 
 def calibration(labels, scores, hist, sigmas=3.0):
@@ -223,10 +220,8 @@ def picture(image, amap, scale, title="", mask=None, outline=None) -> Image.Imag
     heat = heat_colors((amap - lo) / max(hi - lo, 1e-12))
     overlay = (0.5 * image.astype(np.float32) + 0.5 * heat.astype(np.float32) + 0.5).astype(np.uint8)
     if outline is not None:
-        r = amap >= outline
-        inner = r.copy()
-        inner[1:-1, 1:-1] &= r[:-2, 1:-1] & r[2:, 1:-1] & r[1:-1, :-2] & r[1:-1, 2:]
-        overlay[r & ~inner] = 255
+        r = amap >= outline  # its edge: pixels of the region (not on the border) with a neighbour outside it
+        overlay[1:-1, 1:-1][r[1:-1, 1:-1] & ~(r[:-2, 1:-1] & r[2:, 1:-1] & r[1:-1, :-2] & r[1:-1, 2:])] = 255
     panels = [image] + ([np.repeat(np.asarray(mask, np.uint8)[..., None] * 255, 3, axis=2)] if mask is not None else [])
     x = w * (len(panels) + 1)
     canvas = Image.new("RGB", (x + 84, h + 14), "white")
@@ -286,16 +281,12 @@ class Progress:
 def combine(parts, **protocol):
     """One results dict (classes, mean, counts) from the results of disjoint sets of classes, e.g. the models
     of a single-class run. The mean is over classes; None (absent) where any class lacks the metric."""
-    per_class, counts = {}, {}
-    for r in parts:
-        per_class.update(r["classes"])
-        counts.update(r["counts"])
-    values = {k: [m[k] for m in per_class.values()] for k in METRICS}
-    mean = {k: None if None in v else float(np.mean(v)) for k, v in values.items()}
-    results = dict(classes=per_class, mean=mean, counts=counts, protocol=dict(parts[-1]["protocol"], **protocol),
-                   thresholds={c: t for r in parts for c, t in r["thresholds"].items()},
+    merge = lambda key: {c: v for r in parts for c, v in r.get(key, {}).items()}  # noqa: E731
+    per_class, bounds = merge("classes"), merge("error_bounds")
+    mean = {k: None if None in (v := [m[k] for m in per_class.values()]) else float(np.mean(v)) for k in METRICS}
+    results = dict(classes=per_class, mean=mean, counts=merge("counts"), thresholds=merge("thresholds"),
+                   protocol=dict(parts[-1]["protocol"], **protocol),
                    calibration=parts[0]["calibration"] if len(parts) == 1 else None)
-    bounds = {c: b for r in parts for c, b in r.get("error_bounds", {}).items()}
     return dict(results, error_bounds=bounds) if bounds else results
 
 def evaluate(model, data, root, classes, opts=Options(), out_dir=None, log=print):
@@ -332,16 +323,13 @@ def evaluate(model, data, root, classes, opts=Options(), out_dir=None, log=print
         for batch in loader:
             maps, scores = (t.cpu() for t in predict_maps(model, batch["image"].to(opts.device), opts.zero_shot))
             masks = F.interpolate(batch["mask"], size=(EVAL_SIZE, EVAL_SIZE), mode="nearest")[:, 0] > 0.5
-            if opts.full_res:  # the 256 maps resized to each native mask's box
-                native = batch["native_mask"]
-                big = [F.interpolate(m[None, None], size=t.shape, mode="bilinear", align_corners=False)[0, 0]
-                       for m, t in zip(maps, native)]
-                acc.add(batch["label"], scores, native, big)
-            else:
-                acc.add(batch["label"], scores, masks, maps)
             known = batch["label"] >= 0 if pixels else batch["label"] == 0  # pixels whose label is known
-            if known.any():
-                pooled.update(masks[known], maps[known])
+            pooled.update(masks[known], maps[known])
+            if opts.full_res:  # the maps resized to each native mask's box
+                masks = batch["native_mask"]
+                maps = [F.interpolate(m[None, None], size=t.shape, mode="bilinear", align_corners=False)[0, 0]
+                        for m, t in zip(maps, masks)]
+            acc.add(batch["label"], scores, masks, maps)
             rows += [(cls, p, int(y), float(s)) for p, y, s in zip(batch["path"], batch["label"], scores)]
             progress.step(len(scores), cls)
         m = acc.compute(warn=lambda msg, cls=cls: log(f"  note: {cls}: {msg}"))
@@ -405,9 +393,7 @@ def write_results(results, out_dir, image_rows=None):
 
 def _write_csv(path, header, rows):
     with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
+        csv.writer(f).writerows([header, *rows])
 
 # -----------------------------------------------------------------------------------------------------
 # Predictions on new images
@@ -444,9 +430,8 @@ def predict_images(model, files, opts=Options(), out_dir=None, cls=None, log=pri
         maps, scores = (t.cpu() for t in predict_maps(model, batch["image"].to(opts.device), opts.zero_shot))
         for i, path in enumerate(batch["path"]):
             name, k = Path(path).stem, 1
-            while name in used:  # same file name in two folders
-                k += 1
-                name = f"{Path(path).stem}_{k}"
+            while name in used:  # same file name in two folders: _2, _3, ...
+                name, k = f"{Path(path).stem}_{k + 1}", k + 1
             used.add(name)
             c = cls or next((p for p in Path(path).parts if cal and p in cal.get("classes", {})), None)
             s = float(scores[i])
@@ -487,9 +472,8 @@ class Scorer(torch.nn.Module):
 
     def forward(self, x):
         maps, scores = self.model.predict(x, out_size=EVAL_SIZE, max_ratio=MAX_RATIO)
-        if not self.calibration:
-            return maps, scores
-        return maps, scores, normalise(scores, self.calibration, self.calibration["image_threshold"])
+        cal = self.calibration
+        return (maps, scores, normalise(scores, cal, cal["image_threshold"])) if cal else (maps, scores)
 
 def export_onnx(model, path, opts, images=None, log=print):
     """Write the scoring path as ONNX: input "image", a float32 (B, 3, crop, crop) batch preprocessed as
@@ -502,9 +486,8 @@ def export_onnx(model, path, opts, images=None, log=print):
     except ImportError:
         raise ValueError("--export needs the optional packages onnx, onnxscript and onnxruntime: "
                          "pip install onnx onnxscript onnxruntime") from None
-    if opts.zero_shot or Path(path).exists():
-        raise ValueError(f"{path}: exists; not replacing it" if Path(path).exists() else
-                         "--export writes the reconstruction-error scoring path; drop --zero-shot")
+    if Path(path).exists():
+        raise ValueError(f"{path}: exists; not replacing it")
     # the graph is fp32 whatever --precision says: a model cast to bf16 first would lose its weights' precision
     cpu = dataclasses.replace(opts, device="cpu", precision="fp32")
     scorer, c = Scorer(prepare(model, cpu), opts.crop_size, opts.calibration), opts.crop_size
@@ -543,8 +526,7 @@ def export_onnx(model, path, opts, images=None, log=print):
 # Command line
 
 def parse_args(argv=None):
-    doc = __doc__.split("\n\n")
-    p = datasets.Parser(description=doc[0], epilog="examples:\n" + doc[1],
+    p = datasets.Parser(description=__doc__.split("\n\n")[0], epilog="examples:\n" + __doc__.split("\n\n")[1],
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True,
                    help="project checkpoint (.safetensors), official state dict (model.pth or .safetensors), or "
@@ -552,28 +534,22 @@ def parse_args(argv=None):
     datasets.add_args(p)
     p.add_argument("--out", type=Path, help="output folder (default: <checkpoint folder>/eval, or eval-<data>, "
                                             "-zero-shot, -full-res for those protocols; predictions for --images)")
-    p.add_argument("--zero-shot", action="store_true",
-                   help="anomaly map = INP distance (paper's zero-shot protocol, e.g. a Real-IAD model on MVTec)")
-    p.add_argument("--full-res", action="store_true",
-                   help="pixel metrics at each image's original resolution over the centre-crop region (the "
-                        "MVTec AD protocol; the border outside the crop is not scored)")
+    p.add_argument("--zero-shot", action="store_true", help="anomaly map = INP distance (paper's zero-shot protocol)")
+    p.add_argument("--full-res", action="store_true", help="pixel metrics at each image's original resolution over "
+                   "the centre-crop region (the MVTec AD protocol; the border outside the crop is not scored)")
     p.add_argument("--streaming", action="store_true",
                    help="pixel metrics from 65536-bin histograms (constant memory; error bounds in metrics.json)")
     p.add_argument("--map-dtype", choices=["float32", "float16"], default="float32",
-                   help="storage of maps for exact metrics; float16 halves memory but rounds the scores "
-                        "(metrics can move); default float32")
+                   help="storage of maps for exact metrics (default float32); float16 halves it, rounding the scores")
     p.add_argument("--save-maps", type=datasets.number(low=0), default=0, metavar="N",
                    help="per class, pictures of the N most and N least anomalous test images")
     p.add_argument("--images", nargs="+", metavar="PATH",
                    help="score these images or folders (no labels): predictions.csv + heatmaps/*.png")
-    p.add_argument("--heat-range", nargs=2, type=float, metavar=("LO", "HI"),
-                   help="colour heat maps on this range (default: the calibration's; uncalibrated --images: "
-                        "min..max over the images scored)")
-    p.add_argument("--outline", action="store_true", help="pictures: outline where the map passes the calibrated "
-                                                          "pixel threshold")
-    p.add_argument("--calibrate", action="store_true",
-                   help="store the decision rule learnt on this labelled test set (thresholds, normal statistics, "
-                        "heat-map scale) in the checkpoint, its tensors untouched")
+    p.add_argument("--heat-range", nargs=2, type=float, metavar=("LO", "HI"), help="colour heat maps on this range "
+                   "(default: the calibration's; uncalibrated --images: min..max over the images scored)")
+    p.add_argument("--outline", action="store_true", help="draw the calibrated pixel threshold's outline on pictures")
+    p.add_argument("--calibrate", action="store_true", help="store the decision rule learnt on this labelled test set "
+                   "(thresholds, normal statistics, heat-map scale) in the checkpoint, its tensors untouched")
     p.add_argument("--export", type=Path, metavar="OUT.onnx",
                    help="write the scoring path as ONNX (anomaly_map, score) and check it with onnxruntime")
     args = p.parse_args(argv)
@@ -592,10 +568,9 @@ def parse_args(argv=None):
 def read_calibration(meta, path, log=print):
     """The calibration in a checkpoint's metadata, or None (with a note if it is there but unusable)."""
     cal, need = meta.get("calibration"), {"image_threshold", "pixel_threshold", "score_range", "heat_range", "classes"}
-    if cal is not None and not (isinstance(cal, dict) and need <= set(cal)):
-        log(f"note: {path}: unreadable calibration metadata, ignored (evaluate.py --calibrate writes a new one)")
-        return None
-    return cal
+    if cal is None or isinstance(cal, dict) and need <= set(cal):
+        return cal
+    log(f"note: {path}: unreadable calibration metadata, ignored (evaluate.py --calibrate writes a new one)")
 
 def calibration_target(path) -> Path:
     """The file --calibrate writes: the checkpoint itself, or beside an official .pth its .safetensors twin."""
@@ -624,13 +599,11 @@ def write_calibration(path, calibration, protocol=None) -> Path:
 
 def checkpoint_files(path):
     """[model file]: the file itself, <dir>/model.safetensors, or every <dir>/<class>/model.safetensors."""
-    p = Path(path)
-    if p.is_dir():
-        found = sorted(p.glob("model.safetensors")) or sorted(p.glob("*/model.safetensors"))
-        if not found:
-            raise ValueError(f"{p}: no model.safetensors in it or in its sub-folders")
-        return found
-    return [p]  # read_checkpoint_metadata says if it is not there
+    p = Path(path)  # a file that is not there: read_checkpoint_metadata says so
+    found = (sorted(p.glob("model.safetensors")) or sorted(p.glob("*/model.safetensors"))) if p.is_dir() else [p]
+    if not found:
+        raise ValueError(f"{p}: no model.safetensors in it or in its sub-folders")
+    return found
 
 def plan_sets(args, meta, ckpt):
     """[(data, root, classes, own)] to evaluate: the command line first, then the checkpoint's metadata. own:
@@ -660,23 +633,18 @@ def plan_sets(args, meta, ckpt):
         sets.append((d, root, classes, None if not trained else k is not None))
     return sets
 
-def default_out(args, ckpt, sets):
-    base = Path(args.ckpt) if Path(args.ckpt).is_dir() else ckpt.parent
-    foreign = "".join(f"-{d}" for d, *_, own in sets if own is False)
-    return base / ("predictions" if args.images else
-                   f"eval{foreign}{'-zero-shot' if args.zero_shot else ''}{'-full-res' if args.full_res else ''}")
-
 def main(argv=None):
     args = parse_args(argv)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     ckpts = checkpoint_files(args.ckpt)
+    base = Path(args.ckpt) if Path(args.ckpt).is_dir() else ckpts[0].parent  # outputs go beside the model(s)
     meta = inpformer.read_checkpoint_metadata(ckpts[0])  # a junk or truncated file fails here, naming itself
     first = inpformer.load_model(ckpts[0])  # and a file that is no INP-Former checkpoint here
     cal = None if args.zero_shot else read_calibration(meta, ckpts[0], log)  # its rule is for reconstruction maps
     opts = Options(image_size=args.image_size or meta.get("image_size") or (cal or {}).get("image_size") or 448,
                    crop_size=args.crop_size or meta.get("crop_size") or (cal or {}).get("crop_size") or 392,
                    batch_size=args.batch_size or 16,
-                   device=str(datasets.device(args.device)), workers=datasets.workers(args.workers),
+                   device=str(datasets.device(args.device, args.precision)), workers=datasets.workers(args.workers),
                    precision="fp32" if args.precision == "auto" else args.precision, zero_shot=args.zero_shot,
                    full_res=args.full_res, streaming=args.streaming, map_dtype=args.map_dtype, save_maps=args.save_maps,
                    calibration=cal, outline=args.outline, heat_range=args.heat_range)
@@ -693,21 +661,22 @@ def main(argv=None):
         if args.classes and ("," in args.classes or cal and args.classes not in cal["classes"]):
             raise ValueError(f"--classes {args.classes}: with --images, one class whose threshold to use" + (
                 f" (calibrated: {', '.join(cal['classes'])})" if cal else ""))
-        files, out = image_files(args.images), args.out or default_out(args, ckpts[0], [])
+        files, out = image_files(args.images), args.out or base / "predictions"
         log(f"{ckpts[0]}: scoring {len(files)} images at {opts.image_size} -> {opts.crop_size} px on {opts.device}")
         predict_images(first, files, opts, out, args.classes, log)
         log(f"wrote {out / 'predictions.csv'} and {out / 'heatmaps'}/")
         return 0
 
     sets = plan_sets(args, meta, ckpts[0])
-    for d, _, _, own in sets:
-        if own is False and not args.zero_shot and not args.calibrate:
-            log(f"note: {ckpts[0]} was trained on {meta.get('data')}, not {d}; the paper's zero-shot protocol "
-                "uses INP-distance maps: add --zero-shot")
-    if len(ckpts) > 1 and any(own is False for *_, own in sets):
+    foreign = [d for d, *_, own in sets if own is False]
+    if foreign and not args.zero_shot and not args.calibrate:
+        log(f"note: {ckpts[0]} was trained on {meta.get('data')}, not {', '.join(foreign)}; the paper's zero-shot "
+            "protocol uses INP-distance maps: add --zero-shot")
+    if len(ckpts) > 1 and foreign:
         raise ValueError(f"{args.ckpt}: a single-class run evaluates each model on its own class; pick one "
                          "model file to evaluate on another data set")
-    out = args.out or default_out(args, ckpts[0], sets)
+    out = args.out or base / ("eval" + "".join(f"-{d}" for d in foreign) + "-zero-shot" * args.zero_shot
+                              + "-full-res" * args.full_res)
     jobs = []  # (model file, its metadata, data set, root, classes, output folder, table)
     if len(ckpts) == 1:
         names = [d if [s[0] for s in sets].count(d) == 1 else f"{d}{i + 1}" for i, (d, *_) in enumerate(sets)]

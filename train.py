@@ -54,8 +54,7 @@ class StableAdamW(torch.optim.Optimizer):
                     state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
                     if group["amsgrad"]:
                         state["max_exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-                t = state["step"]
+                t = state["step"] = state["step"] + 1
                 p.mul_(1 - group["lr"] * group["weight_decay"])
                 state["exp_avg"].mul_(beta1).add_(g, alpha=1 - beta1)
                 v = state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
@@ -299,7 +298,8 @@ def check_out(out, args):
 
 def main(argv=None, log=None):
     args = parse_args(argv)
-    world, rank, device = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0)), data.device(args.device)
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    device = data.device(args.device, args.precision)  # fp16 needs CUDA
     if world > 1:  # torchrun: one process per device
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -308,8 +308,6 @@ def main(argv=None, log=None):
     log = log or ((lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None))
     asked = args.precision  # evaluation runs in fp32 unless a precision was asked for
     args.precision = ("bf16" if device.type == "cuda" else "fp32") if asked == "auto" else asked
-    if args.precision == "fp16" and device.type != "cuda":
-        raise ValueError("--precision fp16 runs on CUDA only (use bf16 on a CPU)")
     check_out(args.out, args)  # before anything is written
     runs = plan(args, log)
     encoder = data.load_encoder(args.weights, args.backbone, args.data == "demo", log)
