@@ -27,8 +27,11 @@ raise ValueError. Masks and labels: bool or integer, nonzero = anomalous (so 0/2
 masks must hold only 0 and 1, because a resized soft mask needs a threshold that only the caller can choose.
 Counts are int64 and sums float64, so results agree with exact rational arithmetic far inside 1e-9.
 
-For pixel sets too large to keep in memory (Real-IAD), `PixelHistogram` accumulates fixed-width score
-histograms batch by batch; it states its resolution and bounds its own error.
+The file reads in that order: `reference_metrics`, the definitions above computed plainly with one sort and
+a flood fill, a screen long; then the fast machinery the public functions use (bucketed counting instead of
+a full sort of 10^8 pixels, run-based region labelling), tested equal to the reference. For pixel sets too
+large to keep in memory (Real-IAD), `PixelHistogram` accumulates fixed-width score histograms batch by batch;
+it states its resolution and bounds its own error.
 """
 import warnings
 
@@ -36,10 +39,12 @@ import numpy as np
 import torch
 
 __all__ = ["auroc", "average_precision", "f1_max", "f1_threshold", "aupro", "label_components", "compute_all",
-           "PixelHistogram", "UndefinedMetricWarning"]
+           "PixelHistogram", "UndefinedMetricWarning", "reference_metrics", "reference_pixel_regions"]
+
 
 class UndefinedMetricWarning(UserWarning):
     """A metric is undefined on the given data (for example no anomalous sample); NaN was returned."""
+
 
 def _undefined(name, why):
     warnings.warn(f"{name} is undefined: {why}; returning NaN", UndefinedMetricWarning, stacklevel=4)
@@ -48,6 +53,7 @@ def _undefined(name, why):
 # -----------------------------------------------------------------------------------------------------
 # Inputs
 
+
 def _numpy(x):
     if isinstance(x, torch.Tensor):
         x = x.detach()
@@ -55,6 +61,7 @@ def _numpy(x):
             x = x.float()
         return x.cpu().numpy()
     return np.asarray(x)
+
 
 def _binary(x, name):
     """Masks or labels as bool: nonzero is anomalous; float input must already be 0/1."""
@@ -69,6 +76,7 @@ def _binary(x, name):
         return a == 1
     raise TypeError(f"{name}: expected bool, integer or 0/1 float values, got {a.dtype}")
 
+
 def _scores(x, name):
     a = _numpy(x)
     if a.dtype == np.bool_:
@@ -77,14 +85,17 @@ def _scores(x, name):
         raise TypeError(f"{name}: expected real scores, got {a.dtype}")
     return a
 
+
 def _key_dtype(dtype):
     # Scores are compared in this dtype. float16 is widened because numpy sorts it slowly; the widening is
     # exact, as is keeping every other dtype as it is.
     return np.dtype(np.float32) if dtype == np.float16 else dtype
 
+
 def _check_no_nan(a, name):
     if a.dtype.kind == "f" and np.isnan(a).any():
         raise ValueError(f"{name} contain NaN")
+
 
 def _volume(masks, maps):
     """(N, H, W) bool masks and scores; 2-D input is one image, leading axes beyond 3-D are flattened."""
@@ -94,6 +105,84 @@ def _volume(masks, maps):
     if m.ndim < 2:
         raise ValueError(f"masks and maps need (N, H, W) or (H, W), got {m.shape}")
     return m.reshape(-1, *m.shape[-2:]), s.reshape(-1, *s.shape[-2:])
+
+# -----------------------------------------------------------------------------------------------------
+# The reference: the definitions above, computed plainly with one sort. Everything after this section computes
+# the same numbers faster and in less memory (bucketed counting, run-based region labelling); the tests hold
+# it to this reference on every fixture case and on random ties.
+
+
+def reference_curve(positive, scores, weights):
+    """At every distinct score t, highest first: t, and over the samples scoring >= t the number of positives,
+    of negatives, and the sum of the positives' weights."""
+    order = np.argsort(-scores, kind="stable")
+    s, pos, w = scores[order], positive[order], weights[order]
+    last_of_tie = np.append(s[1:] != s[:-1], True)  # ties switch together: one point after each run
+    return s[last_of_tie], np.cumsum(pos)[last_of_tie], np.cumsum(~pos)[last_of_tie], np.cumsum(w)[last_of_tie]
+
+
+def reference_regions(mask):
+    """8-connected components of one (H, W) bool mask by flood fill: (labels 0..n, n)."""
+    labels, n = np.zeros(mask.shape, np.int64), 0
+    for start in zip(*np.nonzero(mask)):
+        if labels[start]:
+            continue
+        n += 1
+        labels[start], stack = n, [start]
+        while stack:
+            y, x = stack.pop()
+            for ny in range(max(y - 1, 0), min(y + 2, mask.shape[0])):
+                for nx in range(max(x - 1, 0), min(x + 2, mask.shape[1])):
+                    if mask[ny, nx] and not labels[ny, nx]:
+                        labels[ny, nx] = n
+                        stack.append((ny, nx))
+    return labels, n
+
+
+def reference_metrics(labels, scores, fpr_limit=None, regions=None):
+    """AUROC, AP, F1-max and its threshold of (labels, scores), all samples as one set; and with fpr_limit and
+    `regions` (region ids per sample, 0 for normal samples, as from reference_regions) the AUPRO. NaN where a
+    metric is undefined (no warning: the fast functions warn)."""
+    y, s = _binary(labels, "labels").reshape(-1), _scores(scores, "scores").reshape(-1).astype(np.float64)
+    n_pos, n_neg, nan = int(y.sum()), int((~y).sum()), float("nan")
+    weights = np.zeros(s.size)
+    if regions is not None:
+        r = np.asarray(regions).reshape(-1)
+        sizes = np.bincount(r)
+        weights[r > 0] = 1.0 / sizes[r[r > 0]]  # each region weighs 1, shared by its pixels
+    t, tp, fp, mass = reference_curve(y, s, weights)
+    out = dict(auroc=nan, ap=nan, f1=nan, threshold=nan, aupro=nan)
+    if n_pos and n_neg:
+        tpr, fpr = np.append(0.0, tp / n_pos), np.append(0.0, fp / n_neg)
+        out["auroc"] = float(np.sum((fpr[1:] - fpr[:-1]) * (tpr[1:] + tpr[:-1]) / 2))  # trapezoid
+    if n_pos:
+        precision, recall = tp / (tp + fp), tp / n_pos
+        out["ap"] = float(np.sum((recall - np.append(0.0, recall[:-1])) * precision))  # step-wise
+        f1 = 2 * tp / (n_pos + tp + fp)  # = 2PR / (P + R), and 0 where tp = 0 (P + R = 0)
+        out["f1"], out["threshold"] = float(f1.max()), float(t[np.argmax(f1)])  # the first maximum: the highest t
+    n_regions = 0 if regions is None else int(np.count_nonzero(np.bincount(r)[1:]))
+    if fpr_limit is not None and n_regions and n_neg:
+        fpr, pro = np.append(0.0, fp / n_neg), np.append(0.0, np.minimum(mass / n_regions, 1.0))
+        inside = fpr <= fpr_limit  # a prefix: fpr never decreases
+        x, z = fpr[inside], pro[inside]
+        if x[-1] < fpr_limit:  # cut the segment that crosses the limit
+            i = int(inside.sum())
+            cut = pro[i - 1] + (pro[i] - pro[i - 1]) * (fpr_limit - fpr[i - 1]) / (fpr[i] - fpr[i - 1])
+            x, z = np.append(x, fpr_limit), np.append(z, cut)
+        out["aupro"] = float(np.sum((x[1:] - x[:-1]) * (z[1:] + z[:-1]) / 2) / fpr_limit)
+    return out
+
+
+def reference_pixel_regions(masks):
+    """Region ids of an (N, H, W) mask stack, numbered across the stack, regions never crossing images."""
+    m = _binary(masks, "masks")
+    out, offset = np.zeros(m.shape, np.int64), 0
+    for i in range(m.shape[0]):
+        labels, n = reference_regions(m[i])
+        out[i] = np.where(labels > 0, labels + offset, 0)
+        offset += n
+    return out
+
 
 # -----------------------------------------------------------------------------------------------------
 # Connected components: 8-connected, per image, on horizontal runs of anomalous pixels
@@ -106,6 +195,7 @@ def _expand(first, count):
     offsets = np.cumsum(count) - count
     return np.repeat(first - offsets, count) + np.arange(int(count.sum()))
 
+
 def _runs(mask):
     """Runs of anomalous pixels in raster order: (row, start, stop), rows numbered across all images."""
     n_img, height, width = mask.shape
@@ -117,6 +207,7 @@ def _runs(mask):
     r, start = np.nonzero(step > 0)
     _, stop = np.nonzero(step < 0)  # nonzero is row-major, so the i-th stop closes the i-th start
     return active[r], start, stop
+
 
 def _union(n, a, b):
     """Components of the graph on n nodes with edges (a, b); ids numbered in order of each smallest node."""
@@ -136,6 +227,7 @@ def _union(n, a, b):
             parent = grand
     roots, comp = np.unique(parent, return_inverse=True)
     return comp, roots.size
+
 
 def _label_runs(mask):
     """Runs of an (N, H, W) bool mask and their 8-connected region ids, regions never crossing images.
@@ -158,6 +250,7 @@ def _label_runs(mask):
     region, n = _union(row.size, a, b)
     return row, start, stop, region, n
 
+
 def label_components(mask2d):
     """8-connected components of one (H, W) mask (pixels touching at a corner are connected).
 
@@ -173,6 +266,7 @@ def label_components(mask2d):
     length = stop - start
     labels.reshape(-1)[_expand(row * width + start, length)] = np.repeat(region + 1, length)
     return labels, n
+
 
 def _region_pixels(mask):
     """Flat indices of the anomalous pixels (raster order), the weight 1/|region| of each, and #regions."""
@@ -191,6 +285,7 @@ def _region_pixels(mask):
 # each distinct anomalous score t_k (descending): tp_k = #anomalous >= t_k, fp_ge_k = #normal >= t_k,
 # fp_gt_k = #normal > t_k and pro_k = PRO(t_k). The normal pixels tied at t_k are the diagonal segment from
 # (fp_gt_k, pro_{k-1}) to (fp_ge_k, pro_k).
+
 
 class _Curve:
     def __init__(self, tp, fp_gt, fp_ge, n_pos, n_neg, pro=None, n_regions=0, thresholds=None):
@@ -242,6 +337,7 @@ class _Curve:
         x[-1], y[-1] = 1.0, pro[-1]
         return float(_area_up_to(x, y, fpr_limit) / fpr_limit)
 
+
 def _area_up_to(x, y, limit):
     """Trapezoid area under the polyline (x, y), x non-decreasing from 0 to >= limit, for x in [0, limit]."""
     i = int(np.searchsorted(x, limit, side="right"))  # x[:i] <= limit < x[i:]
@@ -252,10 +348,12 @@ def _area_up_to(x, y, limit):
         area += (limit - x0) * (y0 + y_cut) / 2
     return area
 
+
 # Up to this many scores (image scores), one full sort is simplest; above it, bucketing is faster.
 _SORT_ALL_MAX = 1 << 16
 _MAX_BUCKETS = 1 << 22
 _CHUNK = 1 << 22
+
 
 def _count_at_or_above(values, thresholds):
     """For ascending distinct thresholds t (in the key dtype): (#values >= t, #values > t), exactly.
@@ -337,6 +435,7 @@ def _count_at_or_above(values, thresholds):
     above = n - np.cumsum(counts)  # [b]: scores in buckets above b
     return above[home] + at_ge, above[home] + at_gt
 
+
 def _exact_curve(pos_scores, all_scores, weights=None, n_regions=0):
     """Curve of every distinct anomalous score; all_scores includes the anomalous ones."""
     key = _key_dtype(all_scores.dtype)
@@ -356,11 +455,13 @@ def _exact_curve(pos_scores, all_scores, weights=None, n_regions=0):
     tp_before = np.concatenate(([0], tp[:-1]))  # anomalous scores strictly above t_k
     return _Curve(tp, gt - tp_before, ge - tp, pos.size, all_scores.size - pos.size, pro, n_regions, thresholds)
 
+
 def _image_curve(labels, scores):
     y, s = _binary(labels, "labels").reshape(-1), _scores(scores, "scores").reshape(-1)
     if y.size != s.size:
         raise ValueError(f"{y.size} labels but {s.size} scores")
     return _exact_curve(s[y], s)
+
 
 def _pixel_curve(masks, maps):
     mask, score = _volume(masks, maps)
@@ -371,21 +472,26 @@ def _pixel_curve(masks, maps):
 # -----------------------------------------------------------------------------------------------------
 # Public API
 
+
 def auroc(labels, scores):
     """Area under the ROC curve (scikit-learn's roc_auc_score); NaN unless both classes are present."""
     return _image_curve(labels, scores).auroc()
+
 
 def average_precision(labels, scores):
     """Step-wise average precision (scikit-learn's average_precision_score); NaN without a positive."""
     return _image_curve(labels, scores).average_precision()
 
+
 def f1_max(labels, scores):
     """Largest F1 over all thresholds (0 where P + R = 0, no epsilon); NaN without a positive."""
     return _image_curve(labels, scores).f1_max()[0]
 
+
 def f1_threshold(labels, scores):
     """(F1-max, the highest threshold reaching it): decide "anomalous" where score >= threshold."""
     return _image_curve(labels, scores).f1_max()
+
 
 def aupro(masks, maps, fpr_limit=0.3):
     """Normalised area under the PRO curve up to FPR = fpr_limit (MVTec AD definition).
@@ -394,6 +500,7 @@ def aupro(masks, maps, fpr_limit=0.3):
     or without any normal pixel.
     """
     return _pixel_curve(masks, maps).aupro(fpr_limit)
+
 
 def compute_all(image_labels, image_scores, masks, maps, fpr_limit=0.3, thresholds=False):
     """The seven metrics: image AUROC, AP, F1-max from (labels, scores), and pixel AUROC, AP, F1-max and
@@ -416,6 +523,7 @@ def compute_all(image_labels, image_scores, masks, maps, fpr_limit=0.3, threshol
 
 # -----------------------------------------------------------------------------------------------------
 # Streaming
+
 
 class PixelHistogram:
     """Pixel AUROC, AP, F1-max and AUPRO from fixed-width score histograms, accumulated batch by batch.

@@ -515,3 +515,68 @@ def test_f1_threshold_equals_brute_force(seed):
     hist = PixelHistogram(bins=1 << 12, lo=0.0, hi=2.0)
     hist.update(masks, maps)
     assert abs(hist.compute(thresholds=True)["P-threshold"] - out["P-threshold"]) <= hist.resolution
+
+
+# -----------------------------------------------------------------------------------------------------
+# The reference at the top of metrics.py, and the fast path against it
+
+
+def reference_values(name):
+    if CASES[name]["kind"] == "image":
+        labels, scores = arrays(name)
+        r = metrics.reference_metrics(labels, scores)
+        return {"auroc": r["auroc"], "average_precision": r["ap"], "f1_max": r["f1"]}
+    masks, maps = arrays(name)
+    regions = metrics.reference_pixel_regions(masks)
+    r = {k: metrics.reference_metrics(masks, maps, limit, regions) for k, limit in LIMITS.items()}
+    values = {"auroc": r["aupro"]["auroc"], "average_precision": r["aupro"]["ap"], "f1_max": r["aupro"]["f1"]}
+    values.update({k: r[k]["aupro"] for k in LIMITS})
+    return values
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_the_reference_gives_every_expected_value(name):
+    assert_matches(reference_values(name), CASES[name]["expected"])
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_the_fast_path_equals_the_reference_on_every_case(name):
+    want = reference_values(name)
+    if CASES[name]["kind"] == "image":
+        labels, scores = arrays(name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UndefinedMetricWarning)
+            got = {"auroc": auroc(labels, scores), "average_precision": average_precision(labels, scores),
+                   "f1_max": f1_max(labels, scores)}
+    else:
+        got = pixel_curve_values(*arrays(name))
+    for k, w in want.items():
+        assert (math.isnan(w) and math.isnan(got[k])) or abs(got[k] - w) <= 1e-12, (k, got[k], w)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_fast_path_equals_the_reference_on_random_ties(seed, monkeypatch):
+    """Scores drawn from a handful of values (many ties), masks of random blobs; every metric and both F1-max
+    thresholds, through the full sort and through bucketed counting."""
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((5, 24, 31), bool)
+    for i in range(1, 5):
+        for _ in range(rng.integers(1, 4)):
+            y, x = rng.integers(0, 20), rng.integers(0, 27)
+            masks[i, y:y + rng.integers(1, 5), x:x + rng.integers(1, 5)] = True
+    maps = rng.integers(0, 9, masks.shape).astype(np.float32) / 8 + 0.25 * masks * rng.integers(0, 2, masks.shape)
+    labels, scores = masks.any(axis=(1, 2)), rng.integers(0, 4, 5).astype(np.float64)
+    labels[0], scores[1] = False, scores[0]  # at least one normal image, and a tie across the classes
+    image = metrics.reference_metrics(labels, scores)
+    pixel = metrics.reference_metrics(masks, maps, 0.3, metrics.reference_pixel_regions(masks))
+    want = {"I-AUROC": image["auroc"], "I-AP": image["ap"], "I-F1max": image["f1"], "P-AUROC": pixel["auroc"],
+            "P-AP": pixel["ap"], "P-F1max": pixel["f1"], "AUPRO": pixel["aupro"],
+            "I-threshold": image["threshold"], "P-threshold": pixel["threshold"]}
+    for path in ("sort", "bucketed"):
+        if path == "bucketed":
+            bucketed(monkeypatch, masks.size, max_buckets=7)
+        got = compute_all(labels, scores, masks, maps, thresholds=True)
+        for k, w in want.items():
+            assert abs(got[k] - w) <= 1e-12, (path, k, got[k], w)
+    assert np.array_equal(metrics.reference_pixel_regions(masks[1:2])[0] > 0, masks[1])
+    assert metrics.reference_regions(masks[1])[1] == label_components(masks[1])[1]
