@@ -1,20 +1,19 @@
-"""Data for INP-Former: MVTec AD, VisA, Real-IAD, any MVTec-layout folder, and a built-in demo set.
+"""Data for INP-Former: the data sets as their authors distribute them, and the official preprocessing.
 
-The data sets are read exactly as their authors distribute them, and every image goes through the official
-INP-Former preprocessing (luow23/INP-Former `dataset.py`): RGB, 448x448 bilinear resize (aspect not kept),
-centre crop 392, ImageNet mean/std. Masks take the same geometry and are then binarised at 0.5.
-
-Layouts (`data` name -> what `root` points at):
+Data sets (`data` name -> what `root` points at):
   mvtec, folder, demo   <root>/<class>/{train/good, test/<defect>, ground_truth/<defect>/<stem>_mask.png}
   visa                  the raw download with split_csv/1cls.csv, or the prepared 1cls/<class>/... tree
   realiad               the folder holding realiad_1024/<class>/ and realiad_jsons/[realiad_jsons/]<class>.json
+The demo set is written by demo.py; "folder" is any data set in MVTec layout.
+
+Preprocessing (luow23/INP-Former `dataset.py`, sizes from an inpformer.Geometry): RGB, a bilinear resize to
+image_size x image_size (the aspect not kept), the central crop_size x crop_size, ImageNet mean/std. Masks take
+the same geometry and are then binarised at 0.5.
 
 Every problem with the files on disk raises DataError, whose message is one line, "<path>: <problem>".
 
-    python data.py --make-demo DIR          # write the procedural demo set (MVTec layout) in seconds
-    python data.py --check mvtec ROOT       # class counts and a quick file check; exit 2 with one line if bad
+    python data.py --check mvtec ROOT       # class counts and a quick check of every file; exit 2 with one line if bad
 """
-import argparse
 import collections
 import contextlib
 import csv
@@ -23,19 +22,16 @@ import math
 import os
 import random
 import re
-import shutil
-import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image
 
-import inpformer
+from inpformer import Geometry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -54,21 +50,16 @@ OFFICIAL_ORDER = {"mvtec": MVTEC_CLASSES, "visa": VISA_CLASSES, "realiad": REALI
 
 DATASETS = ("mvtec", "visa", "realiad", "folder", "demo")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-HF_WEIGHTS = "https://huggingface.co/facebook/dinov2-with-registers-{size}/resolve/main/model.safetensors"
-WIDTHS = {"small": 384, "base": 768, "large": 1024}  # the DINOv2 sizes --backbone can download
+
 
 class DataError(ValueError):
     """A problem with the data on disk. str(e) is one line: "<path>: <problem>"."""
+
 
 def _error(path, problem) -> DataError:
     # Library messages (PIL, json) can span lines; the one-line promise is what lets scripts print them as is.
     return DataError(re.sub(r"\s*\n\s*", " ", f"{path}: {problem}"))
 
-def one_line(exc: BaseException) -> str:
-    """The one-line message of `exc`, also when a DataLoader worker re-raised it with the worker's whole
-    traceback as the message: the original message is its last line, after the exception's name."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
-    return re.sub(r"^(?:[\w.]+\.)?DataError: ", "", lines[-1]) if len(lines) > 1 else lines[0]
 
 @dataclass
 class Sample:
@@ -84,15 +75,18 @@ class Sample:
 # ----------------------------------------------------------------------------------------------------------
 # Layouts: where each data set keeps its classes, images and masks.
 
+
 def default_root(data: str) -> str | None:
     """The folder used when no root is given: the demo set lives beside this file; real data sets need one."""
     return str(Path(__file__).resolve().parent / "demo_data") if data == "demo" else None
+
 
 @dataclass
 class _Layout:
     base: Path                      # MVTec-layout class folders; the raw VisA root; or Real-IAD's realiad_1024
     split_file: Path | None = None  # raw VisA: split_csv/1cls.csv
     jsons: Path | None = None       # Real-IAD: the folder of <class>.json files
+
 
 def _source(data: str, root) -> _Layout:
     """Where a data set root keeps its classes, after checking that it exists. Reads, never writes."""
@@ -103,7 +97,7 @@ def _source(data: str, root) -> _Layout:
         raise _error(data, "no data root given (pass --data-root)")
     root = Path(root)
     if not root.is_dir():
-        hint = "; make it with: python data.py --make-demo DIR" if data == "demo" else ""
+        hint = "; make it with: python demo.py DIR" if data == "demo" else ""
         raise _error(root, ("data root not found" if not root.exists() else "data root is not a folder") + hint)
 
     if data == "visa":
@@ -127,8 +121,10 @@ def _source(data: str, root) -> _Layout:
 
     return _Layout(root)
 
+
 def _visible_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
 
 def images_in(folder: Path, pattern="*") -> list[Path]:
     """The image files in folder (pattern "**/*": and below it), sorted; hidden entries are skipped (they include
@@ -136,16 +132,19 @@ def images_in(folder: Path, pattern="*") -> list[Path]:
     return sorted(p for p in folder.glob(pattern) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
+
 def _read_split_file(split_file: Path) -> list[dict]:
     try:
         with open(split_file, newline="") as f:
-            rows = list(reader := csv.DictReader(f))
+            reader = csv.DictReader(f)
+            rows = list(reader)
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise _error(split_file, f"cannot read split file ({e})") from None
     need = ("object", "split", "label", "image", "mask")
     if not set(need) <= set(reader.fieldnames or ()):
         raise _error(split_file, f"not a VisA split file (its header must name {', '.join(need)})")
     return rows
+
 
 def list_classes(data: str, root) -> list[str]:
     """The classes present under root: official order first where known, then sorted."""
@@ -168,14 +167,17 @@ def list_classes(data: str, root) -> list[str]:
     official = OFFICIAL_ORDER.get(data, ())
     return [c for c in official if c in found] + sorted(set(found) - set(official))
 
+
 def resolve_classes(data: str, root, spec) -> list[str]:
     """Classes for spec "all" (or None), "a,b,c" or a list of names; an unknown name is a DataError."""
     return resolve_sets(data, root, spec)[0][2]
+
 
 def split_list(value) -> list[str]:
     """The items of a comma list ("a, b,c"), or of a list; empty ones dropped."""
     items = value.split(",") if isinstance(value, str) else list(value or ())
     return [str(s).strip() for s in items if str(s).strip()]
+
 
 def list_samples(data: str, root, cls: str, split: str) -> list[Sample]:
     """Every image of one class and split, paired with its mask; a DataError names what is missing."""
@@ -187,6 +189,7 @@ def list_samples(data: str, root, cls: str, split: str) -> list[Sample]:
     if src.jsons:
         return _realiad_samples(src.base, src.jsons, cls, split)
     return _tree_samples(src.base, cls, split, data, root)
+
 
 def _tree_samples(base: Path, cls: str, split: str, data: str, root) -> list[Sample]:
     cdir = base / cls
@@ -218,6 +221,7 @@ def _tree_samples(base: Path, cls: str, split: str, data: str, root) -> list[Sam
         raise _error(top, f"no images ({', '.join(IMAGE_SUFFIXES)})")
     return samples
 
+
 def _visa_csv_samples(base: Path, split_file: Path, cls: str, split: str) -> list[Sample]:
     rows = _read_split_file(split_file)
     if not any(row["object"] == cls for row in rows):
@@ -243,6 +247,7 @@ def _visa_csv_samples(base: Path, split_file: Path, cls: str, split: str) -> lis
     if not samples:
         raise _error(split_file, f"no {split} rows for class {cls!r}")
     return samples
+
 
 def _realiad_samples(images: Path, jsons: Path, cls: str, split: str) -> list[Sample]:
     path = jsons / f"{cls}.json"
@@ -281,9 +286,11 @@ def _realiad_samples(images: Path, jsons: Path, cls: str, split: str) -> list[Sa
 # ----------------------------------------------------------------------------------------------------------
 # Pre-flight check: find bad files before training starts, without decoding every pixel.
 
+
 # A truncated download or unpack loses the end marker. Reading a file's last bytes finds that at the cost of
 # a header read; only files without the marker (or in formats without one) are decoded in full.
 _END_MARKERS = {"PNG": b"IEND", "JPEG": b"\xff\xd9"}
+
 
 @contextlib.contextmanager
 def _reading(path):
@@ -295,32 +302,41 @@ def _reading(path):
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error... for broken files
         raise _error(path, f"cannot read image ({e})") from None
 
+
 def _probe(path) -> tuple[int, int]:
     """(width, height) of an image file; DataError if it is missing, not an image, or does not decode."""
     with _reading(path), Image.open(path) as im, open(path, "rb") as f:
         f.seek(max(0, os.path.getsize(path) - 1024))  # the last 1 KiB holds the end marker of a complete file
-        if (marker := _END_MARKERS.get(im.format)) is None or marker not in f.read():
+        marker = _END_MARKERS.get(im.format)
+        if marker is None or marker not in f.read():
             im.load()
         return im.size
 
+
 def _size_error(mask, msize, image, size) -> DataError:
     return _error(mask, f"mask is {msize[0]}x{msize[1]} but its image {image} is {size[0]}x{size[1]}")
+
 
 def check_samples(samples) -> None:
     """Quick pre-flight: every image and mask opens, is complete, and each mask matches its image's size."""
     for s in samples:
         size = _probe(s.image)
-        if s.mask is not None and (msize := _probe(s.mask)) != size:
-            raise _size_error(s.mask, msize, s.image, size)
+        if s.mask is None:
+            continue
+        mask_size = _probe(s.mask)
+        if mask_size != size:
+            raise _size_error(s.mask, mask_size, s.image, size)
 
 # ----------------------------------------------------------------------------------------------------------
 # The official preprocessing.
+
 
 # Per-image arithmetic runs in numpy, single-threaded. With workers=0 it runs in the training process, where
 # torch's intra-op threads compete for the cores; on a busy 2-core machine that made it 8x slower. The float32
 # operations are those of ToTensor + Normalize, so the values are bit-identical.
 _MEAN = np.array(IMAGENET_MEAN, np.float32).reshape(3, 1, 1)
 _STD = np.array(IMAGENET_STD, np.float32).reshape(3, 1, 1)
+
 
 def _open(path, keep=("RGB", "L"), other="RGB") -> Image.Image:
     """The decoded image, converted to `other` unless its mode is in `keep`."""
@@ -330,78 +346,78 @@ def _open(path, keep=("RGB", "L"), other="RGB") -> Image.Image:
         # grey stays grey until after the resize: the same pixels for a third of the work.
         return im if im.mode in keep else im.convert(other)
 
-def crop_offset(image_size: int, crop_size: int) -> int:
-    """Where the centre crop starts in the resized image: torchvision CenterCrop's rounding."""
-    return int(round((image_size - crop_size) / 2.0))
 
-def crop_box(width, height, image_size: int, crop_size: int) -> tuple[int, int, int, int]:
+def crop_box(width, height, geometry: Geometry) -> tuple[int, int, int, int]:
     """(left, top, right, bottom) of the centre crop in an original width x height image's pixels, rounded
     (the resize to image_size x image_size does not keep the aspect)."""
-    o, sx, sy = crop_offset(image_size, crop_size), width / image_size, height / image_size
-    return round(o * sx), round(o * sy), round((o + crop_size) * sx), round((o + crop_size) * sy)
+    o, c = geometry.crop_offset(), geometry.crop_size
+    sx, sy = width / geometry.image_size, height / geometry.image_size
+    return round(o * sx), round(o * sy), round((o + c) * sx), round((o + c) * sy)
 
-def _geometry(im: Image.Image, image_size: int, crop_size: int) -> Image.Image:
+
+def _resize_and_crop(im: Image.Image, geometry: Geometry) -> Image.Image:
     # PIL's bilinear resize (antialiased when shrinking) is what torchvision's Resize runs on PIL images.
-    im = im.resize((image_size, image_size), Image.BILINEAR)
-    top = crop_offset(image_size, crop_size)
-    return im.crop((top, top, top + crop_size, top + crop_size))
+    im = im.resize((geometry.image_size, geometry.image_size), Image.BILINEAR)
+    top, c = geometry.crop_offset(), geometry.crop_size
+    return im.crop((top, top, top + c, top + c))
 
-def _to_tensor(im: Image.Image, image_size: int, crop_size: int) -> torch.Tensor:
-    im = _geometry(im, image_size, crop_size).convert("RGB")
+
+def _to_tensor(im: Image.Image, geometry: Geometry) -> torch.Tensor:
+    im = _resize_and_crop(im, geometry).convert("RGB")
     x = np.asarray(im).transpose(2, 0, 1).astype(np.float32, order="C")
     return torch.from_numpy((x / np.float32(255) - _MEAN) / _STD)
 
-def load_image(path, image_size: int = 448, crop_size: int = 392) -> torch.Tensor:
-    """One preprocessed image (3, crop, crop) from a file or a PIL image; DataError on a bad file."""
-    check_sizes(image_size, crop_size)
-    return _to_tensor(path if isinstance(path, Image.Image) else _open(path), image_size, crop_size)
 
-def check_sizes(image_size: int, crop_size: int, patch_size: int = 1):
-    """The one rule for --image-size/--crop-size: the crop is a positive multiple of the model's patch size
-    and at most the image size."""
-    if crop_size < patch_size or crop_size % patch_size:
-        raise ValueError(f"--crop-size {crop_size} must be a multiple of the model's patch size {patch_size} "
-                         f"(e.g. {max(crop_size // patch_size, 1) * patch_size})")
-    if crop_size > image_size:
-        raise ValueError(f"--crop-size {crop_size} must be at most --image-size {image_size}")
+def load_image(path, geometry: Geometry = Geometry()) -> torch.Tensor:
+    """One preprocessed image (3, crop, crop) from a file or a PIL image; DataError on a bad file. Pass the
+    geometry of the model that will score it: model.config.geometry."""
+    geometry.check(1)
+    image = path if isinstance(path, Image.Image) else _open(path)
+    return _to_tensor(image, geometry)
+
 
 class ImageDataset(torch.utils.data.Dataset):
     """Samples -> dict(image (3,c,c) normalised, mask (1,c,c) in {0,1}, label, path, cls). With native=True
     items also carry native_mask: bool (h, w), the mask at the original resolution cut to the crop box
     (batch them with collate, which keeps these as a list: sizes can differ)."""
 
-    def __init__(self, samples, image_size: int = 448, crop_size: int = 392, native: bool = False):
-        check_sizes(image_size, crop_size)
-        self.samples, self.native, self.image_size, self.crop_size = list(samples), native, image_size, crop_size
+    def __init__(self, samples, geometry: Geometry = Geometry(), native: bool = False):
+        self.samples, self.geometry, self.native = list(samples), geometry.check(1), native
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, i):
-        s = self.samples[i]
+        s, g = self.samples[i], self.geometry
         im = _open(s.image)
         m = None if s.mask is None else _open(s.mask, keep=("L", "P"), other="L")
         if m is None:
-            mask = torch.zeros(1, self.crop_size, self.crop_size)
+            mask = torch.zeros(1, g.crop_size, g.crop_size)
         elif m.size != im.size:
             raise _size_error(s.mask, m.size, s.image, im.size)
         else:
-            t = s.mask_threshold  # None: keep the grey values (a P mask's palette grey); else class ids > t
-            m = m.convert("L") if t is None else Image.fromarray(np.where(np.asarray(m) > t, 255, 0).astype(np.uint8))
-            mask = np.asarray(_geometry(m, self.image_size, self.crop_size)) > 127
+            if s.mask_threshold is None:  # keep the grey values (a P mask's palette grey)
+                m = m.convert("L")
+            else:  # class ids or soft values: anomalous where > mask_threshold
+                m = Image.fromarray(np.where(np.asarray(m) > s.mask_threshold, 255, 0).astype(np.uint8))
+            mask = np.asarray(_resize_and_crop(m, g)) > 127
             mask = torch.from_numpy(mask[None].astype(np.float32))
-        item = dict(image=_to_tensor(im, self.image_size, self.crop_size), mask=mask, label=s.label, path=s.image,
-                    cls=s.cls)
+        item = dict(image=_to_tensor(im, g), mask=mask, label=s.label, path=s.image, cls=s.cls)
         if self.native:
-            left, top, right, bottom = crop_box(*im.size, self.image_size, self.crop_size)
-            cut = np.asarray(m or Image.new("L", im.size))[top:bottom, left:right] > 127
-            item["native_mask"] = torch.from_numpy(cut)
+            left, top, right, bottom = crop_box(*im.size, g)
+            full = m if m is not None else Image.new("L", im.size)
+            item["native_mask"] = torch.from_numpy(np.asarray(full)[top:bottom, left:right] > 127)
         return item
 
     @staticmethod
     def collate(items):
+        """default_collate, except native_mask, which stays a list (its sizes can differ)."""
         native = [item.pop("native_mask") for item in items if "native_mask" in item]
-        return dict(torch.utils.data.default_collate(items), **({"native_mask": native} if native else {}))
+        batch = torch.utils.data.default_collate(items)
+        if native:
+            batch["native_mask"] = native
+        return batch
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Few-shot: the official 22-fold expansion of each shot (utils.augmentation), on normalised tensors.
@@ -413,6 +429,7 @@ _WARPS = [torch.tensor(m, dtype=torch.float32) for m in
           [[[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0]] for a in _ROTATIONS]
           + [[[1, 0, a], [0, 1, b]] for a, b in _SHIFTS]]
 N_AUGMENT = 1 + len(_WARPS) + 2 + 3
+
 
 def _augment(x: torch.Tensor, j: int) -> torch.Tensor:
     """The j-th of the 22 views of x (3,H,W): original, 8 rotations, 8 translations, flip, grey, 3 quarter turns."""
@@ -433,10 +450,12 @@ def _augment(x: torch.Tensor, j: int) -> torch.Tensor:
     # so it is torch.rot90 (counter-clockwise) up to float rounding.
     return torch.rot90(x, j - 2, dims=(-2, -1))
 
+
 def few_shot_augment(x: torch.Tensor) -> torch.Tensor:
     """(3,H,W) -> (22,3,H,W): original, 8 rotations, 8 translations, hflip, grey, rot90 x3 (in this order;
     the official code shuffles them, which a shuffling DataLoader makes irrelevant)."""
     return torch.stack([_augment(x, j) for j in range(N_AUGMENT)])
+
 
 class FewShotSet(torch.utils.data.Dataset):
     """k shots per class, each seen as its 22 views. Views are made on access from the preprocessed shots:
@@ -457,6 +476,7 @@ class FewShotSet(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------------------------------------
 # Training and test sets.
 
+
 def resolve_sets(data, root, classes="all") -> list[tuple[str, str, list[str]]]:
     """[(data set, root, classes)] for data and root that may be comma lists ("mvtec,visa", "/d/mvtec,/d/visa",
     the super-multi-class setting): "all" means all classes of each set, and named classes are taken from
@@ -470,14 +490,16 @@ def resolve_sets(data, root, classes="all") -> list[tuple[str, str, list[str]]]:
     known = [list_classes(d, r) for d, r in zip(datas, roots)]
     names = list(dict.fromkeys(split_list(classes)))
     if names and names != ["all"]:
-        if unknown := [c for c in names if not any(c in k for k in known)]:
+        unknown = [c for c in names if not any(c in k for k in known)]
+        if unknown:
             raise _error(",".join(map(str, roots)), f"unknown class {', '.join(map(repr, unknown))} for "
                          f"{','.join(datas)} (known: {', '.join(dict.fromkeys(c for k in known for c in k))})")
         known = [[c for c in names if c in k] for k in known]
     return [(d, str(r), cs) for d, r, cs in zip(datas, roots, known) if cs]
 
-def train_set(data, root, classes="all", image_size: int = 448, crop_size: int = 392, shots: int | None = None,
-              seed: int = 1, check: bool = True) -> torch.utils.data.Dataset:
+
+def train_set(data, root, classes="all", geometry: Geometry = Geometry(), shots: int | None = None, seed: int = 1,
+              check: bool = True) -> torch.utils.data.Dataset:
     """The training images of `classes` (single-class: one name; unified multi-class: "all") of the data sets
     of resolve_sets(data, root, classes). shots=k draws k images per class with one random.Random(seed) over the
     classes in order (the official setup_seed(1) + random.sample) and expands each into its 22 views.
@@ -495,296 +517,50 @@ def train_set(data, root, classes="all", image_size: int = 448, crop_size: int =
             if check:
                 check_samples(samples)
             chosen += samples
-    ds = ImageDataset(chosen, image_size, crop_size)
+    ds = ImageDataset(chosen, geometry)
     return FewShotSet(torch.stack([ds[i]["image"] for i in range(len(ds))]), chosen) if shots else ds
 
-def test_set(data, root, cls, image_size: int = 448, crop_size: int = 392, check: bool = True,
+
+def test_set(data, root, cls, geometry: Geometry = Geometry(), check: bool = True,
              native: bool = False) -> ImageDataset:
     """All test images of one class with their masks (all-zero for normal images); native: see ImageDataset."""
     samples = list_samples(data, root, cls, "test")
     if check:
         check_samples(samples)
-    return ImageDataset(samples, image_size, crop_size, native)
+    return ImageDataset(samples, geometry, native)
+
 
 # ----------------------------------------------------------------------------------------------------------
-# The demo data set: procedural textures with scratches, spots and chipped pieces, exact masks, seeded.
+# `python data.py --check DATA ROOT`
 
-DEMO_MARKER = "demo.json"   # written last: a folder with it is a complete demo set
-DEMO_DEFECTS = ("scratch", "spot", "missing")
-_DEMO_COLOURS = {"tiles": (0.72, 0.46, 0.34), "fabric": (0.30, 0.38, 0.62)}   # terracotta, denim
 
-def _texture(recipe: str, rng, size: int, colour: np.ndarray) -> np.ndarray:
-    """A float RGB image in [0,1]: periodic structure at a random phase, smooth shading and fine grain, so that
-    normal images differ while sharing a learnable pattern."""
-    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
-    if recipe == "tiles":
-        period = size / 8
-        u, v = (x + rng.uniform(0, period)) / period, (y + rng.uniform(0, period)) / period
-        tint = rng.normal(0, 0.05, (16, 16, 3)).astype(np.float32)[v.astype(int) % 16, u.astype(int) % 16]
-        edge = np.minimum(np.minimum(u % 1, 1 - u % 1), np.minimum(v % 1, 1 - v % 1)) * period
-        bevel = np.clip(edge / 4, 0, 1)[..., None]
-        img = colour * (1 + tint) * (0.75 + 0.25 * bevel)
-        img = np.where((edge < 1.5)[..., None], 0.38, img)          # grout lines
-    else:  # "fabric": a plain weave, warp and weft threads alternating over and under
-        period = size / 24
-        u, v = (x + rng.uniform(0, 2 * period)) / period, (y + rng.uniform(0, 2 * period)) / period
-        warp, weft = np.sin(np.pi * (u % 1)), np.sin(np.pi * (v % 1))
-        over = (u.astype(int) + v.astype(int)) % 2 == 0
-        img = colour * (0.55 + 0.45 * np.where(over, warp, weft))[..., None]
-    coarse = Image.fromarray(rng.standard_normal((5, 5)).astype(np.float32), "F").resize((size, size), Image.BICUBIC)
-    shade = 1 + 0.08 * np.asarray(coarse)[..., None] + rng.uniform(-0.04, 0.04)
-    grain = rng.normal(0, 0.015, (size, size, 1)).astype(np.float32)
-    return np.clip(img * shade + grain, 0, 1)
-
-def _defect(kind: str, rng, clean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(defective image, 0/255 mask). Shapes are drawn without antialiasing, so the mask is exactly the set of
-    pixels the defect replaced. Defects stay inside the central 60% so the 392/448 centre crop keeps them."""
-    size = clean.shape[0]
-    canvas = Image.new("L", (size, size), 0)
-    draw = ImageDraw.Draw(canvas)
-    cx, cy = rng.uniform(0.3, 0.7, 2) * size
-    noise = rng.normal(0, 0.03, clean.shape).astype(np.float32)
-    # Every defect shows a foreign colour. Dark, pale or grey fills looked like the tiles' grout or plain
-    # interiors to some trained models and not to others, so the tiles' pixel AP swung by 7 to 20 points from
-    # one --seed to the next; the random ViT's features separate colours reliably.
-    fill = np.clip(1 - clean.reshape(-1, 3).mean(0) + rng.uniform(-0.15, 0.15, 3), 0, 1).astype(np.float32)
-    if kind == "scratch":
-        # A quadratic Bezier stroke through the surface, baring the layer beneath.
-        length, angle = rng.uniform(0.15, 0.35) * size, rng.uniform(0, np.pi)
-        d = np.array([np.cos(angle), np.sin(angle)]) * length / 2
-        p0, p2 = np.array([cx, cy]) - d, np.array([cx, cy]) + d
-        p1 = (p0 + p2) / 2 + rng.normal(0, length / 4, 2)
-        t = np.linspace(0, 1, 48)[:, None]
-        curve = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t ** 2 * p2
-        draw.line([tuple(p) for p in curve], fill=255, width=int(rng.integers(5, 9)) * size // 256 or 1)
-    elif kind == "spot":
-        # A blob of overlapping ellipses, a translucent stain.
-        for _ in range(int(rng.integers(3, 6))):
-            ox, oy = rng.normal(0, 0.03, 2) * size
-            rx, ry = rng.uniform(0.025, 0.06, 2) * size
-            draw.ellipse([cx + ox - rx, cy + oy - ry, cx + ox + rx, cy + oy + ry], fill=255)
-        fill = 0.35 * clean + 0.65 * fill
-    else:  # "missing": an irregular polygonal chip, the layer beneath showing
-        angles = np.sort(rng.uniform(0, 2 * np.pi, int(rng.integers(7, 12))))
-        radii = rng.uniform(0.04, 0.1, len(angles)) * size
-        draw.polygon([(cx + r * np.cos(a), cy + r * np.sin(a)) for a, r in zip(angles, radii)], fill=255)
-    mask = np.asarray(canvas)
-    return np.where((mask > 0)[..., None], np.clip(fill + noise, 0, 1), clean), mask
-
-def _save(path: Path, array: np.ndarray):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if array.dtype != np.uint8:
-        array = (array * 255 + 0.5).astype(np.uint8)
-    Image.fromarray(array).save(path, compress_level=1)  # grain does not compress; level 1 encodes about 4x faster
-
-def make_demo(out_dir, seed: int = 0, classes=("tiles", "fabric"), n_train: int = 72, n_test_good: int = 12,
-              n_test_defect: int = 18, size: int = 256) -> Path:
-    """Write a small MVTec-layout data set to out_dir (or keep it, if one with these settings is there).
-
-    Per class: train/good, test/good, test/{scratch,spot,missing} (defects dealt round-robin) and
-    ground_truth/<defect>/NNN_mask.png. Files depend only on the arguments (each image has its own seeded
-    generator). Written to a temporary folder and moved in place, so an interrupted run never looks complete."""
-    out = Path(out_dir)
-    settings = dict(version=3, seed=seed, classes=list(classes), n_train=n_train, n_test_good=n_test_good,
-                    n_test_defect=n_test_defect, size=size)
-    if _demo_settings(out) == settings:
-        return out
-    if out.exists() and not (out / DEMO_MARKER).is_file() and (not out.is_dir() or any(out.iterdir())):
-        raise _error(out, "exists and is not a demo data set; not overwriting it")
-
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for ci, cls in enumerate(classes):
-        # Other class names reuse the two recipes, in a colour of their own.
-        recipe = cls if cls in _DEMO_COLOURS else tuple(_DEMO_COLOURS)[ci % 2]
-        colour = np.float32(_DEMO_COLOURS[cls] if cls in _DEMO_COLOURS
-                            else np.random.default_rng([seed, ci]).uniform(0.25, 0.8, 3))
-
-        rng = lambda split, i: np.random.default_rng([seed, ci, split, i])  # noqa: E731 (one per image)
-        for split, folder, n in ((0, "train", n_train), (1, "test", n_test_good)):
-            for i in range(n):
-                _save(tmp / cls / folder / "good" / f"{i:03d}.png", _texture(recipe, rng(split, i), size, colour))
-        for i in range(n_test_defect):
-            kind, n, g = DEMO_DEFECTS[i % len(DEMO_DEFECTS)], i // len(DEMO_DEFECTS), rng(2, i)
-            image, mask = _defect(kind, g, _texture(recipe, g, size, colour))
-            _save(tmp / cls / "test" / kind / f"{n:03d}.png", image)
-            _save(tmp / cls / "ground_truth" / kind / f"{n:03d}_mask.png", mask)
-    (tmp / DEMO_MARKER).write_text(json.dumps(settings, indent=1) + "\n")
-
-    if _demo_settings(out) == settings:      # another process finished the same set meanwhile
-        shutil.rmtree(tmp)
-        return out
-    if out.exists():
-        shutil.rmtree(out)                   # an older demo set (it has the marker) or an empty folder
-    os.replace(tmp, out)
-    return out
-
-def _demo_settings(folder: Path) -> dict | None:
-    with contextlib.suppress(OSError, ValueError):
-        return json.loads((folder / DEMO_MARKER).read_text())
-
-def load_encoder(weights=None, backbone=None, demo=False, log=print):
-    """train.py's encoder: --weights, else the demo's random ViT, else the DINOv2-with-registers file of
-    --backbone (downloaded once into ~/.cache/inpformer or $INPFORMER_CACHE). Logs what it found."""
-    if weights:
-        vit = inpformer.load_backbone(weights)
-        if backbone and WIDTHS[backbone] != vit.config.embed_dim:
-            raise ValueError(f"--backbone {backbone} contradicts --weights {weights} (a {vit.config.embed_dim}"
-                             "-wide ViT): drop --backbone, it only picks the file to download")
-    elif demo:
-        log("no --weights: using a small randomly initialised ViT (pass --weights for real DINOv2 features)")
-        vit = demo_backbone()
-    else:
-        vit = inpformer.load_backbone(default_weights(backbone or "base", log))
-    c = vit.config
-    log(f"backbone: ViT {c.embed_dim} wide, {c.depth} blocks, {c.num_heads} heads, {c.num_register_tokens} "
-        f"registers, patch {c.patch_size}, from {getattr(vit, 'source', 'code')} weights")
-    return vit
-
-def default_weights(backbone, log):
-    cache = Path(os.environ.get("INPFORMER_CACHE", Path.home() / ".cache" / "inpformer"))
-    path, url = cache / f"dinov2-with-registers-{backbone}.safetensors", HF_WEIGHTS.format(size=backbone)
-    if path.is_file():
-        return path
-    log(f"downloading {url} to {path}")
-    cache.mkdir(parents=True, exist_ok=True)
-    try:
-        with urllib.request.urlopen(url, timeout=30) as r, inpformer.atomic_write(path) as tmp, open(tmp, "wb") as f:
-            total, done = int(r.headers.get("Content-Length") or 0), 0
-            while chunk := r.read(1 << 24):
-                done += f.write(chunk)
-                log(f"  {done >> 20} / {total >> 20} MiB")
-    except OSError as e:
-        raise ValueError(f"could not download the DINOv2 weights ({getattr(e, 'reason', e)}): download {url} and "
-                         f"save it as {path}, or pass --weights PATH") from None
-    return path
-
-def demo_backbone():
-    """The demo's encoder: a small randomly initialised ViT, so the demo runs with nothing downloaded. Random
-    features still separate the demo's defects from its textures, though far less well than DINOv2's."""
-    g = torch.Generator().manual_seed(0)  # the same backbone every run, whatever --seed
-    vit = inpformer.ViT(inpformer.ViTConfig(embed_dim=128, depth=10, num_heads=2, num_register_tokens=0))
-    with torch.no_grad():
-        for name, p in vit.named_parameters():
-            if name.endswith("gamma"):  # small layer scale: blocks refine the patch features, not scramble them
-                p.fill_(0.1)
-            elif p.ndim > 1 or name in ("cls_token", "pos_embed"):
-                torch.nn.init.trunc_normal_(p, std=0.02, generator=g)
-            elif name.endswith("bias"):
-                p.zero_()
-    torch.nn.init.kaiming_uniform_(vit.patch_embed.proj.weight, a=math.sqrt(5), generator=g)  # conv's default
-    vit.source = "random (demo)"
-    return vit
-
-# ----------------------------------------------------------------------------------------------------------
-# Command line: `python data.py`, and the pieces train.py and evaluate.py share (data flags, their checks,
-# the device, and the one-line error guard).
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # a ValueError, so that guard() prints it as one line with exit status 2
-        raise ValueError(f"{message} (see --help)")
-
-def number(kind=int, low=1):
-    """An argparse type: a whole number of at least `low`, or (kind=float) a finite number above `low`."""
-    def parse(text):
-        with contextlib.suppress(ValueError):
-            v = kind(text)
-            if v >= low if kind is int else math.isfinite(v) and v > low:
-                return v
-        raise argparse.ArgumentTypeError(f"{text!r} is not " + (f"a whole number of at least {low}" if kind is int
-                                                                else f"a number above {low}"))
-    return parse
-
-def data_names(text):
-    """An argparse type: a comma list of known data set names."""
-    names = split_list(text)
-    unknown = [n for n in names if n not in DATASETS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown data set {', '.join(map(repr, unknown)) or repr(text)} "
-                                         f"(known: {', '.join(DATASETS)})")
-    return ",".join(names)
-
-def add_args(parser, required=False):
-    """The data and device options of train.py and evaluate.py. Defaults are None: each script fills them in
-    (evaluate.py from the checkpoint's metadata, train.py from the data set)."""
-    g = parser.add_argument_group("data and device")
-    g.add_argument("--data", type=data_names, required=required,
-                   help=f"data set: {', '.join(DATASETS)}, or a comma list of them")
-    g.add_argument("--data-root", help="folder holding the data set (comma list, one per --data; demo: demo_data/)")
-    g.add_argument("--classes", help='"all" (default) or a comma list of class names')
-    g.add_argument("--image-size", type=number(), help="side of the square resize before the centre crop (default 448)")
-    g.add_argument("--crop-size", type=number(),
-                   help="side of the centre crop fed to the model, a multiple of the patch size 14 (default 392)")
-    g.add_argument("--batch-size", type=number(), help="images per batch (default 16)")
-    g.add_argument("--workers", type=number(low=0), help="data-loading processes (default: up to 4, at most the CPUs)")
-    g.add_argument("--device", help='"auto" (default: cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...')
-    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                   help="autocast dtype (auto: bf16 for CUDA training, else fp32; bf16 also runs on CPUs)")
-
-def format_time(s) -> str:
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-def workers(asked=None, default=4) -> int:
-    """Loader processes: as asked, else up to `default`; never more than the CPUs this process may use."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(default if asked is None else asked, cpus)
-
-def device(name, precision=None) -> torch.device:
-    """"auto" (or None) -> cuda if available, else cpu; anything else must name a device that is there."""
-    try:
-        dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name in (None, "auto") else name)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"--device {name!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda" and (dev.index or 0) >= (n := torch.cuda.device_count() if torch.cuda.is_available() else 0):
-        raise ValueError(f"--device {name}: " + (f"only {n} CUDA device(s) here" if n else
-                                                 "no CUDA device is available here (use --device cpu)"))
-    if precision == "fp16" and dev.type != "cuda":
-        raise ValueError("--precision fp16 runs on CUDA only (use bf16 on a CPU)")
-    return dev
-
-def guard(main) -> None:
-    """Run main(); bad input (a ValueError such as DataError or inpformer.WeightsError, or an OSError) ends with
-    one line "error: ..." on stderr and exit status 2. INPFORMER_TRACEBACK=1 shows the traceback instead."""
-    try:
-        rc = main()
-        sys.exit(rc if isinstance(rc, int) else 0)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
-    except (ValueError, OSError, torch.cuda.OutOfMemoryError) as e:
-        if os.environ.get("INPFORMER_TRACEBACK"):
-            raise
-        msg = "out of GPU memory; lower --batch-size" if isinstance(e, torch.cuda.OutOfMemoryError) else one_line(e)
-        print(f"error: {' '.join(msg.split())}", file=sys.stderr)
-        sys.exit(2)
-
-def _check(data: str, root, classes: str) -> None:
+def check_data_set(data: str, root, classes="all", log=print) -> None:
+    """Count every class's images and check every file (see check_samples); a DataError names the first bad one."""
     start, files = time.perf_counter(), 0
     for cls in resolve_classes(data, root, classes):
         train, test = list_samples(data, root, cls, "train"), list_samples(data, root, cls, "test")
         check_samples(train + test)
         files += len(train) + len(test) + sum(s.mask is not None for s in test)
         defects = collections.Counter(s.defect for s in test if s.label)
-        print(f"{cls}: train {len(train)}, test {len(test) - defects.total()} good + {defects.total()} defective "
-              f"({', '.join(f'{d} {n}' for d, n in sorted(defects.items()))})")
-    print(f"checked {files} files in {time.perf_counter() - start:.1f} s")
+        n_bad = defects.total()
+        by_defect = ", ".join(f"{d} {n}" for d, n in sorted(defects.items()))
+        log(f"{cls}: train {len(train)}, test {len(test) - n_bad} good + {n_bad} defective ({by_defect})")
+    log(f"checked {files} files in {time.perf_counter() - start:.1f} s")
+
 
 def main(argv=None) -> int:
-    p = Parser(description=__doc__.split("\n")[0])
-    p.add_argument("--make-demo", metavar="DIR", help="write the demo data set (MVTec layout) to DIR")
-    p.add_argument("--seed", type=int, default=0, help="demo set seed (default 0)")
-    p.add_argument("--check", nargs=2, metavar=("DATA", "ROOT"),
+    import cli  # here, not at the top: cli imports this module
+
+    p = cli.Parser(description="Check a data set: class counts, and every image and mask opens and is complete.")
+    p.add_argument("--check", nargs=2, metavar=("DATA", "ROOT"), required=True,
                    help=f"count the classes of DATA ({', '.join(DATASETS)}) under ROOT and check every file")
-    p.add_argument("--classes", default="all", help="with --check: 'all' or a comma list")
+    p.add_argument("--classes", default="all", help="'all' or a comma list")
     args = p.parse_args(argv)
-    if not args.make_demo and not args.check:
-        p.error("give --make-demo DIR or --check DATA ROOT")
-    if args.make_demo:
-        print(f"demo data set in {make_demo(args.make_demo, seed=args.seed)}")
-    if args.check:
-        _check(*args.check, args.classes)
+    check_data_set(*args.check, args.classes)
     return 0
 
+
 if __name__ == "__main__":
-    guard(main)
+    import cli
+
+    cli.guard(main)

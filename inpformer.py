@@ -1,36 +1,99 @@
-"""INP-Former in one file: a frozen DINOv2 ViT, the INP Extractor, the INP-Guided Decoder, the losses,
-the official anomaly-map protocol, and weight/checkpoint loading.
+"""INP-Former in one file: the model, its losses and anomaly maps, the evaluation protocol, DINOv2 weights and
+INP-Former checkpoints.
 
 Luo et al., "Exploring Intrinsic Normal Prototypes within a Single Image for Universal Anomaly Detection",
-CVPR 2025. Numerically faithful to the official code (luow23/INP-Former); parameter names match its
-state dict, so the authors' `model.pth` loads as is.
+CVPR 2025. Numerically faithful to the official code (luow23/INP-Former); parameter names match its state
+dict, so the authors' `model.pth` loads as is.
 
     import inpformer
-    model = inpformer.INPFormer(inpformer.load_backbone("dinov2_vitb14_reg4.safetensors"))
+    model = inpformer.INPFormer(inpformer.load_backbone("dinov2_vitb14_reg4_pretrain.pth"))
     loss = model.loss(x)                      # x: (B, 3, 392, 392), ImageNet-normalised
     maps, scores = model.predict(x)           # (B, 256, 256) anomaly maps, (B,) image scores
-    inpformer.save_checkpoint(model, "model.safetensors")
+    inpformer.save_checkpoint(model, "model.safetensors", {"data": "mvtec"})
     model = inpformer.load_model("model.safetensors")   # or the authors' model.pth
+    model.config.geometry                     # how its images must be prepared: resize 448, crop 392
 
-Depends on torch; safetensors is used for file I/O only.
+This file is also the one home of the facts every script shares: the evaluation protocol (MAP_SIZE,
+GAUSSIAN_SIGMA, MAX_RATIO), the input geometry a model was trained at (Geometry, in the model's config),
+the precision rule (PRECISIONS, resolve_precision) and what a checkpoint records (Metadata).
+
+Depends on torch; safetensors is used for file I/O only. It can be copied into another project on its own.
 """
 import contextlib
-import copy
-import functools
 import json
 import math
 import os
 import pickle
 import re
+import urllib.request
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------------------------------
+# The official evaluation protocol (utils.evaluation_batch(max_ratio=0.01, resize_mask=256))
+
+MAP_SIZE = 256        # anomaly maps (and ground-truth masks) are resampled to 256 x 256 before scoring
+GAUSSIAN_SIZE = 5     # then smoothed by a 5 x 5 Gaussian of sigma 4, zero padding
+GAUSSIAN_SIGMA = 4.0
+MAX_RATIO = 0.01      # image score: the mean of the top 1 % of the smoothed map's pixels
+
+# -----------------------------------------------------------------------------------------------------
+# Precision: the dtypes a model may run in, and the one rule for choosing one
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def default_device() -> torch.device:
+    """The device "auto" means everywhere: the first CUDA device when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_precision(precision, device) -> str:
+    """"auto" is fp32, as the official code trains and evaluates; bf16 and fp16 are opt-in. fp16 needs CUDA
+    (CPUs have no fast fp16 matrix products; bf16 runs on CPUs with bf16 units such as AVX512-BF16 or AMX)."""
+    name = "fp32" if precision in (None, "auto") else precision
+    if name not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: use auto, {', '.join(PRECISIONS)}")
+    if name == "fp16" and torch.device(device).type != "cuda":
+        raise ValueError("--precision fp16 runs on CUDA only (use bf16 on a CPU)")
+    return name
+
+# -----------------------------------------------------------------------------------------------------
+# Input geometry: how an image becomes the model's input
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The official preprocessing's sizes: each image is resized to image_size x image_size (bilinear, the
+    aspect not kept), then its central crop_size x crop_size is the model's input. Recorded in every
+    checkpoint's config, so that a loaded model says how it must be fed."""
+    image_size: int = 448
+    crop_size: int = 392
+
+    def check(self, patch_size=14):
+        """The one rule for the sizes: the crop is a positive multiple of the patch size, at most the image."""
+        if self.crop_size < patch_size or self.crop_size % patch_size:
+            raise ValueError(f"--crop-size {self.crop_size} must be a multiple of the model's patch size "
+                             f"{patch_size} (e.g. {max(self.crop_size // patch_size, 1) * patch_size})")
+        if self.crop_size > self.image_size:
+            raise ValueError(f"--crop-size {self.crop_size} must be at most --image-size {self.image_size}")
+        return self
+
+    def crop_offset(self) -> int:
+        """Where the centre crop starts in the resized image: torchvision CenterCrop's rounding."""
+        return int(round((self.image_size - self.crop_size) / 2.0))
+
+    def describe(self) -> str:
+        return f"{self.image_size} -> {self.crop_size} px"
+
+# -----------------------------------------------------------------------------------------------------
 # DINOv2 ViT/14 (encoder)
+
 
 @dataclass
 class ViTConfig:
@@ -42,6 +105,7 @@ class ViTConfig:
     pos_grid: int = 37  # position embeddings are stored for a 37x37 grid (518 px / 14)
     mlp_ratio: float = 4.0
 
+
 class Mlp(nn.Module):
     def __init__(self, dim, hidden):
         super().__init__()
@@ -50,6 +114,7 @@ class Mlp(nn.Module):
 
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x)))
+
 
 class Block(nn.Module):
     def __init__(self, dim, num_heads, mlp_ratio):
@@ -70,6 +135,7 @@ class Block(nn.Module):
         a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
         x = x + self.ls1.gamma * self.attn.proj(a)
         return x + self.ls2.gamma * self.mlp(self.norm2(x))
+
 
 class ViT(nn.Module):
     """DINOv2 vision transformer. Tokens are [CLS, registers, patches]; registers get no position embedding."""
@@ -109,28 +175,37 @@ class ViT(nn.Module):
         p, regs = self.config.patch_size, self.config.num_register_tokens
         if H % p or W % p:
             raise ValueError(f"input size {H}x{W} is not a multiple of the patch size {p}")
-        t = torch.cat((self.cls_token.expand(B, -1, -1), self.patch_embed.proj(x).flatten(2).transpose(1, 2)), dim=1)
+        patches = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        t = torch.cat((self.cls_token.expand(B, -1, -1), patches), dim=1)
         t = t + self.interpolate_pos_encoding(H // p, W // p).to(t.dtype)
         if regs:
             t = torch.cat((t[:, :1], self.register_tokens.expand(B, -1, -1), t[:, 1:]), dim=1)
+        if not layers:
+            for blk in self.blocks:
+                t = blk(t)
+            return self.norm(t)
         out = []
-        for i, blk in enumerate(self.blocks[: max(layers) + 1] if layers else self.blocks):
+        for i, blk in enumerate(self.blocks[: max(layers) + 1]):  # the blocks after the last one asked are skipped
             t = blk(t)
-            if layers and i in layers:
+            if i in layers:
                 out.append(t[:, 1 + regs:])
-        return out if layers else self.norm(t)
+        return out
+
 
 def vit_small(num_register_tokens=4):
     return ViT(ViTConfig(embed_dim=384, depth=12, num_heads=6, num_register_tokens=num_register_tokens))
 
+
 def vit_base(num_register_tokens=4):
     return ViT(ViTConfig(embed_dim=768, depth=12, num_heads=12, num_register_tokens=num_register_tokens))
+
 
 def vit_large(num_register_tokens=4):
     return ViT(ViTConfig(embed_dim=1024, depth=24, num_heads=16, num_register_tokens=num_register_tokens))
 
 # -----------------------------------------------------------------------------------------------------
 # INP Extractor and INP-Guided Decoder (LayerNorm eps 1e-8 in both, as in the official heads)
+
 
 class INPExtractorBlock(nn.Module):
     """The learnable INP queries attend (softmax) to the image tokens."""
@@ -144,12 +219,15 @@ class INPExtractorBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, queries, tokens):
-        (B, M, C), h = queries.shape, self.num_heads
+        B, M, C = queries.shape
+        h = self.num_heads
         q = self.attn.q(self.norm1(queries)).view(B, M, h, C // h).transpose(1, 2)
-        k, v = self.attn.kv(self.norm1(tokens)).view(B, -1, 2, h, C // h).permute(2, 0, 3, 1, 4)  # one norm for both
+        # One LayerNorm (norm1) serves the queries and the tokens, as in the official block.
+        k, v = self.attn.kv(self.norm1(tokens)).view(B, -1, 2, h, C // h).permute(2, 0, 3, 1, 4)
         x = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, M, C)
         queries = queries + self.attn.proj(x)
         return queries + self.mlp(self.norm2(queries))
+
 
 class DecoderAttention(nn.Module):
     """Tokens query the INPs: cosine similarity times a learnable per-head scale, then ReLU, no softmax.
@@ -173,6 +251,7 @@ class DecoderAttention(nn.Module):
         attn = F.relu(q @ F.normalize(k, dim=-1).transpose(-2, -1) * self.learn_scale)  # (B, h, N, M)
         return self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
 
+
 class DecoderBlock(nn.Module):
     def __init__(self, dim, num_heads, mlp_ratio=4.0):
         super().__init__()
@@ -190,6 +269,7 @@ class DecoderBlock(nn.Module):
 # -----------------------------------------------------------------------------------------------------
 # INP-Former
 
+
 @dataclass
 class INPFormerConfig:
     vit: ViTConfig = field(default_factory=ViTConfig)
@@ -197,14 +277,23 @@ class INPFormerConfig:
     decoder_depth: int = 8
     target_layers: list = None  # encoder blocks fused; None: 2..9 for ViT-S/B, every other block 4..18 for ViT-L
     fuse_groups: list = ((0, 1, 2, 3), (4, 5, 6, 7))  # indices into target_layers (and reversed decoder outputs)
+    geometry: Geometry = field(default_factory=Geometry)  # how the model's training images were prepared
 
     def __post_init__(self):
         if isinstance(self.vit, dict):
             self.vit = ViTConfig(**self.vit)
+        if isinstance(self.geometry, dict):
+            self.geometry = Geometry(**self.geometry)
         if not self.target_layers:
             self.target_layers = range(4, 19, 2) if self.vit.embed_dim >= 1024 else range(2, 10)
         self.target_layers = [int(i) for i in self.target_layers]
         self.fuse_groups = [[int(i) for i in g] for g in self.fuse_groups]
+
+
+def tokens_to_map(tokens, grid):
+    """(B, h*w, D) tokens -> (B, D, h, w) feature map."""
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *grid)
+
 
 class INPFormer(nn.Module):
     """A frozen encoder, one INP Extractor block, a bottleneck MLP and the INP-Guided Decoder. INPFormer(encoder,
@@ -221,7 +310,6 @@ class INPFormer(nn.Module):
         self.aggregation = nn.ModuleList([INPExtractorBlock(D, H, r)])
         self.decoder = nn.ModuleList(DecoderBlock(D, H, r) for _ in range(self.config.decoder_depth))
         self.prototype_token = nn.Parameter(torch.randn(self.config.inp_num, D))  # the M learnable INP queries
-        self._cast = None  # (dtype, device, encoder copy): see encode()
         # The official training initialisation of everything but the INP queries (which stay N(0, 1)).
         for m in [*self.bottleneck.modules(), *self.aggregation.modules(), *self.decoder.modules()]:
             if isinstance(m, nn.Linear):
@@ -232,19 +320,17 @@ class INPFormer(nn.Module):
         return [p for n, p in self.named_parameters() if not n.startswith("encoder.")]
 
     def train(self, mode=True):
-        super().train(mode).encoder.eval()  # frozen: never in training mode
+        super().train(mode)
+        self.encoder.eval()  # frozen: never in training mode
         return self
 
-    def encode(self, x):
-        """Fused encoder features: the per-group maps (lists of (B, N, D)) and their all-layer mean F. Under
-        autocast the frozen encoder runs as a copy cast once to the autocast dtype: autocast caches the casts of
-        trainable weights only, so it would cast the frozen ones again on every call."""
-        encoder, kind = self.encoder, x.device.type
-        if torch.is_autocast_enabled(kind) and encoder.pos_embed.dtype == torch.float32:
-            key = (torch.get_autocast_dtype(kind), x.device)
-            if self._cast is None or self._cast[:2] != key:
-                self._cast = (*key, copy.deepcopy(encoder).to(key[0]))
-            encoder = self._cast[2]
+    def encode(self, x, encoder=None):
+        """Fused encoder features: the per-group maps (lists of (B, N, D)) and their all-layer mean F.
+
+        encoder: the frozen encoder to run, self.encoder unless given. Training under bf16 autocast passes a
+        bf16 copy it made once (train.py owns it): autocast caches the casts of trainable weights only, so it
+        would cast the frozen fp32 weights again on every call."""
+        encoder = self.encoder if encoder is None else encoder
         with torch.no_grad():
             layers = encoder(x, self.config.target_layers)
         groups = [torch.stack([layers[i] for i in g], dim=1).mean(dim=1) for g in self.config.fuse_groups]
@@ -268,8 +354,7 @@ class INPFormer(nn.Module):
             de.append(blk(de[-1], inps))
         de = de[:0:-1]  # the decoder blocks' outputs, the last one matched with the first encoder group
         de = [torch.stack([de[i] for i in g], dim=1).mean(dim=1) for g in self.config.fuse_groups]
-        to_map = lambda t: t.transpose(1, 2).reshape(t.shape[0], -1, *grid)  # noqa: E731
-        return [to_map(e) for e in en], [to_map(d) for d in de], coherence
+        return [tokens_to_map(e, grid) for e in en], [tokens_to_map(d, grid) for d in de], coherence
 
     def loss(self, x, coherence_weight=0.2):
         """The training objective: soft-mining global cosine loss + 0.2 x INP coherence loss."""
@@ -284,13 +369,14 @@ class INPFormer(nn.Module):
             return loss + coherence_weight * _full(coherence)
 
     @torch.no_grad()
-    def predict(self, x, out_size=256, max_ratio=0.01):
-        """Official evaluation protocol: (B, out_size, out_size) anomaly maps (None: input size), (B,) scores."""
+    def predict(self, x, out_size=MAP_SIZE, max_ratio=MAX_RATIO):
+        """The official evaluation protocol: (B, out_size, out_size) anomaly maps (None: the input size) and (B,)
+        image scores, in fp32 whatever the model's dtype."""
         en, de, _ = self(x)
         return score_maps(anomaly_map(en, de, x.shape[-2:]), out_size, max_ratio)
 
     @torch.no_grad()
-    def predict_zero_shot(self, x, out_size=256, max_ratio=0.01):
+    def predict_zero_shot(self, x, out_size=MAP_SIZE, max_ratio=MAX_RATIO):
         """Zero-shot maps: per token, the cosine distance to its nearest INP (no decoder involved)."""
         _, fused = self.encode(x)
         d = inp_distance(fused, self.extract_inps(fused)).view(-1, 1, *self.token_grid(x))
@@ -300,12 +386,15 @@ class INPFormer(nn.Module):
 # -----------------------------------------------------------------------------------------------------
 # Losses and the anomaly map
 
+
 def inp_distance(tokens, inps, eps=1e-8):
     """Per token, 1 - cosine similarity to its nearest INP: (B, N). Its mean is the INP coherence loss.
     In fp32 also under autocast (it is cheap: M is a handful of INPs)."""
     with torch.autocast(tokens.device.type, enabled=False):
-        t, p = F.normalize(_full(tokens), dim=-1, eps=eps), F.normalize(_full(inps), dim=-1, eps=eps)
+        t = F.normalize(_full(tokens), dim=-1, eps=eps)
+        p = F.normalize(_full(inps), dim=-1, eps=eps)
         return (1 - t @ p.transpose(1, 2)).min(dim=-1).values
+
 
 def soft_mining_loss(en, de, y=3.0):
     """Global cosine loss whose gradient is reweighted per pixel by (d / mean d)^y, d = 1 - cos over channels:
@@ -321,6 +410,7 @@ def soft_mining_loss(en, de, y=3.0):
         total = total + (1 - F.cosine_similarity(e.flatten(1), d.flatten(1), dim=1)).mean()
     return total / len(en)
 
+
 def anomaly_map(en, de, size):
     """Mean over groups of the per-pixel 1 - cos over channels, upsampled (align_corners=True) to `size`.
     Always in fp32, also under autocast: the maps' small differences are the whole signal."""
@@ -329,35 +419,45 @@ def anomaly_map(en, de, size):
         maps = [F.interpolate(m, size=tuple(size), mode="bilinear", align_corners=True) for m in maps]
         return torch.cat(maps, dim=1).mean(dim=1, keepdim=True)
 
-def gaussian_kernel(size=5, sigma=4.0):
+
+def gaussian_kernel(size=GAUSSIAN_SIZE, sigma=GAUSSIAN_SIGMA):
     r = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
     g = torch.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * sigma**2))
     return (g / g.sum()).view(1, 1, size, size)
 
-def score_maps(maps, out_size=256, max_ratio=0.01):
-    """(B, 1, H, W) maps -> resized (align_corners=False), 5x5 sigma-4 Gaussian with zero padding, and the
+
+def score_maps(maps, out_size=MAP_SIZE, max_ratio=MAX_RATIO):
+    """(B, 1, H, W) maps -> resized (align_corners=False), the 5x5 sigma-4 Gaussian with zero padding, and the
     image score = mean of the top max_ratio of pixels (the maximum when max_ratio is 0). In fp32 always."""
     with torch.autocast(maps.device.type, enabled=False):
         maps = _full(maps)
         if out_size is not None and tuple(maps.shape[-2:]) != (out_size, out_size):
             maps = F.interpolate(maps, size=(out_size, out_size), mode="bilinear", align_corners=False)
-        maps = F.conv2d(maps, gaussian_kernel().to(maps), padding=2)[:, 0]
+        maps = F.conv2d(maps, gaussian_kernel().to(maps), padding=GAUSSIAN_SIZE // 2)[:, 0]
         flat = maps.flatten(1)
         k = int(flat.shape[1] * max_ratio)
-        scores = flat.topk(k, dim=1).values.mean(dim=1) if k > 0 else flat.max(dim=1).values
+        if k > 0:
+            scores = flat.topk(k, dim=1).values.mean(dim=1)
+        else:
+            scores = flat.max(dim=1).values
     return maps, scores
+
 
 def _full(t):  # fp32 for half-precision tensors (autocast outputs); fp32/fp64 tensors stay as they are
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 # -----------------------------------------------------------------------------------------------------
-# Weights: DINOv2 backbones in torch-hub, Hugging Face or timm names, and INP-Former checkpoints
+# Weights: DINOv2 backbones in torch-hub, Hugging Face or timm names
+
 
 class WeightsError(ValueError):
     """A weights or checkpoint file that cannot be used; the message is one line naming the file."""
 
-def _first_line(e):
+
+def first_line(e) -> str:
+    """The first line of an exception's message (at most 200 characters), for one-line errors."""
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
 
 def read_state_dict(path, tensors=True):
     """(tensors, metadata) from a .safetensors file or a torch .pth/.pt state dict, wrapper prefixes (DDP's
@@ -365,21 +465,23 @@ def read_state_dict(path, tensors=True):
     path, meta = os.fspath(path), {}
     if not os.path.isfile(path):
         raise WeightsError(f"{path}: no such file")
+    is_safetensors = path.endswith(".safetensors")
     try:
-        if path.endswith(".safetensors"):
+        if is_safetensors:
             from safetensors import safe_open
 
             with safe_open(path, framework="pt") as f:
-                sd, meta = {k: f.get_tensor(k) for k in f.keys() if tensors}, f.metadata() or {}
+                sd = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
+                meta = f.metadata() or {}
         else:
             with warnings.catch_warnings():  # torch's multi-line pickle-protocol warnings would break the one line
                 warnings.simplefilter("ignore")
                 sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        # torch's own message suggests weights_only=False, i.e. running code from the file: never
-        why = ("damaged, or holds objects other than tensors" if isinstance(e, pickle.UnpicklingError)
-               and "weights_only" in str(e) else _first_line(e))
-        kind = "safetensors file" if path.endswith(".safetensors") else "torch state dict"
+        # torch's own message suggests weights_only=False, i.e. running code from the file: never.
+        refused = isinstance(e, pickle.UnpicklingError) and "weights_only" in str(e)
+        why = "damaged, or holds objects other than tensors" if refused else first_line(e)
+        kind = "safetensors file" if is_safetensors else "torch state dict"
         raise WeightsError(f"{path}: not a readable {kind} ({why})") from None
     for wrapper in ("model", "state_dict"):  # training checkpoints often nest the weights
         if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
@@ -391,53 +493,80 @@ def read_state_dict(path, tensors=True):
             sd = {k[len(prefix):]: v for k, v in sd.items()}
     return sd, meta
 
-# Hugging Face Dinov2(WithRegisters)Model names -> torch-hub names: replacements applied in order to every key.
-_HF_NAMES = (("embeddings.patch_embeddings.projection", "patch_embed.proj"), ("embeddings.position_embeddings",
-              "pos_embed"), ("embeddings.", ""), ("encoder.layer.", "blocks."), ("attention.output.dense", "attn.proj"),
-             ("attention.attention.", "attn."), ("layer_scale1.lambda1", "ls1.gamma"),
-             ("layer_scale2.lambda1", "ls2.gamma"), ("layernorm.", "norm."))
+
+# Hugging Face Dinov2(WithRegisters)Model names -> torch-hub names: these replacements, in this order, on every
+# key (e.g. "encoder.layer.3.attention.output.dense.weight" -> "blocks.3.attn.proj.weight").
+HF_TO_HUB = [
+    ("embeddings.patch_embeddings.projection", "patch_embed.proj"),
+    ("embeddings.position_embeddings", "pos_embed"),
+    ("embeddings.", ""),  # cls_token, mask_token, register_tokens
+    ("encoder.layer.", "blocks."),
+    ("attention.output.dense", "attn.proj"),
+    ("attention.attention.", "attn."),  # query, key and value: joined into qkv below
+    ("layer_scale1.lambda1", "ls1.gamma"),
+    ("layer_scale2.lambda1", "ls2.gamma"),
+    ("layernorm.", "norm."),
+]
+
+
+def hf_to_hub_name(name):
+    for old, new in HF_TO_HUB:
+        name = name.replace(old, new)
+    return name
+
 
 def to_hub_names(sd):
     """(state dict in torch-hub names, "torch-hub" | "huggingface" | "timm"), the naming detected from the keys."""
     if any(k.startswith(("embeddings.", "encoder.layer.")) for k in sd):
-        out = {functools.reduce(lambda name, r: name.replace(*r), _HF_NAMES, k): v for k, v in sd.items()}
-        for q in [k for k in out if re.fullmatch(r"blocks\.\d+\.attn\.query\.(weight|bias)", k)]:  # q, k, v -> qkv
-            parts = [q.replace("query", p) for p in ("query", "key", "value")]
+        out = {hf_to_hub_name(k): v for k, v in sd.items()}
+        queries = [k for k in out if re.fullmatch(r"blocks\.\d+\.attn\.query\.(weight|bias)", k)]
+        for q in queries:  # separate query, key and value projections -> one qkv
+            parts = [q.replace("query", part) for part in ("query", "key", "value")]
             out[q.replace("query", "qkv")] = torch.cat([out.pop(p) for p in parts])
         return out, "huggingface"
+
     pos = sd.get("pos_embed")
-    if "reg_token" in sd or (pos is not None and math.isqrt(pos.shape[1]) ** 2 == pos.shape[1]):
+    pos_without_class_slot = pos is not None and math.isqrt(pos.shape[1]) ** 2 == pos.shape[1]
+    if "reg_token" in sd or pos_without_class_slot:
         # timm folds the class position into cls_token and drops mask_token; putting a zero class slot back
         # is exact, since that slot is only ever added to the class token.
-        sd = {"register_tokens" if k == "reg_token" else k: v for k, v in sd.items()}
-        if pos is not None and math.isqrt(pos.shape[1]) ** 2 == pos.shape[1]:
+        sd = dict(sd)
+        if "reg_token" in sd:
+            sd["register_tokens"] = sd.pop("reg_token")
+        if pos_without_class_slot:
             sd["pos_embed"] = torch.cat((torch.zeros_like(pos[:, :1]), pos), dim=1)
         if "mask_token" not in sd and "cls_token" in sd:
             sd["mask_token"] = torch.zeros(1, sd["cls_token"].shape[-1], dtype=sd["cls_token"].dtype)
         return sd, "timm"
     return sd, "torch-hub"
 
+
 def vit_config_from_state_dict(sd, num_heads=None):
     """The ViT size of torch-hub-named tensors. The head count is not in them: DINOv2 heads are 64 wide."""
     D = sd["pos_embed"].shape[-1]
-    hidden = sd["blocks.0.mlp.fc1.weight"].shape[0]
-    return ViTConfig(embed_dim=D, depth=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks.")),
-                     num_heads=num_heads or D // 64,
-                     num_register_tokens=sd["register_tokens"].shape[1] if "register_tokens" in sd else 0,
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    registers = sd["register_tokens"].shape[1] if "register_tokens" in sd else 0
+    return ViTConfig(embed_dim=D, depth=depth, num_heads=num_heads or D // 64, num_register_tokens=registers,
                      patch_size=sd["patch_embed.proj.weight"].shape[-1],
-                     pos_grid=math.isqrt(sd["pos_embed"].shape[1] - 1), mlp_ratio=hidden / D)
+                     pos_grid=math.isqrt(sd["pos_embed"].shape[1] - 1),
+                     mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / D)
+
 
 def load_strict(module, sd, path):
     """Copy `sd` into `module`, failing with one line on any missing or unexpected key or wrong shape."""
     own = module.state_dict()
-    for what, keys in (("missing", [k for k in own if k not in sd]), ("unexpected", [k for k in sd if k not in own])):
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    for what, keys in (("missing", missing), ("unexpected", unexpected)):
         if keys:
-            raise WeightsError(f"{path}: {what} key {keys[0]!r}" + (f" (and {len(keys) - 1} more)" if keys[1:] else ""))
+            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+            raise WeightsError(f"{path}: {what} key {keys[0]!r}{more}")
     for k, v in own.items():
         if tuple(sd[k].shape) != tuple(v.shape):
             raise WeightsError(f"{path}: {k!r} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)}")
     module.load_state_dict({k: v.float() for k, v in sd.items()})
     return module
+
 
 def load_backbone(path, num_heads=None) -> ViT:
     """A DINOv2 ViT from .safetensors or .pth in torch-hub, Hugging Face or timm names; size detected, the
@@ -448,12 +577,8 @@ def load_backbone(path, num_heads=None) -> ViT:
         sd = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
     try:
         sd, source = to_hub_names(sd)
-        stem = os.path.splitext(os.fspath(path))[0]
-        for path_json in (os.path.join(os.path.dirname(stem), "config.json"), f"{stem}_config.json"):
-            with contextlib.suppress(OSError, ValueError, KeyError, AttributeError), open(path_json) as f:
-                cfg = json.load(f)
-                if num_heads is None and cfg.get("hidden_size") == sd["pos_embed"].shape[-1]:
-                    num_heads = int(cfg["num_attention_heads"])
+        if num_heads is None:
+            num_heads = _heads_from_config_json(path, sd["pos_embed"].shape[-1])
         config = vit_config_from_state_dict(sd, num_heads)
     except KeyError as e:
         raise WeightsError(f"{path}: not a DINOv2 ViT state dict (no {e.args[0]!r})") from None
@@ -461,16 +586,110 @@ def load_backbone(path, num_heads=None) -> ViT:
     vit.source = source
     return vit
 
+
+def _heads_from_config_json(path, width):
+    """The head count of a Hugging Face config.json (or <stem>_config.json) beside the weights, if it describes
+    a ViT of this width; else None."""
+    stem = os.path.splitext(os.fspath(path))[0]
+    for candidate in (os.path.join(os.path.dirname(stem), "config.json"), f"{stem}_config.json"):
+        with contextlib.suppress(OSError, ValueError, KeyError, AttributeError):
+            with open(candidate) as f:
+                config = json.load(f)
+            if config.get("hidden_size") == width:
+                return int(config["num_attention_heads"])
+    return None
+
+
+# The DINOv2-with-registers weights train.py uses by default, by size (their widths: 384, 768, 1024).
+HF_WEIGHTS = "https://huggingface.co/facebook/dinov2-with-registers-{size}/resolve/main/model.safetensors"
+BACKBONE_WIDTHS = {"small": 384, "base": 768, "large": 1024}
+
+
+def download_backbone(size="base", log=print) -> Path:
+    """The Hugging Face DINOv2-with-registers file of `size`, downloaded once into ~/.cache/inpformer (or
+    $INPFORMER_CACHE); offline, a one-line error says what to download and where to put it."""
+    cache = Path(os.environ.get("INPFORMER_CACHE", Path.home() / ".cache" / "inpformer"))
+    path, url = cache / f"dinov2-with-registers-{size}.safetensors", HF_WEIGHTS.format(size=size)
+    if path.is_file():
+        return path
+    log(f"downloading {url} to {path}")
+    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response, atomic_write(path) as tmp, open(tmp, "wb") as f:
+            total, done = int(response.headers.get("Content-Length") or 0), 0
+            while True:
+                chunk = response.read(1 << 24)
+                if not chunk:
+                    break
+                done += f.write(chunk)
+                log(f"  {done >> 20} / {total >> 20} MiB")
+    except OSError as e:
+        raise ValueError(f"could not download the DINOv2 weights ({getattr(e, 'reason', e)}): download {url} and "
+                         f"save it as {path}, or pass --weights PATH") from None
+    return path
+
+# -----------------------------------------------------------------------------------------------------
+# Checkpoints: one .safetensors file, the whole model with its config and what the run records
+
+
+METADATA_VERSION = 2  # 1: checkpoints written before the schema had a number (and kept the sizes here)
+
+
+@dataclass
+class Metadata:
+    """What a project checkpoint records besides its tensors and config (the one definition: train.py writes
+    it, evaluate.py and predict.py read it). Every field may be absent (None) in files from elsewhere."""
+    version: int = METADATA_VERSION
+    data: str = None              # the data set(s) trained on, a comma list for super-multi-class
+    data_root: str = None         # their folders, a comma list in the same order
+    classes: list = None          # every class trained on
+    classes_per_set: list = None  # the classes of each data set, in the order of `data`
+    setting: str = None           # multi, single or few-shot
+    shots: int = None             # few-shot: training images per class
+    backbone: str = None          # the weights file or size the encoder came from
+    seed: int = None
+    total_iters: int = None
+    iteration: int = None         # iterations done when the file was written
+    finished: bool = None         # iteration == total_iters
+    calibration: dict = None      # the decision rule predict.py --calibrate stores (see predict.calibration)
+    extra: dict = field(default_factory=dict)  # any other key, kept as it was (e.g. a user's own notes)
+
+    def to_strings(self) -> dict:
+        """safetensors metadata: strings only, JSON for everything that is not a string."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        values = {"metadata_version": values.pop("version"), **values, **self.extra}
+        return {k: v if isinstance(v, str) else json.dumps(v) for k, v in values.items() if v is not None}
+
+    @classmethod
+    def from_strings(cls, strings: dict) -> "Metadata":
+        decoded = {}
+        for k, v in strings.items():
+            if k in ("format", "inpformer_config"):  # safetensors' own key, and the model's config
+                continue
+            try:
+                decoded[k] = json.loads(v)
+            except ValueError:
+                decoded[k] = v
+        version = decoded.pop("metadata_version", 1 if decoded else None)  # None: no metadata at all
+        known = {f.name for f in fields(cls)} - {"version", "extra"}
+        extra = {k: v for k, v in decoded.items() if k not in known}
+        return cls(version=version, extra=extra, **{k: v for k, v in decoded.items() if k in known})
+
+
 def save_checkpoint(model: INPFormer, path, metadata=None):
-    """Write the whole model (frozen encoder included) as one .safetensors file with its config in the
-    metadata; atomically, so a crash never leaves a half-written checkpoint."""
+    """Write the whole model (frozen encoder included) as one .safetensors file with its config and `metadata`
+    (a Metadata, or a dict of its fields and any other keys); atomically, so that a crash never leaves a
+    half-written checkpoint."""
     from safetensors.torch import save_file
 
-    meta = {"format": "pt", "inpformer_config": json.dumps(asdict(model.config))}
-    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
-    sd = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    if not isinstance(metadata, Metadata):
+        metadata = Metadata.from_strings({k: v if isinstance(v, str) else json.dumps(v)
+                                          for k, v in (metadata or {}).items()})
+    strings = {"format": "pt", "inpformer_config": json.dumps(asdict(model.config)), **metadata.to_strings()}
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_write(path) as tmp:
-        save_file(sd, tmp, metadata=meta)
+        save_file(tensors, tmp, metadata=strings)
+
 
 @contextlib.contextmanager
 def atomic_write(path):
@@ -484,29 +703,43 @@ def atomic_write(path):
         if os.path.exists(tmp):
             os.remove(tmp)
 
+
 def load_model(path, device="cpu") -> INPFormer:
     """An INPFormer (eval mode) from a project checkpoint or an official INP-Former state dict (the authors'
-    model.pth), whose config is inferred from its shapes."""
-    sd, meta = read_state_dict(path)
-    if "inpformer_config" not in meta and "decoder.0.attn.learn_scale" not in sd:
+    model.pth), whose config is inferred from its shapes (and whose geometry is the paper's 448 -> 392)."""
+    sd, strings = read_state_dict(path)
+    if "inpformer_config" not in strings and "decoder.0.attn.learn_scale" not in sd:
         raise WeightsError(f"{path}: not an INP-Former checkpoint (no config metadata, no official keys)")
     try:
-        if "inpformer_config" in meta:
-            config = INPFormerConfig(**json.loads(meta["inpformer_config"]))
+        if "inpformer_config" in strings:
+            config = INPFormerConfig(**json.loads(strings["inpformer_config"]))
+            if "geometry" not in json.loads(strings["inpformer_config"]):  # written before version 2
+                old = Metadata.from_strings(strings).extra
+                config.geometry = Geometry(old.get("image_size", 448), old.get("crop_size", 392))
         else:
             encoder = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
+            heads = sd["decoder.0.attn.learn_scale"].shape[0]
             depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("decoder."))
-            config = INPFormerConfig(vit_config_from_state_dict(encoder, sd["decoder.0.attn.learn_scale"].shape[0]),
-                                     inp_num=sd["prototype_token"].shape[0], decoder_depth=depth)
+            config = INPFormerConfig(vit_config_from_state_dict(encoder, heads), inp_num=sd["prototype_token"].shape[0],
+                                     decoder_depth=depth)
     except KeyError as e:
         raise WeightsError(f"{path}: incomplete INP-Former state dict (no {e.args[0]!r})") from None
     except (TypeError, ValueError) as e:
-        raise WeightsError(f"{path}: unreadable inpformer_config metadata ({_first_line(e)})") from None
-    options = {k: v for k, v in asdict(config).items() if k != "vit"}
-    return load_strict(INPFormer(ViT(config.vit), **options), sd, path).to(device).eval()
+        raise WeightsError(f"{path}: unreadable inpformer_config metadata ({first_line(e)})") from None
+    options = {k: getattr(config, k) for k in ("inp_num", "decoder_depth", "target_layers", "fuse_groups", "geometry")}
+    model = INPFormer(ViT(config.vit), **options)
+    return load_strict(model, sd, path).to(device).eval()
 
-def read_checkpoint_metadata(path):
-    """The metadata dict of a project checkpoint (values JSON-decoded where possible); reads no tensor."""
+
+def read_metadata(path) -> Metadata:
+    """The Metadata of a checkpoint (every field None for the authors' model.pth, which records nothing); reads
+    no tensor of a .safetensors file."""
+    return Metadata.from_strings(read_state_dict(path, tensors=False)[1])
+
+
+def read_checkpoint_metadata(path) -> dict:
+    """The metadata of a checkpoint as one dict (values JSON-decoded), as its file stores it: Metadata's fields
+    under their own names (the version as "metadata_version"), any other keys, and "inpformer_config"."""
     out = {}
     for k, v in read_state_dict(path, tensors=False)[1].items():
         try:

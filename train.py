@@ -10,30 +10,33 @@
 
 Defaults are the official multi-class recipe: DINOv2-B/14 with registers, 448 -> 392, batch 16, 6 INPs,
 StableAdamW (lr 1e-3, betas 0.9/0.999, weight decay 1e-4, AMSGrad, eps 1e-10), 100 warm-up iterations then
-cosine to lr/10, gradient-norm clipping 0.1, 200 epochs, seed 1; bf16 autocast on CUDA (fp16 with a gradient
-scaler on request), fp32 on the CPU (bf16 on request). Under torchrun each process loads --batch-size images
-per step (the paper's recipe is 16 in all, on one GPU), the data is sharded with one seeded permutation per
-epoch, and only rank 0 writes. Every epoch `<out>/model.safetensors` (what `evaluate.py --ckpt` reads) and
-`<out>/train_state.pt` (optimizer, RNG, position) are written atomically; `--resume` continues from them and
-ends with the same weights as an uninterrupted run. A new run never replaces one unless told (--overwrite).
+cosine to lr/10, gradient-norm clipping 0.1, 200 epochs, seed 1, fp32 (bf16 or fp16 autocast on request).
+Under torchrun each process loads --batch-size images per step (the paper's recipe is 16 in all, on one GPU),
+the data is sharded with one seeded permutation per epoch, and only rank 0 writes. Every epoch
+`<out>/model.safetensors` (what `evaluate.py --ckpt` reads) and `<out>/train_state.pt` (optimizer, RNG,
+position) are written atomically; `--resume` continues from them and ends with the same weights as an
+uninterrupted run. A new run never replaces one unless told (--overwrite). At the end the run is evaluated
+(evaluate.py) unless --no-eval.
 """
-import argparse
 import copy
 import math
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 
+import cli
 import data
+import demo
 import evaluate
 import inpformer
 
 # -----------------------------------------------------------------------------------------------------
 # Optimiser and schedule
+
 
 class StableAdamW(torch.optim.Optimizer):
     """AdamW with decoupled weight decay, optional AMSGrad, and per-tensor update clipping: each tensor's step
@@ -48,7 +51,9 @@ class StableAdamW(torch.optim.Optimizer):
     def step(self):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            for p in (p for p in group["params"] if p.grad is not None):
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
                 g, state = p.grad, self.state[p]
                 if not state:
                     state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
@@ -65,6 +70,7 @@ class StableAdamW(torch.optim.Optimizer):
                 scale = torch.clamp(rms / group["clip_threshold"], min=1.0)
                 p.addcdiv_(state["exp_avg"], denom * scale, value=-group["lr"] / (1 - beta1**t))
 
+
 def optimizer_step(loss, opt, scaler, params, max_norm=0.1):
     """Backward, then the official global gradient-norm clipping (on unscaled fp16 gradients), then a step."""
     opt.zero_grad(set_to_none=True)
@@ -74,6 +80,7 @@ def optimizer_step(loss, opt, scaler, params, max_norm=0.1):
     scaler.step(opt)
     scaler.update()
 
+
 def warm_cosine(it, total, base, final, warmup):
     """Learning rate of iteration `it`: linear from 0 over `warmup` iterations, then cosine from base to final."""
     if it < warmup:
@@ -81,6 +88,7 @@ def warm_cosine(it, total, base, final, warmup):
     if it >= total:
         return final
     return final + 0.5 * (base - final) * (1 + math.cos(math.pi * (it - warmup) / (total - warmup)))
+
 
 class EpochBatches(torch.utils.data.Sampler):
     """Batches of one epoch: permutation seeded by (seed, epoch), every world-th index from `rank`, no partial
@@ -95,37 +103,106 @@ class EpochBatches(torch.utils.data.Sampler):
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
-        idx = torch.randperm(self.n, generator=g)[: len(self) * self.batch_size * self.world][self.rank :: self.world]
+        used = len(self) * self.batch_size * self.world  # the tail that makes no full batch on every rank is dropped
+        idx = torch.randperm(self.n, generator=g)[:used][self.rank::self.world]
         for b in range(self.skip, len(self)):
-            yield idx[b * self.batch_size : (b + 1) * self.batch_size].tolist()
+            yield idx[b * self.batch_size:(b + 1) * self.batch_size].tolist()
+
+# -----------------------------------------------------------------------------------------------------
+# The encoder
+
+
+def load_encoder(weights=None, backbone=None, is_demo=False, log=print) -> inpformer.ViT:
+    """The frozen encoder: --weights, else the demo's random ViT, else the DINOv2-with-registers file of
+    --backbone (downloaded once by inpformer.download_backbone). Logs what it found."""
+    if weights:
+        vit = inpformer.load_backbone(weights)
+        if backbone and inpformer.BACKBONE_WIDTHS[backbone] != vit.config.embed_dim:
+            raise ValueError(f"--backbone {backbone} contradicts --weights {weights} (a {vit.config.embed_dim}"
+                             "-wide ViT): drop --backbone, it only picks the file to download")
+    elif is_demo:
+        log("no --weights: using a small randomly initialised ViT (pass --weights for real DINOv2 features)")
+        vit = demo.backbone()
+    else:
+        vit = inpformer.load_backbone(inpformer.download_backbone(backbone or "base", log))
+    c = vit.config
+    log(f"backbone: ViT {c.embed_dim} wide, {c.depth} blocks, {c.num_heads} heads, {c.num_register_tokens} "
+        f"registers, patch {c.patch_size}, from {getattr(vit, 'source', 'code')} weights")
+    return vit
+
+
+def step_encoder(model, device, amp_dtype):
+    """The encoder the training steps run: the model's own, or under bf16/fp16 autocast a copy cast once to that
+    dtype. Autocast caches the casts of trainable weights only, so it would cast the frozen fp32 encoder again
+    on every step; the copy lives as long as the run and is never saved (the checkpoint keeps the fp32 one)."""
+    if amp_dtype is None:
+        return model.encoder
+    return copy.deepcopy(model.encoder).to(device, amp_dtype)
+
 
 class LossModule(torch.nn.Module):
-    """model.loss (or, on cached features, loss_from_features) as a forward(), for DistributedDataParallel."""
+    """The training loss as a forward(), for DistributedDataParallel: model.loss of images (their features from
+    `encoder`), or of cached features."""
 
-    def __init__(self, model):
+    def __init__(self, model, encoder):
         super().__init__()
-        self.model = model
+        self.model, self.encoder = model, encoder
 
     def forward(self, x=None, features=None):
-        return self.model.loss(x) if features is None else self.model.loss_from_features(*features)
+        if features is None:
+            en, fused = self.model.encode(x, self.encoder)
+            features = (en, fused, self.model.token_grid(x))
+        return self.model.loss_from_features(*features)
 
-def cache_features(model, dataset, args, device, amp):
-    """The frozen encoder's outputs for every training image, (en groups, fused, grid), on the CPU in the
-    --cache-features dtype. The training images are not augmented on the fly, so these never change."""
-    en, fused, dtype = [], [], evaluate.DTYPES[args.cache_features]
-    for batch in torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers):
+
+def cache_features(model, encoder, dataset, batch_size, workers, device, amp, dtype):
+    """The frozen encoder's outputs for every training image, (en groups, fused, grid), on the CPU in `dtype`.
+    The training images are not augmented on the fly, so these never change."""
+    en, fused = [], []
+    for batch in torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers):
         with amp:
-            e, f = model.encode(batch["image"].to(device))
+            e, f = model.encode(batch["image"].to(device), encoder)
         en.append(torch.stack(e, 1).to("cpu", dtype))
         fused.append(f.to("cpu", dtype))
     return torch.cat(en), torch.cat(fused), model.token_grid(batch["image"])
 
+# -----------------------------------------------------------------------------------------------------
+# One training run: its state, setup, then the loop
+
+
+@dataclass
+class TrainingRun:
+    """One model in training: what setup() builds, the loop reads and updates, and a resume restores."""
+    model: inpformer.INPFormer
+    net: torch.nn.Module          # LossModule, wrapped in DistributedDataParallel under torchrun
+    dataset: torch.utils.data.Dataset
+    batches: EpochBatches
+    opt: StableAdamW
+    scaler: torch.amp.GradScaler  # enabled for fp16 only
+    amp: object                   # the autocast context of every step (disabled in fp32)
+    device: torch.device
+    out: Path
+    meta: inpformer.Metadata      # what the checkpoint records
+    total: int                    # iterations of the whole run
+    warmup: int
+    lr: float
+    log_every: int                # iterations between log lines
+    workers: int
+    rank: int = 0
+    world: int = 1
+    start: int = 0                # the iteration the loop starts at (after a resume)
+    features: tuple = None        # cached encoder features (en, fused, grid), or None: the encoder runs each step
+    window: list = field(default_factory=lambda: [0.0, 0])  # loss sum and count since the last log line
+
+
 def save_state(path, run, it):
     """Everything --resume needs (trainable weights, optimizer, RNG, position, log window), as one atomic file."""
     state = dict(model={k: v for k, v in run.model.state_dict().items() if not k.startswith("encoder.")},
-                 opt=run.opt.state_dict(), rng=torch.get_rng_state(), iteration=it, window=run.window, meta=run.meta)
+                 opt=run.opt.state_dict(), rng=torch.get_rng_state(), iteration=it, window=run.window,
+                 meta=dict(total_iters=run.total))
     with inpformer.atomic_write(path) as tmp:
         torch.save(state, tmp)
+
 
 def load_state(path, run):
     """Restore what save_state wrote; returns the iteration to continue at."""
@@ -136,7 +213,7 @@ def load_state(path, run):
             raise KeyError((unexpected or missing)[0])
         run.opt.load_state_dict(state["opt"])
     except Exception as e:
-        raise ValueError(f"{path}: not a training state of this model ({inpformer._first_line(e)}); use the same "
+        raise ValueError(f"{path}: not a training state of this model ({inpformer.first_line(e)}); use the same "
                          "--weights/--inp-num as the run it comes from, or another --out") from None
     if state["meta"]["total_iters"] != run.total:
         raise ValueError(f"{path}: saved for {state['meta']['total_iters']} iterations, this run has {run.total}; "
@@ -145,58 +222,67 @@ def load_state(path, run):
     run.window = state["window"]
     return state["iteration"]
 
-# -----------------------------------------------------------------------------------------------------
-# One training run: setup, then the loop
 
-def setup(args, encoder, sets, out, device, log, rank=0, world=1):
+def setup(args, encoder, sets, out, device, log, rank=0, world=1) -> TrainingRun:
     """Model, data, optimiser and schedule for one model (on a copy of `encoder`) trained on the union of
     `sets` [(data, root, classes)], restored from `out` with --resume."""
     torch.manual_seed(args.seed)
-    model = inpformer.INPFormer(copy.deepcopy(encoder), inp_num=args.inp_num).to(device)
-    dataset = torch.utils.data.ConcatDataset([data.train_set(d, r, cs, args.image_size, args.crop_size, check=False,
-                                              shots=args.shots, seed=args.seed) for d, r, cs in sets])  # plan() checked
+    geometry = inpformer.Geometry(args.image_size, args.crop_size)
+    model = inpformer.INPFormer(copy.deepcopy(encoder), inp_num=args.inp_num, geometry=geometry).to(device)
+    parts = [data.train_set(d, r, cs, geometry, shots=args.shots, seed=args.seed, check=False)  # plan() checked
+             for d, r, cs in sets]
+    dataset = torch.utils.data.ConcatDataset(parts)
     batches = EpochBatches(len(dataset), args.batch_size, args.seed, rank, world)
     if len(batches) == 0:
         raise ValueError(f"the training set has {len(dataset)} images, fewer than one batch of {args.batch_size} x "
                          f"{world} process(es): lower --batch-size")
     total = args.iters or args.epochs * len(batches)
-    meta = dict(data=",".join(d for d, _, _ in sets), data_root=",".join(str(r) for _, r, _ in sets),
-                classes=[c for _, _, cs in sets for c in cs], classes_per_set=[cs for _, _, cs in sets],
-                image_size=args.image_size, crop_size=args.crop_size, setting=args.setting, shots=args.shots,
-                backbone=str(args.weights or ("random-demo" if args.data == "demo" else args.backbone or "base")),
-                seed=args.seed, total_iters=total)
-    amp = torch.autocast(device.type, dtype=evaluate.DTYPES[args.precision], enabled=args.precision in ("bf16", "fp16"))
-    run = SimpleNamespace(model=model, dataset=dataset, batches=batches, total=total, out=out, meta=meta, amp=amp,
-                          opt=StableAdamW(model.trainable_parameters(), lr=args.lr, weight_decay=1e-4), window=[0.0, 0],
-                          scaler=torch.amp.GradScaler(device.type, enabled=args.precision == "fp16"), device=device,
-                          warmup=min(args.warmup, total // 10),  # a short run still spends most of it at full lr
-                          net=LossModule(model), features=None, start=0, args=args, rank=rank, world=world)
+    backbone = args.weights or ("random-demo" if args.data == "demo" else args.backbone or "base")
+    meta = inpformer.Metadata(data=",".join(d for d, _, _ in sets), data_root=",".join(str(r) for _, r, _ in sets),
+                              classes=[c for _, _, cs in sets for c in cs], classes_per_set=[cs for _, _, cs in sets],
+                              setting=args.setting, shots=args.shots, backbone=str(backbone), seed=args.seed,
+                              total_iters=total)
+    amp_dtype = None if args.precision == "fp32" else inpformer.PRECISIONS[args.precision]
+    amp = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    encoder = step_encoder(model, device, amp_dtype)
+    net = LossModule(model, encoder)
+    run = TrainingRun(model=model, net=net, dataset=dataset, batches=batches,
+                      opt=StableAdamW(model.trainable_parameters(), lr=args.lr, weight_decay=1e-4),
+                      scaler=torch.amp.GradScaler(device.type, enabled=args.precision == "fp16"), amp=amp,
+                      device=device, out=out, meta=meta, total=total,
+                      warmup=min(args.warmup, total // 10),  # a short run still spends most of it at full lr
+                      lr=args.lr, log_every=args.log_every or len(batches), workers=args.workers, rank=rank,
+                      world=world)
     if args.resume and (out / "train_state.pt").is_file():
         run.start = load_state(out / "train_state.pt", run)
         log(f"resuming {out} at iteration {run.start}/{total}")
     if world > 1:
-        run.net = torch.nn.parallel.DistributedDataParallel(run.net, None if device.index is None else [device.index])
+        run.net = torch.nn.parallel.DistributedDataParallel(net, None if device.index is None else [device.index])
     if args.cache_features and run.start < total:
         t0 = time.time()
-        run.features = cache_features(model, dataset, args, device, amp)
-        log(f"cached encoder features of {len(dataset)} images in {time.time() - t0:.0f}s "
-            f"({(run.features[0].nbytes + run.features[1].nbytes) / 2**30:.2f} GiB)")
+        run.features = cache_features(model, encoder, dataset, args.batch_size, args.workers, device, amp,
+                                      inpformer.PRECISIONS[args.cache_features])
+        size = (run.features[0].nbytes + run.features[1].nbytes) / 2**30
+        log(f"cached encoder features of {len(dataset)} images in {time.time() - t0:.0f}s ({size:.2f} GiB)")
     return run
 
-def train(run, log):
-    """The loop: one step per batch, a checkpoint at the end of every epoch."""
-    args, model, batches, total = run.args, run.model, run.batches, run.total
+
+def train(run: TrainingRun, log):
+    """The loop: one step per batch, a checkpoint at the end of every epoch. Returns the checkpoint's path."""
+    model, batches, total = run.model, run.batches, run.total
     ckpt, per_epoch, it, t0 = run.out / "model.safetensors", len(batches), run.start, time.time()
-    loader = None if run.features else torch.utils.data.DataLoader(
-        run.dataset, batch_sampler=batches, num_workers=args.workers, pin_memory=run.device.type == "cuda",
-        persistent_workers=args.workers > 0)
+    loader = None
+    if run.features is None:
+        loader = torch.utils.data.DataLoader(run.dataset, batch_sampler=batches, num_workers=run.workers,
+                                             pin_memory=run.device.type == "cuda", persistent_workers=run.workers > 0)
     model.train()
     while it < total:
         batches.epoch, batches.skip = it // per_epoch, it % per_epoch
-        # the loader consumes the same batch sampler, so zip pairs each batch with its indices
-        for idx, batch in zip(batches, loader) if loader else ((idx, None) for idx in batches):
+        # The loader consumes the same batch sampler, so zip pairs each batch with its indices.
+        steps = zip(batches, loader) if loader else ((idx, None) for idx in batches)
+        for idx, batch in steps:
             for g in run.opt.param_groups:
-                g["lr"] = warm_cosine(it, total, args.lr, args.lr * 0.1, run.warmup)
+                g["lr"] = warm_cosine(it, total, run.lr, run.lr * 0.1, run.warmup)
             with run.amp:
                 if run.features:
                     en, fused, grid = run.features
@@ -212,42 +298,55 @@ def train(run, log):
             optimizer_step(loss, run.opt, run.scaler, model.trainable_parameters())
             it += 1
             run.window = [run.window[0] + value, run.window[1] + 1]  # the losses since the last log line
-            end_of_epoch = it % per_epoch == 0 or it == total
             line = None  # logged after the checkpoint
-            if it % (args.log_every or per_epoch) == 0 or it == total:
-                eta, ips = (time.time() - t0) / (it - run.start) * (total - it), (it - run.start) * args.batch_size * run.world
-                line = (f"epoch {math.ceil(it / per_epoch)}/{math.ceil(total / per_epoch)} iter {it}/{total} loss "
-                        f"{run.window[0] / run.window[1]:.4f} lr {run.opt.param_groups[0]['lr']:.2e} "
-                        f"{ips / (time.time() - t0):.1f} img/s ETA {data.format_time(eta)}")
+            if it % run.log_every == 0 or it == total:
+                line = progress_line(run, it, t0)
                 run.window = [0.0, 0]
+            end_of_epoch = it % per_epoch == 0 or it == total
             if run.rank == 0 and end_of_epoch:  # saved with the log window, so a resumed run logs the same losses
                 save_state(run.out / "train_state.pt", run, it)
-                inpformer.save_checkpoint(model, ckpt, dict(run.meta, iteration=it, finished=it == total))
+                run.meta.iteration, run.meta.finished = it, it == total
+                inpformer.save_checkpoint(model, ckpt, run.meta)
             if line:
                 log(line)
             if it == total:
                 break
-    return model
+    return ckpt
+
+
+def progress_line(run, it, t0):
+    per_epoch, total = len(run.batches), run.total
+    elapsed, done = time.time() - t0, it - run.start
+    images_per_s = done * run.batches.batch_size * run.world / elapsed
+    eta = elapsed / done * (total - it)
+    return (f"epoch {math.ceil(it / per_epoch)}/{math.ceil(total / per_epoch)} iter {it}/{total} loss "
+            f"{run.window[0] / run.window[1]:.4f} lr {run.opt.param_groups[0]['lr']:.2e} "
+            f"{images_per_s:.1f} img/s ETA {cli.format_time(eta)}")
 
 # -----------------------------------------------------------------------------------------------------
 # Command line
 
+
 def parse_args(argv=None):
-    p = data.Parser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[1],
-                    formatter_class=argparse.RawDescriptionHelpFormatter)
-    data.add_args(p, required=True)
-    count, rate = data.number(), data.number(float, 0.0)
+    r = demo.RECIPE
+    p = cli.script_parser(__doc__)
+    cli.add_data_args(p, required=True, defaults={
+        "data": "none, required", "classes": "all", "image-size": f"448; --data demo {r['image_size']}",
+        "crop-size": f"392; --data demo {r['crop_size']}", "batch-size": f"16; --data demo {r['batch_size']}",
+        "workers": f"up to 4 (--data demo {r['workers']}), at most the CPUs"})
+    count, rate = cli.number(), cli.number(float, 0.0)
     p.add_argument("--setting", choices=["multi", "single", "few-shot"], default="multi",
                    help="one model for all classes (default), one per class, or one on k shots per class")
     p.add_argument("--shots", type=count, help="few-shot: training images per class")
-    p.add_argument("--backbone", choices=list(data.WIDTHS), help="the DINOv2-with-registers size to download when "
-                                                            "--weights is not given (default base)")
+    p.add_argument("--backbone", choices=list(inpformer.BACKBONE_WIDTHS),
+                   help="the DINOv2-with-registers size to download when --weights is not given (default base)")
     p.add_argument("--weights", help="DINOv2 weights (.safetensors or .pth; torch hub, Hugging Face or timm names)")
     p.add_argument("--inp-num", type=count, default=6, help="number of INPs")
-    p.add_argument("--epochs", type=count, help="default 200 (demo: 6)")
+    p.add_argument("--epochs", type=count, help=f"default 200 (--data demo: {r['epochs']})")
     p.add_argument("--iters", type=count, help="total iterations; overrides --epochs")
     p.add_argument("--lr", type=rate, default=1e-3, help="peak learning rate; the cosine ends at lr/10")
-    p.add_argument("--warmup", type=data.number(low=0), default=100, help="warm-up iterations (at most a tenth of the run)")
+    p.add_argument("--warmup", type=cli.number(low=0), default=100,
+                   help="warm-up iterations (at most a tenth of the run)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", type=Path, help="output folder (default runs/<data>-<setting>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
@@ -259,12 +358,16 @@ def parse_args(argv=None):
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
     args = p.parse_args(argv)
 
-    demo = args.data == "demo"
-    for k, v in dict(image_size=256 if demo else 448, crop_size=224 if demo else 392, batch_size=8 if demo else 16,
-                     epochs=6 if demo else 200, classes="all").items():
-        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
-    args.workers = data.workers(args.workers, 2 if demo else 4)
-    data.check_sizes(args.image_size, args.crop_size, 14)
+    is_demo = args.data == "demo"
+    recipe = dict(image_size=448, crop_size=392, batch_size=16, epochs=200)
+    if is_demo:
+        recipe.update({k: r[k] for k in recipe})
+    for name, value in dict(recipe, classes="all").items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.workers = cli.workers(args.workers, r["workers"] if is_demo else 4)
+    args.precision = cli.device_and_precision(args)[1]
+    inpformer.Geometry(args.image_size, args.crop_size).check()
     if (args.setting == "few-shot") != bool(args.shots):
         raise ValueError("--shots k goes with --setting few-shot, and --setting few-shot needs --shots k")
     if args.resume and args.overwrite:
@@ -272,19 +375,24 @@ def parse_args(argv=None):
     args.out = args.out or Path("runs") / f"{args.data.replace(',', '+')}-{args.setting}"
     return args
 
+
 def plan(args, log):
     """[(sets, output folder)]: one run, or one per class for --setting single; every file checked."""
     if args.data == "demo":
-        log(f"demo data set in {data.make_demo(args.data_root or data.default_root('demo'))}")
+        log(f"demo data set in {demo.make_demo(args.data_root or data.default_root('demo'))}")
     sets = data.resolve_sets(args.data, args.data_root, args.classes)
     for d, r, cs in sets:
         log(f"{d}: {len(cs)} classes from {r}: {', '.join(cs)}")
         for c in cs:  # quick pre-flight of every file, so a bad one fails now, not hours into the run
             data.check_samples(data.list_samples(d, r, c, "train") + data.list_samples(d, r, c, "test"))
-    runs = [([(d, r, [c])], args.out / c) for d, r, cs in sets for c in cs] if args.setting == "single" else [(sets, args.out)]
+    if args.setting == "single":
+        runs = [([(d, r, [c])], args.out / c) for d, r, cs in sets for c in cs]
+    else:
+        runs = [(sets, args.out)]
     for _, out in runs:
         check_out(out, args)
     return runs
+
 
 def check_out(out, args):
     """A run folder holding a run is never reused, unless --resume or --overwrite says so."""
@@ -292,38 +400,44 @@ def check_out(out, args):
         raise ValueError(f"--out {out}: exists and is not a folder")
     found = [out / f for f in ("model.safetensors", "train_state.pt") if (out / f).is_file()]
     if found and not (args.resume or args.overwrite):
-        done = found[0].name == "model.safetensors" and inpformer.read_checkpoint_metadata(found[0]).get("finished")
+        done = found[0].name == "model.safetensors" and inpformer.read_metadata(found[0]).finished
         raise ValueError(f"{found[0]}: --out already holds a {'finished' if done else 'started'} run; pass --resume "
                          "to continue it, another --out, or --overwrite to replace it")
 
+
+def quiet(message):
+    """The log of every torchrun process but the first: one process speaks for the run."""
+
+
 def main(argv=None, log=None):
+    """Train as the command line says; returns the checkpoint paths written (one per class for --setting single)."""
     args = parse_args(argv)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    device = data.device(args.device, args.precision)  # fp16 needs CUDA
+    device = cli.device(args.device)
     if world > 1:  # torchrun: one process per device
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    log = log or ((lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None))
-    asked = args.precision  # evaluation runs in fp32 unless a precision was asked for
-    args.precision = ("bf16" if device.type == "cuda" else "fp32") if asked == "auto" else asked
+    if log is None:
+        log = cli.log if rank == 0 else quiet
     check_out(args.out, args)  # before anything is written
     runs = plan(args, log)
-    encoder = data.load_encoder(args.weights, args.backbone, args.data == "demo", log)
+    encoder = load_encoder(args.weights, args.backbone, args.data == "demo", log)
     log(f"device {device}, precision {args.precision}" + (f", {world} processes" if world > 1 else ""))
-    models = []
+    checkpoints = []
     for sets, out in runs:
         log(f"== class {sets[0][2][0]}" if len(runs) > 1 else f"training {out}")
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
-        models.append(train(setup(args, encoder, sets, out, device, log, rank, world), log))
+        checkpoints.append(train(setup(args, encoder, sets, out, device, log, rank, world), log))
     if world > 1:
         dist.destroy_process_group()
     if rank == 0 and not args.no_eval:
         evaluate.main(["--ckpt", str(args.out), "--batch-size", str(args.batch_size), "--workers", str(args.workers),
-                       "--device", str(device), "--precision", asked])
-    return models
+                       "--device", str(device), "--precision", args.precision])
+    return checkpoints
+
 
 if __name__ == "__main__":
-    data.guard(main)
+    cli.guard(main)

@@ -22,7 +22,10 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cli  # noqa: E402
 import data  # noqa: E402
+import demo  # noqa: E402
+from inpformer import Geometry  # noqa: E402
 
 
 def images_per_second(dataset, workers: int, batch_size: int, passes: int) -> float:
@@ -51,15 +54,15 @@ def main():
 
     root = args.root
     if root is None:
-        root = data.make_demo(Path(tempfile.gettempdir()) / "inpformer-bench-1024", seed=0, n_train=32,
+        root = demo.make_demo(Path(tempfile.gettempdir()) / "inpformer-bench-1024", seed=0, n_train=32,
                               n_test_good=12, n_test_defect=20, size=1024)
     try:
         classes = data.resolve_classes(args.data, root, args.classes)
-        sizes = dict(image_size=args.image_size, crop_size=args.crop_size)
-        train = data.train_set(args.data, root, classes, **sizes)
-        test = torch.utils.data.ConcatDataset([data.test_set(args.data, root, c, **sizes) for c in classes])
+        geometry = Geometry(args.image_size, args.crop_size)
+        train = data.train_set(args.data, root, classes, geometry)
+        test = torch.utils.data.ConcatDataset([data.test_set(args.data, root, c, geometry) for c in classes])
     except data.DataError as e:
-        print(f"error: {data.one_line(e)}", file=sys.stderr)
+        print(f"error: {cli.one_line(e)}", file=sys.stderr)
         return 2
     with Image.open(test.datasets[0].samples[0].image) as im:
         kind = f"{im.size[0]}x{im.size[1]} {im.mode} {im.format}"

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import cli  # noqa: E402
 import data  # noqa: E402
 import inpformer  # noqa: E402
 import train  # noqa: E402
@@ -72,13 +73,14 @@ def main():
     params = model.trainable_parameters()
     opt, scaler = train.StableAdamW(params), torch.amp.GradScaler(device.type, enabled=False)
     x = torch.randn(batch, 3, size, size, device=device)
+    net = train.LossModule(model, train.step_encoder(model, device, torch.bfloat16))
     with amp:
-        en, fused = model.encode(x)
+        en, fused = model.encode(x, net.encoder)
     grid = model.token_grid(x)
 
     def step(features=None, images=None, sync=True):
         with amp:
-            loss = model.loss_from_features(*features, grid) if features else model.loss(images)
+            loss = net(features=(en, fused, grid)) if features else net(images)
         if sync:
             loss.item()  # what train.py does every iteration (the non-finite check and the log)
         train.optimizer_step(loss, opt, scaler, params)
@@ -99,8 +101,8 @@ def main():
             path = os.path.join(tmp, f"{i:03d}.png")
             Image.fromarray(rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)).save(path, compress_level=1)
             samples.append(data.Sample(path, None, 0, "synthetic", "good"))
-        ds = data.ImageDataset(samples, size * 8 // 7, size)
-        workers = data.workers(None, 8)
+        ds = data.ImageDataset(samples, inpformer.Geometry(size * 8 // 7, size))
+        workers = cli.workers(None, 8)
         loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
                                              pin_memory=device.type == "cuda", persistent_workers=workers > 0)
         stream = iter(())

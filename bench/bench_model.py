@@ -8,7 +8,7 @@ Each measurement runs in a fresh process so that its peak memory (CPU: peak resi
 process, torch and Python included; CUDA: torch.cuda.max_memory_allocated) is its own. Weights are random:
 speed does not depend on them. The forward is the evaluation forward: no_grad, en/de maps for every image.
 CPU bf16 runs as the project runs it: evaluation casts the whole model to bf16 once (maps and scores stay
-fp32), training uses bf16 autocast with the frozen encoder cast once (inpformer.INPFormer.encode).
+fp32), training uses bf16 autocast with the frozen encoder cast once (train.step_encoder).
 """
 import argparse
 import contextlib
@@ -41,12 +41,15 @@ def train_step(impl, model, official, precision):
         import official as off
 
         return off.train_step_fn(official, model)
+    import inpformer
     import train
 
     params = model.trainable_parameters()
     opt = train.StableAdamW(params)
     scaler = torch.amp.GradScaler(enabled=precision == "fp16")
-    return lambda x: train.optimizer_step(model.loss(x), opt, scaler, params)
+    amp_dtype = None if precision == "fp32" else inpformer.PRECISIONS[precision]
+    loss = train.LossModule(model, train.step_encoder(model, next(model.parameters()).device, amp_dtype))
+    return lambda x: train.optimizer_step(loss(x), opt, scaler, params)
 
 
 def measure(mode, impl, device, precision, batch, iters, size, official):

@@ -13,10 +13,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import cli
 import data
 from conftest import ROOT, shared
+from inpformer import Geometry
 
-SMALL = dict(image_size=64, crop_size=56)   # enough pixels to test geometry, fast enough for many images
+SMALL = dict(geometry=Geometry(64, 56))   # enough pixels to test geometry, fast enough for many images
 
 
 def write(path, array, fmt=None):
@@ -194,7 +196,7 @@ def reference_pipeline(path, image_size, crop_size):
 def test_pipeline_shapes_ranges_and_reference_values(tmp_path, mode):
     path = tmp_path / "x.png"
     Image.fromarray(texture(3, 61, 83).astype(np.uint8)).convert(mode).save(path)
-    x = data.load_image(path, image_size=72, crop_size=63)
+    x = data.load_image(path, Geometry(72, 63))
     assert x.shape == (3, 63, 63) and x.dtype == torch.float32
     assert torch.equal(x, reference_pipeline(path, 72, 63))                 # bit for bit
     lo = (0 - np.array(data.IMAGENET_MEAN)) / np.array(data.IMAGENET_STD)
@@ -211,7 +213,7 @@ def test_default_sizes_and_centre_crop_rounding(tmp_path):
     assert item["image"].shape == (3, 392, 392) and item["mask"].shape == (1, 392, 392)
     # torchvision CenterCrop: top = int(round((10 - 7) / 2)) = 2 (round half to even).
     columns = np.tile(np.arange(10, dtype=np.uint8) * 20, (10, 1))
-    x = data.load_image(write(tmp_path / "cols.png", columns), image_size=10, crop_size=7)
+    x = data.load_image(write(tmp_path / "cols.png", columns), Geometry(10, 7))
     first = x[0, 0, 0] * data.IMAGENET_STD[0] + data.IMAGENET_MEAN[0]
     assert abs(first.item() - 40 / 255) < 1e-6
 
@@ -351,50 +353,6 @@ def test_few_shot_augment_views():
     assert torch.allclose(data.few_shot_augment(const), const.expand(22, -1, -1, -1), atol=1e-6)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The demo set
-
-def test_demo_set_is_seeded_complete_and_reused(tmp_path):
-    small = dict(n_train=3, n_test_good=2, n_test_defect=3, size=128)
-    a = data.make_demo(tmp_path / "a", seed=0, **small)
-    b = data.make_demo(tmp_path / "b", seed=0, **small)
-    c = data.make_demo(tmp_path / "c", seed=1, **small)
-    files = sorted(p.relative_to(a) for p in a.rglob("*.png"))
-    assert len(files) == 2 * (3 + 2 + 3 + 3)
-    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
-    assert any((a / f).read_bytes() != (c / f).read_bytes() for f in files)
-
-    assert data.list_classes("demo", a) == ["fabric", "tiles"]
-    test = data.list_samples("demo", a, "tiles", "test")
-    assert {s.defect for s in test} == {"good", "scratch", "spot", "missing"}
-    for item in data.ImageDataset([s for s in test if s.label], **SMALL):
-        assert item["mask"].sum() > 0
-    # Complete sets are reused, not rewritten; a different setting rewrites.
-    stamp = (a / data.DEMO_MARKER).stat().st_mtime_ns
-    data.list_samples("demo", a, "tiles", "train")
-    data.make_demo(a, seed=0, **small)
-    assert (a / data.DEMO_MARKER).stat().st_mtime_ns == stamp
-    data.make_demo(a, seed=0, **dict(small, n_train=4))
-    assert len(data.list_samples("demo", a, "tiles", "train")) == 4
-    # Something that is not a demo set is never overwritten.
-    (tmp_path / "mine").mkdir()
-    (tmp_path / "mine" / "keep.txt").write_text("x")
-    with pytest.raises(data.DataError, match="not a demo data set"):
-        data.make_demo(tmp_path / "mine", **small)
-
-
-def test_demo_masks_are_exactly_the_replaced_pixels(tmp_path):
-    root = data.make_demo(tmp_path, n_train=0, n_test_good=0, n_test_defect=3, size=128, classes=("tiles",))
-    rng = np.random.default_rng([0, 0, 2, 1])                # seed, class, split "defect", image 1 (a spot)
-    clean = data._texture("tiles", rng, 128, np.float32(data._DEMO_COLOURS["tiles"]))
-    clean = (clean * 255 + 0.5).astype(np.uint8)
-    image = np.asarray(Image.open(root / "tiles" / "test" / "spot" / "000.png"))
-    mask = np.asarray(Image.open(root / "tiles" / "ground_truth" / "spot" / "000_mask.png"))
-    changed = (image != clean).any(-1)
-    assert set(np.unique(mask)) == {0, 255}
-    assert not (changed & (mask == 0)).any() and changed[mask > 0].mean() > 0.95
-
-
 def test_default_root():
     assert data.default_root("demo") == str(ROOT / "demo_data")
     assert data.default_root("mvtec") is None
@@ -448,7 +406,7 @@ def sample_cases(tmp_path):
 
 
 def assert_names(err, path):
-    msg = data.one_line(err)
+    msg = cli.one_line(err)
     assert "\n" not in str(err) and str(path) in msg, msg
 
 
@@ -491,7 +449,7 @@ def test_loader_worker_error_comes_back_as_one_line(tmp_path):
     try:
         next(batches)
     except data.DataError as e:        # re-raised in this process as the same type
-        text, msg = str(e), data.one_line(e)
+        text, msg = str(e), cli.one_line(e)
         # The traceback holds the iterator in a reference cycle; freed later by the garbage collector, its
         # worker shutdown waits out a 5 s timeout. Dropping the traceback lets `del` stop the worker at once.
         e.__traceback__ = None
@@ -512,8 +470,8 @@ def test_cli_check_and_exit_status(tmp_path, capsys):
 
 
 def test_one_line_of_plain_and_wrapped_errors():
-    assert data.one_line(data.DataError("a.png: broken")) == "a.png: broken"
+    assert cli.one_line(data.DataError("a.png: broken")) == "a.png: broken"
     wrapped = data.DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent "
                              "call last):\n  File \"x.py\", line 1\n    raise\ndata.DataError: a.png: broken\n")
-    assert data.one_line(wrapped) == "a.png: broken"
-    assert data.one_line(RuntimeError("x\nValueError: boom")) == "ValueError: boom"
+    assert cli.one_line(wrapped) == "a.png: broken"
+    assert cli.one_line(RuntimeError("x\nValueError: boom")) == "ValueError: boom"

@@ -1,5 +1,6 @@
 """inpformer.py against the official model: golden tensors of ../shared/fixtures/official_tiny, real DINOv2
 ViT-S/14 features, weight formats, checkpoints and the errors bad files give."""
+import dataclasses
 import json
 
 import pytest
@@ -267,8 +268,47 @@ def test_checkpoint_written_by_an_earlier_main_still_loads_and_predicts_the_same
     assert model.config.inp_num == 3 and model.config.vit.num_register_tokens == 1
     meta = inpformer.read_checkpoint_metadata(golden / "main_2b6638c.safetensors")
     assert meta["classes"] == ["a", "b"] and meta["crop_size"] == 56 and meta["finished"] is True
+    # its sizes were metadata then; they are the model's geometry now
+    assert model.config.geometry == inpformer.Geometry(meta["image_size"], 56)
+    old = inpformer.read_metadata(golden / "main_2b6638c.safetensors")
+    assert old.version == 1 and old.classes == ["a", "b"] and old.extra["crop_size"] == 56
     maps, scores = model.predict(io["x"])
     assert_close("maps", maps[:, ::8, ::8], io["maps_every_8th"], 1e-5)
     assert_close("scores", scores, io["scores"], 1e-5)
     assert_close("zero-shot scores", model.predict_zero_shot(io["x"])[1], io["zero_shot_scores"], 1e-5)
     assert_scalar("loss", model.train().loss(io["x"]), io["loss"])
+
+
+def test_geometry_travels_in_the_config_and_metadata_has_one_versioned_schema(io, tmp_path):
+    model = inpformer.INPFormer(inpformer.load_backbone(shared(*TINY, "backbone_hub.safetensors")),
+                                geometry=inpformer.Geometry(252, 224))
+    meta = inpformer.Metadata(data="mvtec", classes=["bottle"], total_iters=10, extra={"note": "mine"})
+    inpformer.save_checkpoint(model, tmp_path / "m.safetensors", meta)
+    loaded = inpformer.load_model(tmp_path / "m.safetensors")
+    assert loaded.config.geometry == inpformer.Geometry(252, 224) and loaded.config == model.config
+    back = inpformer.read_metadata(tmp_path / "m.safetensors")
+    assert back == dataclasses.replace(meta, version=inpformer.METADATA_VERSION)
+    raw = inpformer.read_checkpoint_metadata(tmp_path / "m.safetensors")
+    assert raw["metadata_version"] == inpformer.METADATA_VERSION and raw["note"] == "mine" and "calibration" not in raw
+    # the authors' model.pth records nothing: the paper's geometry
+    official = inpformer.load_model(shared(*TINY, "inpformer_official.safetensors"))
+    assert official.config.geometry == inpformer.Geometry(448, 392)
+    assert inpformer.read_metadata(shared(*TINY, "inpformer_official.safetensors")).version is None
+    with pytest.raises(ValueError, match="--crop-size 100 must be a multiple of the model's patch size 14"):
+        inpformer.Geometry(448, 100).check(14)
+
+
+def test_precision_rule_is_fp32_unless_asked():
+    cpu = torch.device("cpu")
+    assert inpformer.resolve_precision("auto", cpu) == "fp32" and inpformer.resolve_precision(None, "cuda") == "fp32"
+    assert inpformer.resolve_precision("bf16", cpu) == "bf16" and inpformer.resolve_precision("fp16", "cuda") == "fp16"
+    with pytest.raises(ValueError, match="fp16 runs on CUDA only"):
+        inpformer.resolve_precision("fp16", cpu)
+    assert set(inpformer.PRECISIONS) == {"fp32", "bf16", "fp16"}
+
+
+def test_a_model_cast_to_bf16_still_predicts(io):
+    model = model_from("official").to(torch.bfloat16)
+    maps, scores = model.predict(io["x_224"].to(torch.bfloat16))
+    assert maps.dtype == scores.dtype == torch.float32
+    assert (scores - io["score256_224"]).abs().max() <= 0.005 * io["score256_224"].abs().max()

@@ -1,5 +1,5 @@
 """The README's commands: the ones that need no download run as written; every other train.py/evaluate.py/
-data.py command line in it is accepted by the script's argument parser."""
+predict.py/data.py/demo.py command line in it is accepted by the script's argument parser."""
 import csv
 import os
 import re
@@ -10,7 +10,10 @@ import sys
 
 import pytest
 
+import data
+import demo
 import evaluate
+import predict
 import train
 from conftest import ROOT
 
@@ -90,17 +93,24 @@ def test_set_up_commands_are_the_two_promised():
     assert commands(section("Set up")) == ["pip install -r requirements.txt", "python -m pytest -q"]
 
 
-PARSERS = {"train.py": train.parse_args, "evaluate.py": evaluate.parse_args}
+PARSERS = {"train.py": train.parse_args, "evaluate.py": evaluate.parse_args, "predict.py": predict.parse_args,
+           "data.py": data.main, "demo.py": demo.main}
+COMMANDS = [c for c in commands(README) + re.findall(r"`(python \w+\.py [^`]*)`", README)
+            if re.search(r"\b(train|evaluate|predict|data|demo)\.py\b", c)]
 
 
-@pytest.mark.parametrize("cmd", [c for c in commands(README) if re.search(r"\b(train|evaluate|data)\.py\b", c)])
+def test_every_script_is_in_the_readme():
+    assert {next(a for a in shlex.split(c) if a.endswith(".py")) for c in COMMANDS} == set(PARSERS)
+
+
+@pytest.mark.parametrize("cmd", COMMANDS)
 def test_every_command_line_parses(cmd):
     argv = shlex.split(cmd)
     script = next(a for a in argv if a.endswith(".py"))
     rest = argv[argv.index(script) + 1:]
-    if script == "data.py":
-        r = subprocess.run([sys.executable, str(ROOT / "data.py"), "--help"], capture_output=True, text=True)
-        assert all(opt in r.stdout for opt in rest if opt.startswith("--")), cmd
+    if script in ("data.py", "demo.py"):  # these run at once: check their options against --help
+        r = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True)
+        assert r.returncode == 0 and all(opt in r.stdout for opt in rest if opt.startswith("--")), cmd
         return
     try:
         PARSERS[script](rest)

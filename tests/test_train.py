@@ -12,10 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import cli
 import data
+import demo
 import inpformer
 import train
-from conftest import ROOT, shared
+from conftest import ROOT, expect_one_line_error, shared
 
 TINY_WEIGHTS = ("fixtures", "official_tiny", "backbone_hub.safetensors")
 
@@ -72,7 +74,7 @@ def test_epoch_batches_shard_disjointly_and_replay():
 
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory):
-    return str(data.make_demo(tmp_path_factory.mktemp("demo") / "demo", seed=0))
+    return str(demo.make_demo(tmp_path_factory.mktemp("demo") / "demo", seed=0))
 
 
 def run_train(*argv, env=None, check=True):
@@ -99,8 +101,8 @@ def test_loss_decreases_on_the_tiny_configuration(demo_root, tmp_path):
     assert sum(got[-5:]) / 5 < 0.8 * sum(got[:5]) / 5, got
     model = inpformer.load_model(tmp_path / "run" / "model.safetensors")
     meta = inpformer.read_checkpoint_metadata(tmp_path / "run" / "model.safetensors")
-    assert meta["finished"] is True and meta["iteration"] == 30 and meta["crop_size"] == 112
-    assert model.config.vit.embed_dim == 128
+    assert meta["finished"] is True and meta["iteration"] == 30
+    assert model.config.vit.embed_dim == 128 and model.config.geometry == inpformer.Geometry(128, 112)
 
 
 def interrupt_in_epoch_2(msg):
@@ -131,11 +133,20 @@ def test_resumed_run_ends_with_identical_weights(demo_root, tmp_path):
 
 
 def ddp_worker(rank, argv, port, results):
+    """One torchrun process: what train.main does under torchrun, keeping this rank's trained weights."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    [model] = train.main(argv, log=lambda msg: None)
-    torch.save([p.detach().clone() for p in model.trainable_parameters()], results / f"rank{rank}.pt")
+    torch.distributed.init_process_group("gloo")
+    args = train.parse_args(argv)
+    [(sets, out)] = train.plan(args, lambda msg: None)
+    if rank == 0:
+        out.mkdir()
+    run = train.setup(args, train.load_encoder(args.weights, log=lambda msg: None), sets, out, torch.device("cpu"),
+                      lambda msg: None, rank, 2)
+    train.train(run, lambda msg: None)
+    torch.distributed.destroy_process_group()
+    torch.save([p.detach().clone() for p in run.model.trainable_parameters()], results / f"rank{rank}.pt")
 
 
 def test_torchrun_two_processes_share_weights_and_only_rank_0_writes(demo_root, tmp_path):
@@ -146,7 +157,7 @@ def test_torchrun_two_processes_share_weights_and_only_rank_0_writes(demo_root, 
     w0, w1 = (torch.load(results / f"rank{r}.pt") for r in (0, 1))
     saved = inpformer.load_model(out / "model.safetensors").trainable_parameters()
     assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(w0, w1, saved)), "DDP ranks must agree"
-    n = len(data.train_set("folder", demo_root, "all", 128, 112))
+    n = len(data.train_set("folder", demo_root, "all", inpformer.Geometry(128, 112)))
     meta = inpformer.read_checkpoint_metadata(out / "model.safetensors")
     assert meta["iteration"] == n // 2 // 4  # each rank takes its half of the epoch in batches of 4
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "train_state.pt"]
@@ -156,7 +167,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(demo_root, tmp_path)
     args = train.parse_args([str(a) for a in tiny_args(demo_root, tmp_path / "nan", "--epochs", 3, "--no-eval")])
     [(sets, out)] = train.plan(args, print)
     out.mkdir()
-    run = train.setup(args, data.load_encoder(args.weights), sets, out, torch.device("cpu"), print)
+    run = train.setup(args, train.load_encoder(args.weights), sets, out, torch.device("cpu"), print)
 
     def poison(msg):  # the weights turn NaN right after the first epoch's checkpoint
         if msg.startswith("epoch 1/"):
@@ -175,19 +186,19 @@ def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(demo_root, tmp_path)
 
 def test_default_weights_download_and_offline_message(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("INPFORMER_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(data, "HF_WEIGHTS", "file://" + str(tmp_path / "nowhere" / "{size}.safetensors"))
+    monkeypatch.setattr(inpformer, "HF_WEIGHTS", "file://" + str(tmp_path / "nowhere" / "{size}.safetensors"))
     with pytest.raises(ValueError) as e:
-        data.default_weights("small", print)
+        inpformer.download_backbone("small", print)
     msg = str(e.value)
     assert "\n" not in msg and "nowhere/small.safetensors" in msg and str(tmp_path / "cache") in msg
     (tmp_path / "hub").mkdir()
     (tmp_path / "hub" / "small.safetensors").write_bytes(shared(*TINY_WEIGHTS).read_bytes())
-    monkeypatch.setattr(data, "HF_WEIGHTS", "file://" + str(tmp_path / "hub" / "{size}.safetensors"))
-    path = data.default_weights("small", print)
+    monkeypatch.setattr(inpformer, "HF_WEIGHTS", "file://" + str(tmp_path / "hub" / "{size}.safetensors"))
+    path = inpformer.download_backbone("small", print)
     assert path == tmp_path / "cache" / "dinov2-with-registers-small.safetensors"
     assert "downloading" in capsys.readouterr().out
     assert inpformer.load_backbone(path).config.embed_dim == 128
-    assert data.default_weights("small", lambda m: pytest.fail("must not download twice")) == path
+    assert inpformer.download_backbone("small", lambda m: pytest.fail("must not download twice")) == path
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -220,12 +231,7 @@ def test_bad_command_lines_fail_with_one_line(argv, words, tmp_path):
 ])
 def test_nonsense_arguments_fail_before_anything_is_written(argv, words, tmp_path, capsys):
     full = ["--data", "demo", "--data-root", str(tmp_path / "demo"), "--out", str(tmp_path / "run"), *argv]
-    with pytest.raises(SystemExit) as e:
-        data.guard(lambda: train.main(full))
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    for w in words:
-        assert w in err, err
+    expect_one_line_error(capsys, lambda: train.main(full), *words)
     assert not list(tmp_path.iterdir()), "a refused run must write nothing"
 
 
@@ -252,7 +258,7 @@ def test_the_backbone_is_logged_and_a_contradicting_backbone_refused(demo_root, 
 
 def test_loader_workers_never_exceed_the_cpus_this_process_may_use():
     cpus = len(os.sched_getaffinity(0))
-    assert data.workers(None) == min(4, cpus) and data.workers(64) == cpus and data.workers(0) == 0
+    assert cli.workers(None) == min(4, cpus) and cli.workers(64) == cpus and cli.workers(0) == 0
     assert train.parse_args(["--data", "mvtec", "--data-root", "x"]).workers == min(4, cpus)
 
 
@@ -287,7 +293,7 @@ def test_single_class_few_shot_and_super_multi_class_settings(demo_root, tmp_pat
     assert f"iter {per_epoch}/{per_epoch}" in r.stdout
     assert inpformer.read_checkpoint_metadata(tmp_path / "few" / "model.safetensors")["shots"] == 1
 
-    other = data.make_demo(tmp_path / "other", seed=1)
+    other = demo.make_demo(tmp_path / "other", seed=1)
     r = run_train(*tiny_args(f"{demo_root},{other}", tmp_path / "super", "--iters", 2), "--data", "folder,folder")
     meta = inpformer.read_checkpoint_metadata(tmp_path / "super" / "model.safetensors")
     assert meta["data"] == "folder,folder" and meta["classes_per_set"] == [classes, data.list_classes("folder", other)]

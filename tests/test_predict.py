@@ -1,0 +1,334 @@
+"""predict.py, the line: --calibrate (the rule, stored with every tensor unchanged), --images (scores, decisions,
+pictures; a class threshold only when --classes names it), --export (ONNX against PyTorch), and one-line errors."""
+import csv
+import dataclasses
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import data
+import inpformer
+import metrics
+import predict
+import scoring
+from conftest import BATCH, CROP, GEOMETRY, IMAGE, ROOT, expect_one_line_error, shared
+
+TINY = "fixtures", "official_tiny"
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def run_cli(*argv):
+    return subprocess.run([sys.executable, str(ROOT / "predict.py"), *map(str, argv)], capture_output=True,
+                          text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def test_images_writes_a_csv_and_heatmaps(ckpt, model, demo, tmp_path):
+    folder = tmp_path / "line"
+    (folder / "b").mkdir(parents=True)
+    shutil.copy(f"{demo}/tiles/test/good/000.png", folder / "000.png")
+    shutil.copy(f"{demo}/tiles/test/spot/000.png", folder / "b" / "000.png")  # same name, other folder
+    shutil.copy(f"{demo}/fabric/test/scratch/001.png", folder / "b" / "x.png")
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "pred"
+    r = run_cli("--ckpt", ckpt, "--images", folder, "--out", out, "--workers", 0)
+    assert r.returncode == 0, r.stdout + r.stderr
+    with open(out / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["path"] for row in rows] == [str(folder / "000.png"), str(folder / "b" / "000.png"),
+                                             str(folder / "b" / "x.png")]
+    x = torch.stack([data.load_image(row["path"], GEOMETRY) for row in rows])
+    _, want = model.predict(x)
+    for row, s in zip(rows, want):
+        assert math.isfinite(float(row["score"])) and abs(float(row["score"]) - float(s)) < 1e-5
+    assert len({row["heatmap"] for row in rows}) == 3
+    for row in rows:  # the test checkpoint has no calibration: scores only, on one scale over the three
+        assert row["decision"] == "" and row["normalised_score"] == ""
+        with Image.open(out / "heatmaps" / row["heatmap"]) as im:
+            assert im.size == (2 * 256 + 84, 14 + 256)
+    assert "no decisions: the checkpoint has no calibration" in r.stdout
+
+
+def split_halves(demo, root):
+    """The demo test set dealt into two MVTec-layout roots, each image with its mask: [(root, [samples])] x 2."""
+    halves = [(root / "a", []), (root / "b", [])]
+    for cls in data.list_classes("folder", demo):
+        for i, s in enumerate(data.list_samples("folder", demo, cls, "test")):
+            half, picked = halves[i % 2]
+            image = half / cls / "test" / s.defect / os.path.basename(s.image)
+            image.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(s.image, image)
+            if s.mask:
+                mask = half / cls / "ground_truth" / s.defect / os.path.basename(s.mask)
+                mask.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(s.mask, mask)
+            picked.append(dataclasses.replace(s, image=str(image)))
+    return halves
+
+
+def test_calibrate_on_one_half_decide_on_the_other(ckpt, demo, tmp_path, capsys):
+    """--calibrate stores the rule in the checkpoint, every tensor bit-identical; --images then decides, the
+    threshold at normalised score 0.5; on the calibration's fixed scale normal maps are cooler than defective."""
+    (a, _), (b, held_out) = split_halves(demo, tmp_path)
+    path = tmp_path / "model.safetensors"
+    shutil.copy(ckpt, path)
+    before, meta_before = load_file(path), inpformer.read_checkpoint_metadata(path)
+    r = run_cli("--ckpt", path, "--data-root", a, "--calibrate", "--workers", 0)
+    assert r.returncode == 0, r.stdout + r.stderr
+    after, meta = load_file(path), inpformer.read_checkpoint_metadata(path)
+    assert list(after) == list(before) and all(torch.equal(before[k], after[k]) for k in before)
+    cal = meta.pop("calibration")
+    assert meta == meta_before and cal["rule"] == {"image": "f1-max", "pixel": "f1-max"}
+    # the rule: F1-max thresholds of the half's scores, per class and pooled
+    model = inpformer.load_model(path)
+    pooled = ([], [])
+    for cls in ("fabric", "tiles"):
+        ds = data.test_set("folder", a, cls, GEOMETRY)
+        labels = torch.tensor([s.label for s in ds.samples])
+        scores = model.predict(torch.stack([ds[i]["image"] for i in range(len(ds))]))[1]
+        assert cal["classes"][cls] == pytest.approx(metrics.f1_threshold(labels, scores)[1], abs=1e-6)
+        pooled[0].append(labels)
+        pooled[1].append(scores)
+    want = metrics.f1_threshold(torch.cat(pooled[0]), torch.cat(pooled[1]))[1]
+    assert cal["image_threshold"] == pytest.approx(want, abs=1e-6)
+    assert f"calibrated {path}" in r.stdout
+
+    rows = {}
+    for cls in ("fabric", "tiles"):  # each class's images with its own threshold, as --classes names it
+        r = run_cli("--ckpt", path, "--images", b / cls / "test", "--classes", cls, "--workers", 0,
+                    "--out", tmp_path / "pred" / cls)
+        assert r.returncode == 0, r.stdout + r.stderr
+        with open(tmp_path / "pred" / cls / "predictions.csv") as f:
+            rows.update({row["path"]: row for row in csv.DictReader(f)})
+    assert set(rows) == {s.image for s in held_out}
+    right = 0
+    for s in held_out:
+        row = rows[s.image]
+        t = cal["classes"].get(s.cls, cal["image_threshold"])
+        assert row["class"] == s.cls and (row["decision"] == "anomalous") == (float(row["score"]) >= t)
+        assert (float(row["normalised_score"]) >= 0.5) == (row["decision"] == "anomalous")
+        right += (row["decision"] == "anomalous") == bool(s.label)
+    print(f"decision accuracy on the held-out half: {right}/{len(held_out)}")  # shown with pytest -s
+    assert right / len(held_out) > 0.5
+    assert f"{sum(r['decision'] == 'anomalous' for r in rows.values() if r['class'] == 'tiles')} anomalous" in r.stdout
+    r = run_cli("--ckpt", path, "--images", b, "--classes", "tilez", "--out", tmp_path / "none")
+    assert r.returncode == 2 and "calibrated: fabric, tiles" in r.stderr and not (tmp_path / "none").exists()
+
+    lo, hi = cal["heat_range"]  # one fixed scale: what the heat maps colour
+    heat = {0: [], 1: []}
+    for s in held_out:
+        amap, _ = model.predict(data.load_image(s.image, GEOMETRY)[None])
+        heat[s.label].append(float(((amap - lo) / (hi - lo)).clamp(0, 1).mean()))
+    assert np.mean(heat[0]) < np.mean(heat[1]), heat
+
+
+def test_export_onnx_round_trip_matches_pytorch(ckpt, model, demo, tmp_path):
+    """The whole scoring path of a calibrated checkpoint as ONNX, dynamic batch: onnxruntime's maps, scores and
+    normalised scores against PyTorch at batch 1 and 3, the maps within 1e-4 of their maximum."""
+    import onnxruntime  # an optional extra for users; CI installs it, so this test never skips there
+
+    images = sorted(Path(demo, "tiles", "test").rglob("*.png"))[:3]
+    x = torch.stack([data.load_image(p, GEOMETRY) for p in images])
+    cal = dict(image_threshold=float(model.predict(x)[1][1]), score_range=[0.0, 1.0], pixel_threshold=0.5,
+               heat_range=[0.0, 1.0], classes={})
+    notes = []  # an incomplete calibration (hand-edited, say) is ignored with a note, never a traceback
+    hand_edited = inpformer.Metadata(calibration={"image_threshold": 0.1})
+    assert scoring.read_calibration(hand_edited, "x", notes.append) is None
+    assert "unreadable calibration metadata" in notes[0]
+    path = tmp_path / "model.safetensors"
+    shutil.copy(ckpt, path)
+    predict.write_calibration(path, cal)
+    r = run_cli("--ckpt", path, "--export", tmp_path / "model.onnx", "--images", *images[:2])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "max |onnx - torch| / max |torch|: anomaly_map" in r.stdout and f"wrote {tmp_path / 'model.onnx'}" in r.stdout
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["anomaly_map", "score", "normalised_score"]
+    for b in (1, 3):
+        want_maps, want_scores = model.predict(x[:b])
+        maps, scores, normalised = session.run(None, {"image": x[:b].numpy()})
+        assert maps.shape == (b, 256, 256) and scores.shape == (b,)
+        assert np.abs(maps - want_maps.numpy()).max() <= 1e-4 * float(want_maps.abs().max())
+        assert np.abs(scores - want_scores.numpy()).max() <= 1e-4 * float(want_scores.abs().max())
+        assert normalised == pytest.approx([scoring.decide(float(s), cal)["normalised"] for s in scores], abs=1e-6)
+    assert normalised[1] == pytest.approx(0.5, abs=1e-6)  # the threshold
+
+
+def test_export_without_the_onnx_extras_says_what_to_install(ckpt, tmp_path):
+    code = ("import sys; sys.modules['onnxruntime'] = None; import cli, predict; "
+            f"cli.guard(lambda: predict.main(['--ckpt', {str(ckpt)!r}, '--export', {str(tmp_path / 'm.onnx')!r}]))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "pip install onnx onnxscript onnxruntime" in r.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_calibration_rules_with_and_without_anomalies():
+    """F1-max thresholds where anomalies are labelled; from normal images alone, mean + 3 std of the normal
+    image scores and pixels; the heat scale from the median normal pixel, the pixel threshold half way."""
+    rng = np.random.default_rng(0)
+    masks = np.zeros((6, 32, 32), bool)
+    masks[3:, 8:16, 8:16] = True
+    maps = rng.uniform(0.1, 0.3, masks.shape) + 0.5 * masks
+    labels, scores = np.array([0, 0, 0, 1, 1, 1]), np.array([0.2, 0.25, 0.3, 0.28, 0.6, 0.7])
+    hist = metrics.PixelHistogram()
+    hist.update(masks, maps)
+    cal = predict.calibration(labels, scores, hist)
+    assert cal["rule"] == {"image": "f1-max", "pixel": "f1-max"}
+    assert cal["image_threshold"] == metrics.f1_threshold(labels, scores)[1] == 0.28
+    assert abs(cal["pixel_threshold"] - metrics.f1_threshold(masks.ravel(), maps.ravel())[1]) <= hist.resolution
+    lo, hi = cal["heat_range"]
+    assert lo == pytest.approx(np.median(maps[~masks]), abs=hist.resolution)
+    assert (lo + hi) / 2 == pytest.approx(cal["pixel_threshold"])
+    assert scoring.decide(0.28, cal)["normalised"] == 0.5 and scoring.decide(0.27, cal)["decision"] == "normal"
+
+    normal = metrics.PixelHistogram()
+    normal.update(masks[:3], maps[:3])
+    cal = predict.calibration(labels[:3], scores[:3], normal)
+    assert cal["rule"] == {"image": "normal mean + 3 std", "pixel": "normal mean + 3 std"}
+    assert cal["image_threshold"] == pytest.approx(scores[:3].mean() + 3 * scores[:3].std())
+    assert cal["pixel_threshold"] == pytest.approx(maps[:3].mean() + 3 * maps[:3].std(), abs=1e-4)
+
+
+def calibrated_copy(ckpt, folder, **rule):
+    """A copy of the checkpoint with a hand-made calibration: image threshold, per-class thresholds."""
+    path = folder / "model.safetensors"
+    shutil.copy(ckpt, path)
+    cal = dict(image_threshold=0.5, score_range=[0.0, 1.0], pixel_threshold=0.5, heat_range=[0.0, 1.0], classes={})
+    cal.update(rule)
+    predict.write_calibration(path, cal)
+    return path
+
+
+def test_a_path_component_named_like_a_class_does_not_change_a_decision(ckpt, model, demo, tmp_path):
+    """The same image under .../tiles/... and elsewhere gets the pooled threshold both times; only --classes
+    picks a class's own threshold."""
+    image = Path(demo, "tiles", "test", "good", "000.png")
+    score = float(model.predict(data.load_image(image, GEOMETRY)[None])[1][0])
+    # thresholds placed so that the pooled and the class rule disagree on this image
+    path = calibrated_copy(ckpt, tmp_path, image_threshold=score + 1.0, classes={"tiles": score - 1.0})
+    for folder in ("plain", "tiles"):
+        (tmp_path / "line" / folder).mkdir(parents=True)
+        shutil.copy(image, tmp_path / "line" / folder / "000.png")
+    r = run_cli("--ckpt", path, "--images", tmp_path / "line", "--out", tmp_path / "pred", "--workers", 0)
+    assert r.returncode == 0, r.stdout + r.stderr
+    with open(tmp_path / "pred" / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [Path(row["path"]).parent.name for row in rows] == ["plain", "tiles"]
+    assert all(row["decision"] == "normal" and row["class"] == "" for row in rows), rows  # the pooled threshold
+    r = run_cli("--ckpt", path, "--images", tmp_path / "line", "--classes", "tiles", "--out", tmp_path / "named",
+                "--workers", 0)
+    with open(tmp_path / "named" / "predictions.csv") as f:
+        assert all(row["decision"] == "anomalous" and row["class"] == "tiles" for row in csv.DictReader(f))
+    assert "class tiles threshold" in r.stdout
+
+
+def test_calibrate_the_authors_pth_writes_a_calibrated_twin(demo, tmp_path):
+    pth = tmp_path / "official" / "model.pth"
+    pth.parent.mkdir()
+    torch.save(load_file(shared(*TINY, "inpformer_official.safetensors")), pth)
+    before = pth.read_bytes()
+    argv = ["--ckpt", str(pth), "--data", "folder", "--data-root", demo, "--classes", "tiles",
+            "--image-size", str(IMAGE), "--crop-size", str(CROP), "--workers", "0", "--calibrate"]
+    predict.main(argv)
+    assert pth.read_bytes() == before  # the authors' file as it was
+    with pytest.raises(ValueError, match="exists; calibrate that file instead"):  # before scoring anything
+        predict.main(argv)
+    twin = pth.with_suffix(".safetensors")
+    meta = inpformer.read_metadata(twin)
+    assert meta.calibration["classes"].keys() == {"tiles"} and meta.data == "folder" and meta.data_root == demo
+    assert inpformer.load_model(twin).config.geometry == GEOMETRY  # the sizes it was calibrated at
+    want, got = torch.load(pth), load_file(twin)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_calibrate_a_single_class_run_folder_model_by_model(model, demo, tmp_path, capsys):
+    run = tmp_path / "single"
+    for cls in ("fabric", "tiles"):
+        (run / cls).mkdir(parents=True)
+        inpformer.save_checkpoint(model, run / cls / "model.safetensors",
+                                  dict(data="folder", data_root=demo, classes=[cls], setting="single"))
+    predict.main(["--ckpt", str(run), "--workers", "0", "--batch-size", str(BATCH), "--calibrate"])
+    for cls in ("fabric", "tiles"):  # each model calibrated on its own class alone
+        cal = inpformer.read_metadata(run / cls / "model.safetensors").calibration
+        ds = data.test_set("folder", demo, cls, GEOMETRY)
+        labels = torch.tensor([s.label for s in ds.samples])
+        scores = model.predict(torch.stack([ds[i]["image"] for i in range(len(ds))]))[1]
+        assert list(cal["classes"]) == [cls]
+        assert cal["image_threshold"] == pytest.approx(metrics.f1_threshold(labels, scores)[1], abs=1e-6)
+    assert capsys.readouterr().out.count("calibrated ") == 2
+
+
+def test_inpformer_py_alone_scores_a_train_py_checkpoint_as_predict_does(demo, tmp_path):
+    """Copied alone into an empty folder, inpformer.py loads a checkpoint that train.py wrote, reads from it the
+    geometry and protocol it needs, and scores a preprocessed image to the score predict.py --images writes."""
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data", "folder", "--data-root", demo,
+                        "--weights", shared(*TINY, "backbone_hub.safetensors"), "--image-size", "126",
+                        "--crop-size", "98", "--batch-size", "4", "--iters", "3", "--workers", "0", "--no-eval",
+                        "--out", out], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    image = Path(demo, "tiles", "test", "spot", "000.png")
+    r = run_cli("--ckpt", out / "model.safetensors", "--images", image, "--out", tmp_path / "pred", "--workers", 0)
+    assert r.returncode == 0, r.stdout + r.stderr
+    with open(tmp_path / "pred" / "predictions.csv") as f:
+        [row] = list(csv.DictReader(f))
+
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(ROOT / "inpformer.py", alone)
+    geometry = inpformer.load_model(out / "model.safetensors").config.geometry
+    from safetensors.torch import save_file
+    save_file({"x": data.load_image(image, geometry)[None]}, alone / "x.safetensors")
+    script = f"""
+import sys
+sys.path[:] = [p for p in sys.path if p not in ("", {str(ROOT)!r})]
+import inpformer
+from safetensors.torch import load_file
+assert inpformer.__file__.startswith({str(alone)!r}), inpformer.__file__
+model = inpformer.load_model({str(out / 'model.safetensors')!r})
+g = model.config.geometry
+x = load_file("x.safetensors")["x"]
+assert (g.image_size, g.crop_size) == (126, 98) and tuple(x.shape[-2:]) == (g.crop_size, g.crop_size)
+maps, scores = model.predict(x, out_size=inpformer.MAP_SIZE, max_ratio=inpformer.MAX_RATIO)
+print(repr(float(scores[0])))
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=alone,
+                       env=dict(os.environ, PYTHONPATH=str(alone)))
+    assert r.returncode == 0, r.stderr
+    assert abs(float(r.stdout) - float(row["score"])) <= 1e-6 * max(1.0, abs(float(row["score"])))
+    assert sys.modules["inpformer"].__file__ == str(ROOT / "inpformer.py")
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    (d / "junk.pth").write_bytes(b"\x80\x04junk")
+    return d
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--images", "/nonexistent/img.png"], ["/nonexistent/img.png"]),
+    (["--export", "{bad}/junk.pth"], ["{bad}/junk.pth", "exists"]),  # never replaced
+    (["--calibrate", "--zero-shot"], ["--calibrate", "--zero-shot"]),
+    (["--export", "{bad}/new.onnx", "--calibrate"], ["--calibrate", "--export"]),
+    (["--images", "{bad}", "--heat-range", "0.5", "0.1"], ["--heat-range 0.5 0.1"]),
+    (["--calibrate", "--images", "{bad}"], ["--calibrate", "--images"]),
+    ([], ["--calibrate", "--images", "--export"]),
+    (["--images", "{bad}", "--classes", "a,b"], ["--classes a,b", "one class"]),
+    (["--calibrate", "--data", "folder", "--data-root", "/nonexistent/root"], ["/nonexistent/root"]),
+    (["--images", "{bad}", "--precision", "fp16", "--device", "cpu"], ["fp16", "CUDA"]),
+    (["--save-maps", "2"], ["--save-maps"]),  # evaluate.py's, not the line's
+])
+def test_bad_input_fails_with_one_line(argv, words, ckpt, bad, tmp_path, capsys):
+    argv = ["--ckpt", str(ckpt)] + [a.format(bad=bad) for a in argv] + ["--workers", "0", "--out", str(tmp_path / "o")]
+    expect_one_line_error(capsys, lambda: predict.main(argv), *(w.format(bad=bad) for w in words))
+    assert not (tmp_path / "o").exists()
