@@ -68,8 +68,9 @@ class Sample:
     label: int            # 0 normal, 1 anomalous
     cls: str
     defect: str           # "good" for normal images
-    # How a stored mask becomes 0/255 before resizing: None keeps its grey values (0/255 masks, read exactly
-    # as the official loader reads them); an integer t marks a pixel anomalous where its value > t.
+    # How a stored mask is read before resizing: None keeps its grey values (0/255 masks, and soft-edged ones,
+    # resized as the official loader resizes them and then binarised at 0.5); an integer t marks a pixel
+    # anomalous where its value > t (VisA's raw class-index masks, t = 0).
     mask_threshold: int | None = None
 
 # ----------------------------------------------------------------------------------------------------------
@@ -279,8 +280,10 @@ def _realiad_samples(images: Path, jsons: Path, cls: str, split: str) -> list[Sa
         mask = cdir / rec["mask_path"] if rec.get("mask_path") else None
         if mask is None or not mask.is_file():
             raise _error(image, f"no mask ({'none listed' if mask is None else f'{mask} not found'} in {path})")
-        # The downsampled copies have soft mask edges; > 127 is ADEval's rule for them.
-        samples.append(Sample(str(image), str(mask), 1, cls, str(rec["anomaly_class"]), mask_threshold=127))
+        # The downsampled copies have soft mask edges. They keep their grey values through the resize and are
+        # binarised once after it (> 0.5 of 255), as the official loader does; --full-res cuts the native mask at
+        # > 127, ADEval's rule for them.
+        samples.append(Sample(str(image), str(mask), 1, cls, str(rec["anomaly_class"])))
     return samples
 
 # ----------------------------------------------------------------------------------------------------------

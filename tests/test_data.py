@@ -172,10 +172,13 @@ def test_realiad_json_layout(tmp_path, doubled):
     assert len(data.list_samples("realiad", root, "pcb", "train")) == 5
     test = data.list_samples("realiad", root, "pcb", "test")
     assert [(s.label, s.defect) for s in test] == [(0, "good")] + [(1, "AK")] * 5     # every view its own image
-    assert all(s.mask_threshold == 127 for s in test[1:])
-    # The 100-valued rows (soft edge) stay normal: the mask equals that of a clean 0/255 square.
-    clean = data.Sample(test[1].image, str(write(tmp_path / "clean.png", square_mask())), 1, "pcb", "AK")
-    assert torch.equal(data.ImageDataset(test, **SMALL)[1]["mask"], data.ImageDataset([clean], **SMALL)[0]["mask"])
+    assert all(s.mask_threshold is None for s in test[1:])
+    # Soft edges are binarised once, after the resize (official: Resize, ToTensor, > 0.5), not before it too.
+    with Image.open(test[1].mask) as raw:
+        official = np.asarray(raw.convert("L").resize((64, 64), Image.BILINEAR).crop((4, 4, 60, 60))) / 255 > 0.5
+        twice = np.asarray(raw.point(lambda v: 255 * (v > 127)).resize((64, 64), Image.BILINEAR).crop((4, 4, 60, 60))) > 127
+    got = data.ImageDataset(test, **SMALL)[1]["mask"][0].numpy() > 0.5
+    assert np.array_equal(got, official) and not np.array_equal(got, twice)
     shutil.rmtree(tmp_path / "realiad_1024" / "pcb")            # json present, class zip not unpacked
     assert data.list_classes("realiad", root) == ["audiojack"]
 
