@@ -8,6 +8,7 @@ as metrics.json/.csv/.md with every image's score, and pictures of the most and 
     python evaluate.py --ckpt runs/mvtec-single                   # a single-class run: each class with its own model
     python evaluate.py --ckpt runs/realiad-multi/model.safetensors --streaming  # bounded memory on Real-IAD
     python evaluate.py --ckpt runs/mvtec-multi/model.safetensors --full-res     # pixel metrics at native resolution
+    python evaluate.py --ckpt model.pth --data mvtec --data-root /data/mvtec --metrics adeval   # the paper's numbers
 
 Data arguments default to what the checkpoint records (data set, root, classes; sizes from its config); the
 authors' `model.pth` records none: give --data and --data-root. Written under --out (default `eval/` beside the
@@ -26,7 +27,9 @@ the centre crop saw. --zero-shot (paper Table S8): the map is the INP distance. 
 exact metrics peak at about 2.4x the float32 maps; --map-dtype float16 halves that and moves the metrics
 (~0.015 points); --streaming keeps 65536-bin histograms (~0.1 GB) and writes its largest possible error
 ("error_bounds"). --precision bf16 runs the model in bf16, also on CPUs with bf16 units; maps, scores and
-metrics stay fp32.
+metrics stay fp32. --metrics adeval reports what the official code reports, to compare with the paper's
+tables: P-AUROC, P-AP and AUPRO from ADEval 1.1.0's 200 bins per class (metrics.adeval_pixel_metrics), the
+other four as here; written to `eval-adeval/`, recorded in metrics.json's "protocol".
 """
 import json
 import math
@@ -56,6 +59,7 @@ class Options(scoring.Options):
     full_res: bool = False    # pixel metrics at each image's own resolution (the MVTec AD protocol)
     streaming: bool = False   # pixel metrics from histograms, in constant memory
     map_dtype: str = "float32"
+    metrics: str = "exact"    # or "adeval": P-AUROC, P-AP and AUPRO binned as the official code's ADEval 1.1.0
     save_maps: int = 0        # pictures of the N most and N least anomalous images of each class
 
 # -----------------------------------------------------------------------------------------------------
@@ -68,8 +72,8 @@ class ClassScores:
     on request) that metrics.compute_all ranks exactly. Streaming: they only update a metrics.PixelHistogram,
     whose memory does not grow. Image scores are always exact. pixels=False (no masks): image metrics only."""
 
-    def __init__(self, n, streaming=False, map_dtype=torch.float32, pixels=True):
-        self.n, self.count, self.pixels, self.map_dtype = n, 0, pixels, map_dtype
+    def __init__(self, n, streaming=False, map_dtype=torch.float32, pixels=True, adeval=False):
+        self.n, self.count, self.pixels, self.map_dtype, self.adeval = n, 0, pixels, map_dtype, adeval
         self.labels, self.scores = torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.float32)
         self.hist = metrics.PixelHistogram() if streaming and pixels else None
         self.masks = self.maps = None  # allocated at the first batch, once the map size is known
@@ -108,6 +112,8 @@ class ClassScores:
             warnings.simplefilter("always", metrics.UndefinedMetricWarning)
             if self.pixels and self.hist is None:
                 result = metrics.compute_all(self.labels, self.scores, self.masks, self.maps, FPR_LIMIT, True)
+                if self.adeval:  # the official code's binned P-AUROC, P-AP and AUPRO; the other four are exact there
+                    result.update(metrics.adeval_pixel_metrics(self.masks, self.maps, fpr_limit=FPR_LIMIT))
             else:
                 f1, t = metrics.f1_threshold(self.labels, self.scores)
                 result = {"I-AUROC": metrics.auroc(self.labels, self.scores),
@@ -143,6 +149,11 @@ def evaluate(model, data, root, classes, opts=Options(), out_dir=None, log=print
     if opts.map_dtype not in ("float32", "float16") or (opts.streaming and opts.map_dtype != "float32"):
         raise ValueError(f"--map-dtype {opts.map_dtype}: use float32 or float16 (float32 with --streaming, which "
                          "keeps no maps)")
+    if opts.metrics not in ("exact", "adeval"):
+        raise ValueError(f"--metrics {opts.metrics}: use exact or adeval")
+    if opts.metrics == "adeval" and (opts.streaming or opts.full_res or opts.map_dtype != "float32"):
+        raise ValueError("--metrics adeval bins each class's float32 256x256 maps as the official code does: drop "
+                         "--streaming, --full-res and --map-dtype float16")
     model = scoring.ready_model(model, opts.device, opts.precision)
     geometry = (opts.geometry or model.config.geometry).check(model.encoder.config.patch_size)
     classes = datasets.resolve_classes(data, root, classes)
@@ -162,7 +173,7 @@ def evaluate(model, data, root, classes, opts=Options(), out_dir=None, log=print
         pixels = not any(s.label and s.mask is None for s in ds.samples)
         if not pixels:
             log(f"  note: {cls}: no ground_truth/ masks, so image metrics only")
-        acc = ClassScores(len(ds), opts.streaming, getattr(torch, opts.map_dtype), pixels)
+        acc = ClassScores(len(ds), opts.streaming, getattr(torch, opts.map_dtype), pixels, opts.metrics == "adeval")
         for batch, maps, scores in scoring.scored_batches(model, ds, opts.batch_size, opts.workers, opts.zero_shot):
             masks = scoring.masks_at_map_size(batch["mask"])
             if opts.full_res:  # the maps resized to each native mask's box
@@ -188,6 +199,9 @@ def evaluate(model, data, root, classes, opts=Options(), out_dir=None, log=print
     log(f"{data}: {total} images, {progress.rate():.1f} img/s")
     if opts.streaming:
         metric_kind = f"streaming ({metrics.PixelHistogram().bins} bins over [0, 2])"
+    elif opts.metrics == "adeval":
+        metric_kind = ("adeval 1.1.0 (P-AUROC, P-AP, AUPRO from 200 bins per class between its min and max map "
+                       "value, trapezoid AP; I-AUROC, I-AP, I-F1max, P-F1max exact)")
     else:
         metric_kind = f"exact ({opts.map_dtype} maps)"
     protocol = dict(data=data, root=str(root), image_size=geometry.image_size, crop_size=geometry.crop_size,
@@ -295,6 +309,9 @@ def parse_args(argv=None):
     p.add_argument("--zero-shot", action="store_true", help="anomaly map = INP distance (paper's zero-shot protocol)")
     p.add_argument("--full-res", action="store_true", help="pixel metrics at each image's original resolution over "
                    "the centre-crop region (the MVTec AD protocol; the border outside the crop is not scored)")
+    p.add_argument("--metrics", choices=["exact", "adeval"], default="exact",
+                   help="exact (default): every threshold, scikit-learn's step-wise AP; adeval: P-AUROC, P-AP and "
+                        "AUPRO from 200-bin histograms per class, as the official code reports them (ADEval 1.1.0)")
     p.add_argument("--streaming", action="store_true",
                    help="pixel metrics from 65536-bin histograms (constant memory; error bounds in metrics.json)")
     p.add_argument("--map-dtype", choices=["float32", "float16"], default="float32",
@@ -358,11 +375,12 @@ def main(argv=None, log=cli.log):
         log(f"note: {ckpts[0]} was trained on {first.data}, not {', '.join(foreign)}; the paper's zero-shot protocol "
             "uses INP-distance maps: add --zero-shot")
     suffix = "".join(f"-{d}" for d in foreign) + "-zero-shot" * args.zero_shot + "-full-res" * args.full_res
+    suffix += "-adeval" * (args.metrics == "adeval")
     out = args.out or base / f"eval{suffix}"
     jobs = plan_jobs(args, ckpts, first, sets, out)
     opts = Options(batch_size=args.batch_size or 16, device=str(device), precision=precision,
                    workers=cli.workers(args.workers), zero_shot=args.zero_shot, full_res=args.full_res,
-                   streaming=args.streaming, map_dtype=args.map_dtype, save_maps=args.save_maps)
+                   streaming=args.streaming, map_dtype=args.map_dtype, metrics=args.metrics, save_maps=args.save_maps)
     results = {}
     for job in jobs:
         model = first_model if job.ckpt == ckpts[0] else scoring.load_ready(job.ckpt, device, precision)
@@ -379,7 +397,9 @@ def main(argv=None, log=cli.log):
         merged = combine(parts, **({"models": [str(j.ckpt) for j in jobs]} if len(ckpts) > 1 else {}))
         if len(parts) > 1:
             write_results(merged, out)
-        print(("" if len(results) == 1 else f"\n{table}:\n") + markdown_table(merged), flush=True)
+        if len(results) > 1:
+            log(f"\n{table}:")
+        log(markdown_table(merged))
     written = "metrics.json, metrics.csv, metrics.md" + (", image_scores.csv" if len(ckpts) == 1 else "")
     log(f"wrote {out}/{written}" + (", maps/" if args.save_maps else ""))
     return 0

@@ -342,3 +342,20 @@ def test_evaluate_leaves_the_callers_model_as_it_was(model, demo):
         model.eval()
     assert bf16["protocol"]["precision"] == "bf16" and fp32["protocol"]["precision"] == "fp32"
     assert abs(bf16["classes"]["tiles"]["I-AUROC"] - fp32["classes"]["tiles"]["I-AUROC"]) <= 0.1
+
+
+def test_adeval_metrics_are_the_official_codes(ckpt, model, demo, tmp_path, capsys):
+    """--metrics adeval: P-AUROC, P-AP and AUPRO from ADEval's 200 bins per class (metrics.adeval_pixel_metrics
+    on the protocol's maps), the other four exact; recorded in metrics.json, written apart from the exact run."""
+    evaluate.main(["--ckpt", str(ckpt), "--metrics", "adeval", "--workers", "0", "--batch-size", str(BATCH)])
+    results = json.loads((ckpt.parent / "eval-adeval" / "metrics.json").read_text())
+    assert results["protocol"]["metrics"].startswith("adeval 1.1.0")
+    for cls in ("fabric", "tiles"):
+        labels, scores, masks, maps, _ = reference_maps(model, demo, cls)
+        exact = metrics.compute_all(labels, scores, masks, maps)
+        binned = metrics.adeval_pixel_metrics(masks, maps)
+        want = {k: binned.get(k, exact[k]) for k in evaluate.METRICS}
+        assert_metrics_equal(results["classes"][cls], want)
+        assert results["classes"][cls]["P-AP"] != exact["P-AP"]  # the trapezoid on 200 bins is not the exact AP
+    expect_one_line_error(capsys, lambda: evaluate.main(["--ckpt", str(ckpt), "--metrics", "adeval", "--streaming"]),
+                          "--metrics adeval", "--streaming")
