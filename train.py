@@ -11,16 +11,23 @@
 Defaults are the official multi-class recipe: DINOv2-B/14 with registers, 448 -> 392, batch 16, 6 INPs,
 StableAdamW (lr 1e-3, betas 0.9/0.999, weight decay 1e-4, AMSGrad, eps 1e-10), 100 warm-up iterations then
 cosine to lr/10, gradient-norm clipping 0.1, 200 epochs, seed 1, fp32 (bf16 or fp16 autocast on request).
-Under torchrun each process loads --batch-size images per step (the paper's recipe is 16 in all, on one GPU),
-the data is sharded with one seeded permutation per epoch, and only rank 0 writes. Every epoch
-`<out>/model.safetensors` (what `evaluate.py --ckpt` reads) and `<out>/train_state.pt` (optimizer, RNG,
-position) are written atomically; `--resume` continues from them and ends with the same weights as an
-uninterrupted run. A new run never replaces one unless told (--overwrite). At the end the run is evaluated
-(evaluate.py) unless --no-eval.
+Under torchrun --batch-size is the global batch: each of N processes loads batch/N images per step, the data
+is sharded with one seeded permutation per epoch, and only rank 0 writes.
+
+Saving: every --save-every seconds (default 600; 0: at the end of every epoch) and when the run ends,
+`<out>/train_state.pt` (what --resume needs: trainable weights, optimizer, RNG, position, gradient scaler) is
+written, then `<out>/model.safetensors` (the whole model, what `evaluate.py --ckpt` reads), each atomically.
+`--resume` continues from the state, checks that it belongs to the same run (data, classes, sizes, backbone,
+schedule), and ends with the same weights as an uninterrupted run; without a state it refuses, and a finished
+run it leaves as it is. A new run never replaces one unless told (--overwrite). Every log line also goes to
+`<out>/train.log`. At the end the run is evaluated (evaluate.py) unless --no-eval.
 """
+import contextlib
 import copy
+import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,7 +116,7 @@ class EpochBatches(torch.utils.data.Sampler):
             yield idx[b * self.batch_size:(b + 1) * self.batch_size].tolist()
 
 # -----------------------------------------------------------------------------------------------------
-# The encoder
+# The encoder, and its features cached once
 
 
 def load_encoder(weights=None, backbone=None, is_demo=False, log=print) -> inpformer.ViT:
@@ -129,6 +136,13 @@ def load_encoder(weights=None, backbone=None, is_demo=False, log=print) -> inpfo
     log(f"backbone: ViT {c.embed_dim} wide, {c.depth} blocks, {c.num_heads} heads, {c.num_register_tokens} "
         f"registers, patch {c.patch_size}, from {getattr(vit, 'source', 'code')} weights")
     return vit
+
+
+def fingerprint(encoder) -> str:
+    """A short digest of the encoder's weights: two runs on the same backbone file share it, others do not."""
+    with torch.no_grad():
+        values = [float(p.double().abs().sum()) for p in encoder.parameters()]
+    return f"{len(values)}:{sum(values):.10e}"
 
 
 def step_encoder(model, device, amp_dtype):
@@ -155,16 +169,80 @@ class LossModule(torch.nn.Module):
         return self.model.loss_from_features(*features)
 
 
-def cache_features(model, encoder, dataset, batch_size, workers, device, amp, dtype):
-    """The frozen encoder's outputs for every training image, (en groups, fused, grid), on the CPU in `dtype`.
-    The training images are not augmented on the fly, so these never change."""
-    en, fused = [], []
-    for batch in torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers):
-        with amp:
-            e, f = model.encode(batch["image"].to(device), encoder)
-        en.append(torch.stack(e, 1).to("cpu", dtype))
-        fused.append(f.to("cpu", dtype))
-    return torch.cat(en), torch.cat(fused), model.token_grid(batch["image"])
+@dataclass
+class FeatureCache:
+    """The frozen encoder's outputs for every training image, in files under <out>/feature_cache/ that every
+    process memory-maps: en.bin (N, groups, tokens, D), fused.bin (N, tokens, D), and cache.json, written last,
+    which records what they were made from. The training images are not augmented on the fly, so the features
+    never change: a resumed run reuses the files, and --keep-cache keeps them after the run."""
+    folder: Path
+    en: torch.Tensor
+    fused: torch.Tensor
+    grid: tuple
+
+    def batch(self, idx, device):
+        """The features of the images `idx` as loss_from_features takes them, in fp32 on `device`."""
+        fp32 = dict(device=device, dtype=torch.float32)
+        return list(self.en[idx].to(**fp32).unbind(1)), self.fused[idx].to(**fp32), self.grid
+
+
+def feature_cache(run, encoder, recipe, batch_size, log) -> FeatureCache:
+    """The run's feature cache: the one in <out>/feature_cache when it was made from `recipe`, else made now,
+    each process encoding its share of the images into the shared files."""
+    folder, model, n = run.out / "feature_cache", run.model, len(run.dataset)
+    g = model.config.geometry.crop_size // model.encoder.config.patch_size
+    grid, width, groups = (g, g), model.encoder.config.embed_dim, len(model.config.fuse_groups)
+    shapes = {"en": (n, groups, g * g, width), "fused": (n, g * g, width)}
+    dtype = inpformer.PRECISIONS[recipe["dtype"]]
+    recipe = dict(recipe, shapes={k: list(v) for k, v in shapes.items()})
+    files = {k: str(folder / f"{k}.bin") for k in shapes}
+    found = None
+    with contextlib.suppress(OSError, ValueError):  # no cache yet, or one cut short before cache.json
+        found = json.loads((folder / "cache.json").read_text())
+    if found == recipe:
+        log(f"feature cache: reusing {folder} ({_gib(folder):.2f} GiB)")
+    else:
+        if found is not None:
+            log(f"feature cache: {folder} was made from other data or settings; making it again")
+        t0 = time.time()
+        if run.rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            for k, shape in shapes.items():
+                with open(files[k], "wb") as f:
+                    f.truncate(math.prod(shape) * dtype.itemsize)
+        _barrier(run)
+        mapped = {k: torch.from_file(files[k], shared=True, size=math.prod(s), dtype=dtype).view(s)
+                  for k, s in shapes.items()}
+        lo, hi = n * run.rank // run.world, n * (run.rank + 1) // run.world  # this process's share
+        share = torch.utils.data.Subset(run.dataset, range(lo, hi))
+        done = lo
+        for batch in torch.utils.data.DataLoader(share, batch_size=batch_size, num_workers=run.workers):
+            with run.amp:
+                en, fused = model.encode(batch["image"].to(run.device), encoder)
+            b = len(fused)
+            mapped["en"][done:done + b] = torch.stack(en, 1).to("cpu", dtype)
+            mapped["fused"][done:done + b] = fused.to("cpu", dtype)
+            done += b
+        del mapped  # unmapped: the writes are in the files
+        _barrier(run)
+        if run.rank == 0:
+            with inpformer.atomic_write(folder / "cache.json") as tmp:
+                Path(tmp).write_text(json.dumps(recipe, indent=1))
+        _barrier(run)
+        log(f"feature cache: encoded {n} images in {time.time() - t0:.0f}s into {folder} ({_gib(folder):.2f} GiB)")
+    en, fused = (torch.from_file(files[k], shared=False, size=math.prod(s), dtype=dtype).view(s)
+                 for k, s in shapes.items())
+    return FeatureCache(folder, en, fused, grid)
+
+
+def _gib(folder):
+    return sum(f.stat().st_size for f in Path(folder).glob("*.bin")) / 2**30
+
+
+def _barrier(run):
+    if run.world > 1:
+        dist.barrier()
 
 # -----------------------------------------------------------------------------------------------------
 # One training run: its state, setup, then the loop
@@ -176,48 +254,89 @@ class TrainingRun:
     model: inpformer.INPFormer
     net: torch.nn.Module          # LossModule, wrapped in DistributedDataParallel under torchrun
     dataset: torch.utils.data.Dataset
-    batches: EpochBatches
+    batches: EpochBatches         # this process's batches
     opt: StableAdamW
     scaler: torch.amp.GradScaler  # enabled for fp16 only
     amp: object                   # the autocast context of every step (disabled in fp32)
     device: torch.device
     out: Path
     meta: inpformer.Metadata      # what the checkpoint records
+    identity: dict                # what makes a saved state this run's (see run_identity); checked on --resume
     total: int                    # iterations of the whole run
     warmup: int
     lr: float
     log_every: int                # iterations between log lines
+    save_every: float             # seconds between saves; 0: at the end of every epoch
     workers: int
     rank: int = 0
     world: int = 1
     start: int = 0                # the iteration the loop starts at (after a resume)
-    features: tuple = None        # cached encoder features (en, fused, grid), or None: the encoder runs each step
+    features: FeatureCache = None  # cached encoder features, or None: the encoder runs in every step
     window: list = field(default_factory=lambda: [0.0, 0])  # loss sum and count since the last log line
 
 
-def save_state(path, run, it):
-    """Everything --resume needs (trainable weights, optimizer, RNG, position, log window), as one atomic file."""
+def run_identity(args, sets, encoder=None, total=None) -> dict:
+    """What a saved training state must match to be resumed by this run: the data (not its folder, which may
+    have moved), the classes, sizes, model size, batch and seed; with an encoder and the iteration count, also
+    the backbone's weights and the schedule (plan() checks the first part before anything is loaded)."""
+    identity = dict(data=[d for d, _, _ in sets], classes=[cs for _, _, cs in sets], image_size=args.image_size,
+                    crop_size=args.crop_size, inp_num=args.inp_num, setting=args.setting, shots=args.shots,
+                    batch_size=args.batch_size, seed=args.seed)
+    if encoder is not None:
+        identity["backbone"] = fingerprint(encoder)
+    if total is not None:
+        identity["total_iters"] = total
+    return identity
+
+
+def save(run, it):
+    """One save: the training state, then the whole model, each written atomically (a kill between the two
+    leaves a state one save ahead of the model, which --resume handles)."""
     state = dict(model={k: v for k, v in run.model.state_dict().items() if not k.startswith("encoder.")},
-                 opt=run.opt.state_dict(), rng=torch.get_rng_state(), iteration=it, window=run.window,
-                 meta=dict(total_iters=run.total))
-    with inpformer.atomic_write(path) as tmp:
+                 opt=run.opt.state_dict(), scaler=run.scaler.state_dict(), rng=torch.get_rng_state(),
+                 iteration=it, window=run.window, identity=run.identity)
+    with inpformer.atomic_write(run.out / "train_state.pt") as tmp:
         torch.save(state, tmp)
+    run.meta.iteration, run.meta.finished = it, it == run.total
+    inpformer.save_checkpoint(run.model, run.out / "model.safetensors", run.meta)
 
 
-def load_state(path, run):
-    """Restore what save_state wrote; returns the iteration to continue at."""
+def read_state(path):
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable training state ({inpformer.first_line(e)})") from None
+
+
+def check_identity(path, saved, wanted):
+    """A saved state of another run is refused, naming the first setting of `wanted` that differs."""
+    if "identity" not in saved:  # written before the identity was saved: only the schedule can be checked
+        saved_total = saved.get("meta", {}).get("total_iters")
+        if "total_iters" in wanted and saved_total != wanted["total_iters"]:
+            raise ValueError(f"{path}: saved for {saved_total} iterations, this run has {wanted['total_iters']}; "
+                             "resume with the same --epochs/--iters/--batch-size")
+        return
+    for key, value in wanted.items():
+        if saved["identity"].get(key) != value:
+            shown = {"backbone": "the backbone's weights", "total_iters": "iterations"}.get(key, key)
+            raise ValueError(f"{path}: saved by a run with other {shown} ({saved['identity'].get(key)!r}, this run "
+                             f"has {value!r}); resume with the same settings, or start another --out")
+
+
+def restore(path, run):
+    """Put a saved state back into the run; returns the iteration to continue at."""
+    state = read_state(path)
+    check_identity(path, state, run.identity)
+    try:
         missing, unexpected = run.model.load_state_dict(state["model"], strict=False)
         if unexpected or any(not k.startswith("encoder.") for k in missing):
             raise KeyError((unexpected or missing)[0])
         run.opt.load_state_dict(state["opt"])
+        if "scaler" in state:
+            run.scaler.load_state_dict(state["scaler"])
     except Exception as e:
         raise ValueError(f"{path}: not a training state of this model ({inpformer.first_line(e)}); use the same "
                          "--weights/--inp-num as the run it comes from, or another --out") from None
-    if state["meta"]["total_iters"] != run.total:
-        raise ValueError(f"{path}: saved for {state['meta']['total_iters']} iterations, this run has {run.total}; "
-                         "resume with the same --epochs/--iters/--batch-size")
     torch.set_rng_state(state["rng"])
     run.window = state["window"]
     return state["iteration"]
@@ -232,10 +351,11 @@ def setup(args, encoder, sets, out, device, log, rank=0, world=1) -> TrainingRun
     parts = [data.train_set(d, r, cs, geometry, shots=args.shots, seed=args.seed, check=False)  # plan() checked
              for d, r, cs in sets]
     dataset = torch.utils.data.ConcatDataset(parts)
-    batches = EpochBatches(len(dataset), args.batch_size, args.seed, rank, world)
+    per_process = args.batch_size // world
+    batches = EpochBatches(len(dataset), per_process, args.seed, rank, world)
     if len(batches) == 0:
-        raise ValueError(f"the training set has {len(dataset)} images, fewer than one batch of {args.batch_size} x "
-                         f"{world} process(es): lower --batch-size")
+        raise ValueError(f"the training set has {len(dataset)} images, fewer than one batch of {args.batch_size}: "
+                         "lower --batch-size")
     total = args.iters or args.epochs * len(batches)
     backbone = args.weights or ("random-demo" if args.data == "demo" else args.backbone or "base")
     meta = inpformer.Metadata(data=",".join(d for d, _, _ in sets), data_root=",".join(str(r) for _, r, _ in sets),
@@ -249,28 +369,36 @@ def setup(args, encoder, sets, out, device, log, rank=0, world=1) -> TrainingRun
     run = TrainingRun(model=model, net=net, dataset=dataset, batches=batches,
                       opt=StableAdamW(model.trainable_parameters(), lr=args.lr, weight_decay=1e-4),
                       scaler=torch.amp.GradScaler(device.type, enabled=args.precision == "fp16"), amp=amp,
-                      device=device, out=out, meta=meta, total=total,
-                      warmup=min(args.warmup, total // 10),  # a short run still spends most of it at full lr
-                      lr=args.lr, log_every=args.log_every or len(batches), workers=args.workers, rank=rank,
-                      world=world)
-    if args.resume and (out / "train_state.pt").is_file():
-        run.start = load_state(out / "train_state.pt", run)
+                      device=device, out=out, meta=meta, identity=run_identity(args, sets, model.encoder, total),
+                      total=total, warmup=min(args.warmup, total // 10),  # a short run still spends most at full lr
+                      lr=args.lr, log_every=args.log_every or len(batches), save_every=args.save_every,
+                      workers=args.workers, rank=rank, world=world)
+    if args.resume:
+        run.start = restore(out / "train_state.pt", run)
         log(f"resuming {out} at iteration {run.start}/{total}")
     if world > 1:
         run.net = torch.nn.parallel.DistributedDataParallel(net, None if device.index is None else [device.index])
-    if args.cache_features and run.start < total:
-        t0 = time.time()
-        run.features = cache_features(model, encoder, dataset, args.batch_size, args.workers, device, amp,
-                                      inpformer.PRECISIONS[args.cache_features])
-        size = (run.features[0].nbytes + run.features[1].nbytes) / 2**30
-        log(f"cached encoder features of {len(dataset)} images in {time.time() - t0:.0f}s ({size:.2f} GiB)")
+    if args.cache_features:
+        recipe = dict(run.identity, data_root=meta.data_root, dtype=args.cache_features, images=len(dataset))
+        run.features = feature_cache(run, encoder, recipe, per_process, log)
     return run
 
 
+def mean_over_processes(value: torch.Tensor, run) -> float:
+    """The loss averaged over the torchrun processes (one all-reduce; a NaN on any process makes it NaN on every
+    one, so that all stop together); the value itself in one process."""
+    value = value.detach().float().clone()
+    if run.world > 1:
+        dist.all_reduce(value)
+        value /= run.world
+    return value.item()
+
+
 def train(run: TrainingRun, log):
-    """The loop: one step per batch, a checkpoint at the end of every epoch. Returns the checkpoint's path."""
+    """The loop: one step per batch, a save on the schedule and at the end. Returns the checkpoint's path."""
     model, batches, total = run.model, run.batches, run.total
     ckpt, per_epoch, it, t0 = run.out / "model.safetensors", len(batches), run.start, time.time()
+    last_save = time.monotonic()
     loader = None
     if run.features is None:
         loader = torch.utils.data.DataLoader(run.dataset, batch_sampler=batches, num_workers=run.workers,
@@ -285,28 +413,28 @@ def train(run: TrainingRun, log):
                 g["lr"] = warm_cosine(it, total, run.lr, run.lr * 0.1, run.warmup)
             with run.amp:
                 if run.features:
-                    en, fused, grid = run.features
-                    fp32 = dict(device=run.device, dtype=torch.float32)
-                    loss = run.net(features=(list(en[idx].to(**fp32).unbind(1)), fused[idx].to(**fp32), grid))
+                    loss = run.net(features=run.features.batch(idx, run.device))
                 else:
                     loss = run.net(batch["image"].to(run.device, non_blocking=True))
-            value = loss.item()
+            value = mean_over_processes(loss, run)
             if not math.isfinite(value):
-                kept = f"the last good checkpoint {ckpt} is kept" if ckpt.is_file() else "no checkpoint was written"
+                kept = f"the last saved checkpoint {ckpt} is kept" if ckpt.is_file() else "no checkpoint was written"
                 raise ValueError(f"loss became {value} at iteration {it} (epoch {it // per_epoch + 1}); {kept}. "
                                  "Try --precision fp32 or a lower --lr")
             optimizer_step(loss, run.opt, run.scaler, model.trainable_parameters())
             it += 1
             run.window = [run.window[0] + value, run.window[1] + 1]  # the losses since the last log line
-            line = None  # logged after the checkpoint
+            line = None  # logged after the save
             if it % run.log_every == 0 or it == total:
                 line = progress_line(run, it, t0)
                 run.window = [0.0, 0]
-            end_of_epoch = it % per_epoch == 0 or it == total
-            if run.rank == 0 and end_of_epoch:  # saved with the log window, so a resumed run logs the same losses
-                save_state(run.out / "train_state.pt", run, it)
-                run.meta.iteration, run.meta.finished = it, it == total
-                inpformer.save_checkpoint(model, ckpt, run.meta)
+            if run.save_every:
+                due = time.monotonic() - last_save >= run.save_every
+            else:
+                due = it % per_epoch == 0
+            if run.rank == 0 and (due or it == total):  # saved with the log window: a resume logs the same losses
+                save(run, it)
+                last_save = time.monotonic()
             if line:
                 log(line)
             if it == total:
@@ -324,6 +452,46 @@ def progress_line(run, it, t0):
             f"{images_per_s:.1f} img/s ETA {cli.format_time(eta)}")
 
 # -----------------------------------------------------------------------------------------------------
+# The log
+
+
+class RunLog:
+    """Log lines: to the screen, and once the run has passed its checks, also to <out>/train.log (appended across
+    resumes; the lines logged before it opened are written first). Only the first torchrun process logs."""
+
+    def __init__(self, echo=cli.log, rank=0):
+        self.echo = echo if rank == 0 else quiet
+        self.rank, self.file, self.pending = rank, None, []
+
+    def __call__(self, message):
+        self.echo(message)
+        if self.rank:
+            return
+        if self.file is None:
+            self.pending.append(message)
+        else:
+            print(message, file=self.file, flush=True)
+
+    def open(self, path):
+        if self.rank:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "a")
+        for message in self.pending:
+            print(message, file=self.file)
+        self.file.flush()
+        self.pending = []
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+def quiet(message):
+    """The log of every torchrun process but the first: one process speaks for the run."""
+
+# -----------------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -332,7 +500,8 @@ def parse_args(argv=None):
     p = cli.script_parser(__doc__)
     cli.add_data_args(p, required=True, defaults={
         "data": "none, required", "classes": "all", "image-size": f"448; --data demo {r['image_size']}",
-        "crop-size": f"392; --data demo {r['crop_size']}", "batch-size": f"16; --data demo {r['batch_size']}",
+        "crop-size": f"392; --data demo {r['crop_size']}",
+        "batch-size": f"16; --data demo {r['batch_size']}; under torchrun the global batch, split evenly",
         "workers": f"up to 4 (--data demo {r['workers']}), at most the CPUs"})
     count, rate = cli.number(), cli.number(float, 0.0)
     p.add_argument("--setting", choices=["multi", "single", "few-shot"], default="multi",
@@ -349,11 +518,16 @@ def parse_args(argv=None):
                    help="warm-up iterations (at most a tenth of the run)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", type=Path, help="output folder (default runs/<data>-<setting>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its training state")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    p.add_argument("--save-every", type=cli.number(float, -1.0), default=600.0, metavar="SECONDS",
+                   help="seconds between saves of the training state and model (default 600; 0: every epoch); a "
+                        "run also saves when it ends")
     p.add_argument("--cache-features", nargs="?", const="fp32", choices=["fp32", "bf16"],
-                   help="compute the frozen encoder's features once and keep them in memory, in fp32 (default) or "
-                        "bf16 (half the memory: MVTec AD at ViT-B/392 is 26 GB in fp32)")
+                   help="compute the frozen encoder's features once, into memory-mapped files in <out>/feature_cache "
+                        "shared by every process, in fp32 (default) or bf16 (half the size: MVTec AD at ViT-B/392 is "
+                        "26 GB in fp32)")
+    p.add_argument("--keep-cache", action="store_true", help="keep <out>/feature_cache after the run")
     p.add_argument("--log-every", type=count, help="log every N iterations (default: every epoch)")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
     args = p.parse_args(argv)
@@ -372,12 +546,22 @@ def parse_args(argv=None):
         raise ValueError("--shots k goes with --setting few-shot, and --setting few-shot needs --shots k")
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the run in --out, --overwrite replaces it: pass one of them")
+    if args.keep_cache and not args.cache_features:
+        raise ValueError("--keep-cache keeps the files of --cache-features: pass both, or neither")
     args.out = args.out or Path("runs") / f"{args.data.replace(',', '+')}-{args.setting}"
     return args
 
 
-def plan(args, log):
-    """[(sets, output folder)]: one run, or one per class for --setting single; every file checked."""
+@dataclass
+class Plan:
+    """One model to train: on which data, into which folder, and whether --resume finds it finished."""
+    sets: list        # [(data set, root, [classes])]
+    out: Path
+    finished: bool = False
+
+
+def plan(args, log) -> list[Plan]:
+    """One model, or one per class for --setting single; every file checked, every run folder checked."""
     if args.data == "demo":
         log(f"demo data set in {demo.make_demo(args.data_root or data.default_root('demo'))}")
     sets = data.resolve_sets(args.data, args.data_root, args.classes)
@@ -386,57 +570,102 @@ def plan(args, log):
         for c in cs:  # quick pre-flight of every file, so a bad one fails now, not hours into the run
             data.check_samples(data.list_samples(d, r, c, "train") + data.list_samples(d, r, c, "test"))
     if args.setting == "single":
-        runs = [([(d, r, [c])], args.out / c) for d, r, cs in sets for c in cs]
+        plans = [Plan([(d, r, [c])], args.out / c) for d, r, cs in sets for c in cs]
     else:
-        runs = [(sets, args.out)]
-    for _, out in runs:
-        check_out(out, args)
-    return runs
+        plans = [Plan(sets, args.out)]
+    for p in plans:
+        p.finished = check_out(p.out, args, run_identity(args, p.sets), single=len(plans) > 1)
+    if args.resume and len(plans) > 1 and not any((p.out / "train_state.pt").is_file() for p in plans):
+        raise ValueError(f"--resume: no class of {args.out} has a training state (train_state.pt): nothing to resume")
+    return plans
 
 
-def check_out(out, args):
-    """A run folder holding a run is never reused, unless --resume or --overwrite says so."""
+def check_out(out, args, identity=None, single=False) -> bool:
+    """Whether the run folder may be used as asked; returns True when --resume finds the run in it finished. A
+    folder holding a run is never reused unless --resume or --overwrite says so, and --resume needs a training
+    state of the same run (`identity`; a class of a single-class run not reached yet may have none)."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a folder")
-    found = [out / f for f in ("model.safetensors", "train_state.pt") if (out / f).is_file()]
-    if found and not (args.resume or args.overwrite):
-        done = found[0].name == "model.safetensors" and inpformer.read_metadata(found[0]).finished
+    state, model = out / "train_state.pt", out / "model.safetensors"
+    if args.overwrite:
+        return False
+    if args.resume:
+        if state.is_file():
+            saved = read_state(state)
+            check_identity(state, saved, identity or {})
+            return saved["iteration"] >= saved.get("identity", saved.get("meta", {})).get("total_iters", math.inf)
+        if model.is_file():
+            raise ValueError(f"{out}: --resume needs {state.name}, and there is only {model.name} (the state was "
+                             "deleted or never copied); nothing was changed. Train again with another --out")
+        if not single:
+            raise ValueError(f"{out}: no training state ({state.name}) to resume")
+        return False
+    found = [f for f in (model, state) if f.is_file()]
+    if found:
+        done = found[0] == model and inpformer.read_metadata(model).finished
         raise ValueError(f"{found[0]}: --out already holds a {'finished' if done else 'started'} run; pass --resume "
                          "to continue it, another --out, or --overwrite to replace it")
-
-
-def quiet(message):
-    """The log of every torchrun process but the first: one process speaks for the run."""
+    return False
 
 
 def main(argv=None, log=None):
     """Train as the command line says; returns the checkpoint paths written (one per class for --setting single)."""
     args = parse_args(argv)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} is the global batch: it must divide evenly among the "
+                         f"{world} processes")
     device = cli.device(args.device)
+    log = RunLog(log or cli.log, rank)
+    plans = plan(args, log)  # checks everything before anything is written
+    if all(p.finished for p in plans):
+        log(f"{args.out}: the run is finished; nothing to do (evaluate it with evaluate.py --ckpt {args.out})")
+        return []
     if world > 1:  # torchrun: one process per device
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if log is None:
-        log = cli.log if rank == 0 else quiet
-    check_out(args.out, args)  # before anything is written
-    runs = plan(args, log)
-    encoder = load_encoder(args.weights, args.backbone, args.data == "demo", log)
-    log(f"device {device}, precision {args.precision}" + (f", {world} processes" if world > 1 else ""))
-    checkpoints = []
-    for sets, out in runs:
-        log(f"== class {sets[0][2][0]}" if len(runs) > 1 else f"training {out}")
-        if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-        checkpoints.append(train(setup(args, encoder, sets, out, device, log, rank, world), log))
-    if world > 1:
-        dist.destroy_process_group()
-    if rank == 0 and not args.no_eval:
-        evaluate.main(["--ckpt", str(args.out), "--batch-size", str(args.batch_size), "--workers", str(args.workers),
-                       "--device", str(device), "--precision", args.precision])
-    return checkpoints
+    try:
+        encoder = load_encoder(args.weights, args.backbone, args.data == "demo", log)
+        log.open(args.out / "train.log")  # every check passed: from here on the run writes
+        batch = f"batch {args.batch_size}"
+        if world > 1:
+            batch = f"{world} processes x {args.batch_size // world} images = global batch {args.batch_size}"
+        log(f"device {device}, precision {args.precision}, {batch}")
+        checkpoints = []
+        for p in plans:
+            label = f"== class {p.sets[0][2][0]}" if len(plans) > 1 else f"training {p.out}"
+            if p.finished:
+                log(f"{label}: finished, kept as it is")
+                checkpoints.append(p.out / "model.safetensors")
+                continue
+            log(label)
+            if rank == 0:
+                p.out.mkdir(parents=True, exist_ok=True)
+            resume = args.resume and (p.out / "train_state.pt").is_file()
+            run = setup(_with(args, resume=resume), encoder, p.sets, p.out, device, log, rank, world)
+            checkpoints.append(train(run, log))
+            if run.features is not None and not args.keep_cache and rank == 0:
+                shutil.rmtree(run.features.folder, ignore_errors=True)
+            del run  # the model, its optimizer and casts go before the next class's
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        if rank == 0 and not args.no_eval:
+            evaluate.main(["--ckpt", str(args.out), "--batch-size", str(args.batch_size), "--workers",
+                           str(args.workers), "--device", str(device), "--precision", args.precision], log=log)
+        return checkpoints
+    finally:
+        log.close()
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _with(args, **changes):
+    """A copy of the parsed arguments with some changed."""
+    out = copy.copy(args)
+    vars(out).update(changes)
+    return out
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """train.py: the optimiser and schedule against the official formulas, loss going down, exact resume, torchrun
 DDP, the safety stops, and the end-to-end run on real photos with a real DINOv2 ViT-S/14."""
+import gc
 import json
 import math
 import os
@@ -7,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
@@ -113,7 +115,7 @@ def interrupt_in_epoch_2(msg):
 
 
 def test_resumed_run_ends_with_identical_weights(demo_root, tmp_path):
-    common = ["--epochs", 3, "--no-eval", "--lr", 3e-3, "--log-every", 5]
+    common = ["--epochs", 3, "--no-eval", "--lr", 3e-3, "--log-every", 5, "--save-every", 0]
     straight = run_train(*tiny_args(demo_root, tmp_path / "straight", *common))
     stopped = tiny_args(demo_root, tmp_path / "stopped", *common)
     with pytest.raises(KeyboardInterrupt):
@@ -130,6 +132,11 @@ def test_resumed_run_ends_with_identical_weights(demo_root, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # train.log holds both parts, the interrupted one and the resumed one, in order
+    log = (tmp_path / "stopped" / "train.log").read_text().splitlines()
+    resumed = log.index(f"resuming {tmp_path / 'stopped'} at iteration {per_epoch}/{3 * per_epoch}")
+    assert any(line.startswith("epoch 1/3 ") for line in log[:resumed])
+    assert log[resumed + 1:] and [line for line in log[resumed + 1:] if line.startswith("epoch ")] == after
 
 
 def ddp_worker(rank, argv, port, results):
@@ -139,11 +146,11 @@ def ddp_worker(rank, argv, port, results):
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo")
     args = train.parse_args(argv)
-    [(sets, out)] = train.plan(args, lambda msg: None)
+    [p] = train.plan(args, lambda msg: None)
     if rank == 0:
-        out.mkdir()
-    run = train.setup(args, train.load_encoder(args.weights, log=lambda msg: None), sets, out, torch.device("cpu"),
-                      lambda msg: None, rank, 2)
+        p.out.mkdir()
+    run = train.setup(args, train.load_encoder(args.weights, log=lambda msg: None), p.sets, p.out,
+                      torch.device("cpu"), lambda msg: None, rank, 2)
     train.train(run, lambda msg: None)
     torch.distributed.destroy_process_group()
     torch.save([p.detach().clone() for p in run.model.trainable_parameters()], results / f"rank{rank}.pt")
@@ -159,15 +166,17 @@ def test_torchrun_two_processes_share_weights_and_only_rank_0_writes(demo_root, 
     assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(w0, w1, saved)), "DDP ranks must agree"
     n = len(data.train_set("folder", demo_root, "all", inpformer.Geometry(128, 112)))
     meta = inpformer.read_checkpoint_metadata(out / "model.safetensors")
-    assert meta["iteration"] == n // 2 // 4  # each rank takes its half of the epoch in batches of 4
+    assert meta["iteration"] == n // 4  # the global batch of 4: each rank takes 2 images a step
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "train_state.pt"]
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(demo_root, tmp_path):
-    args = train.parse_args([str(a) for a in tiny_args(demo_root, tmp_path / "nan", "--epochs", 3, "--no-eval")])
-    [(sets, out)] = train.plan(args, print)
+    args = train.parse_args([str(a) for a in tiny_args(demo_root, tmp_path / "nan", "--epochs", 3, "--no-eval",
+                                                       "--save-every", 0)])
+    [p] = train.plan(args, print)
+    out = p.out
     out.mkdir()
-    run = train.setup(args, train.load_encoder(args.weights), sets, out, torch.device("cpu"), print)
+    run = train.setup(args, train.load_encoder(args.weights), p.sets, out, torch.device("cpu"), print)
 
     def poison(msg):  # the weights turn NaN right after the first epoch's checkpoint
         if msg.startswith("epoch 1/"):
@@ -177,7 +186,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(demo_root, tmp_path)
         train.train(run, poison)
     msg = str(e.value)
     per_epoch = len(run.batches)
-    assert "\n" not in msg and f"loss became nan at iteration {per_epoch}" in msg and "last good checkpoint" in msg
+    assert "\n" not in msg and f"loss became nan at iteration {per_epoch}" in msg and "last saved checkpoint" in msg
     meta = inpformer.read_checkpoint_metadata(out / "model.safetensors")
     assert meta["finished"] is False and meta["iteration"] == per_epoch
     model = inpformer.load_model(out / "model.safetensors")
@@ -310,3 +319,145 @@ def test_an_image_only_data_set_trains_and_evaluates(demo_root, tmp_path):
         assert 0 <= m["I-AUROC"] <= 1 and m["P-AUROC"] is None and m["AUPRO"] is None
     assert "no ground_truth/ masks, so image metrics only" in r.stdout
     assert re.search(r"^\| mean \|( [0-9.]+ \|){3}( — \|){4}$", r.stdout, re.M), r.stdout
+
+
+# -----------------------------------------------------------------------------------------------------
+# The main job on a GPU (issue 23): what can be checked on the CPU
+
+
+def test_precision_is_fp32_unless_asked():
+    args = train.parse_args(["--data", "mvtec", "--data-root", "x"])
+    assert args.precision == "fp32"
+    assert train.parse_args(["--data", "mvtec", "--data-root", "x", "--precision", "bf16"]).precision == "bf16"
+
+
+def ddp_main(rank, argv, port, results, poison_rank=None):
+    """One torchrun process running train.main; its log lines (rank 0's) and its error, if any, go to files."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    if rank == poison_rank:  # this process's loss turns NaN at its third step; the other's stays finite
+        forward, calls = train.LossModule.forward, []
+
+        def poisoned(self, *a, **k):
+            calls.append(1)
+            loss = forward(self, *a, **k)
+            return loss * float("nan") if len(calls) == 3 else loss
+        train.LossModule.forward = poisoned
+    lines = []
+    try:
+        train.main(argv, log=lines.append)
+    except ValueError as e:
+        (results / f"error{rank}.txt").write_text(str(e))
+    (results / f"log{rank}.txt").write_text("\n".join(lines))
+
+
+def test_torchrun_batch_is_global_and_the_feature_cache_is_made_once(demo_root, tmp_path):
+    out, results = tmp_path / "ddp", tmp_path / "results"
+    results.mkdir()
+    argv = [str(a) for a in tiny_args(demo_root, out, "--epochs", 1, "--no-eval", "--cache-features")]
+    torch.multiprocessing.spawn(ddp_main, args=(argv, 29541, results), nprocs=2)
+    log = (results / "log0.txt").read_text()
+    assert "device cpu, precision fp32, 2 processes x 2 images = global batch 4" in log, log
+    n = len(data.train_set("folder", demo_root, "all", inpformer.Geometry(128, 112)))
+    assert f"feature cache: encoded {n} images" in log and log.count("feature cache:") == 1
+    assert not (out / "feature_cache").exists()  # removed at the end: --keep-cache was not asked
+    assert inpformer.read_metadata(out / "model.safetensors").iteration == n // 4
+    with pytest.raises(SystemExit):  # a batch that does not split evenly is refused
+        os.environ["WORLD_SIZE"] = "3"
+        try:
+            cli.guard(lambda: train.main([str(a) for a in tiny_args(demo_root, tmp_path / "odd", "--no-eval")]))
+        finally:
+            del os.environ["WORLD_SIZE"]
+    assert not (tmp_path / "odd").exists()
+
+
+def test_a_nan_on_one_rank_stops_both_with_the_same_line(demo_root, tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    argv = [str(a) for a in tiny_args(demo_root, tmp_path / "nan", "--epochs", 2, "--no-eval")]
+    torch.multiprocessing.spawn(ddp_main, args=(argv, 29547, results, 1), nprocs=2)
+    errors = [(results / f"error{r}.txt").read_text() for r in (0, 1)]
+    assert errors[0] == errors[1] and "\n" not in errors[0] and "loss became nan at iteration 2" in errors[0]
+
+
+def test_single_class_models_are_freed_before_the_next_class(demo_root, tmp_path, monkeypatch):
+    """Nothing of class k (its model, encoder copy, optimizer, run) is reachable once class k+1 trains."""
+    refs, alive_at_next = [], []
+    setup = train.setup
+
+    def tracked(*a, **k):
+        gc.collect()
+        alive_at_next.append([name for name, ref in refs if ref() is not None])
+        run = setup(*a, **k)
+        refs[:] = [("run", weakref.ref(run)), ("model", weakref.ref(run.model)), ("opt", weakref.ref(run.opt)),
+                   ("encoder", weakref.ref(run.model.encoder)), ("net", weakref.ref(run.net))]
+        return run
+
+    monkeypatch.setattr(train, "setup", tracked)
+    paths = train.main([str(a) for a in tiny_args(demo_root, tmp_path / "single", "--setting", "single",
+                                                  "--iters", 2, "--no-eval")], log=lambda msg: None)
+    assert [p.parent.name for p in paths] == data.list_classes("folder", demo_root)  # paths, not live models
+    assert alive_at_next == [[], []], alive_at_next
+
+
+def test_the_state_holds_no_encoder_and_saves_follow_the_schedule(demo_root, tmp_path):
+    out = tmp_path / "run"
+    run_train(*tiny_args(demo_root, out, "--iters", 3, "--no-eval"))
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    model = inpformer.load_model(out / "model.safetensors")
+    trainable = sum(p.numel() for p in model.trainable_parameters())
+    assert set(state) == {"model", "opt", "scaler", "rng", "iteration", "window", "identity"}
+    assert state["model"] and not any(k.startswith("encoder.") for k in state["model"])
+    # trainable weights and three AdamW/AMSGrad moments, float32, and little else
+    size = (out / "train_state.pt").stat().st_size
+    assert 4 * 4 * trainable <= size <= 4 * 4 * trainable * 1.1 + 200_000, (size, trainable)
+    # --save-every: a run stopped in its second epoch has saved nothing yet with a long interval...
+    with pytest.raises(KeyboardInterrupt):
+        train.main([str(a) for a in tiny_args(demo_root, tmp_path / "late", "--epochs", 3, "--no-eval",
+                                              "--save-every", 1e9)], log=interrupt_in_epoch_2)
+    assert not (tmp_path / "late" / "train_state.pt").exists()
+    # ...and with 0 it has saved at the end of the first epoch: state first, then the model
+    with pytest.raises(KeyboardInterrupt):
+        train.main([str(a) for a in tiny_args(demo_root, tmp_path / "early", "--epochs", 3, "--no-eval",
+                                              "--save-every", 0)], log=interrupt_in_epoch_2)
+    early = tmp_path / "early"
+    assert (early / "train_state.pt").stat().st_mtime_ns <= (early / "model.safetensors").stat().st_mtime_ns
+
+
+def test_resume_never_destroys(demo_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    run_train(*tiny_args(demo_root, out, "--iters", 3, "--no-eval"))
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    # a finished run with its state: said so, exit 0, nothing changed
+    r = run_train(*tiny_args(demo_root, out, "--iters", 3, "--resume"))
+    assert "the run is finished; nothing to do" in r.stdout
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+    # another run's settings: refused, naming what differs
+    err = expect_one_line_error(capsys, lambda: train.main([str(a) for a in tiny_args(
+        demo_root, out, "--iters", 3, "--classes", "tiles", "--resume")]), "classes", "train_state.pt")
+    assert "fabric" in err
+    # the state gone, the finished model there: refused, the model's bytes unchanged, nothing written
+    (out / "train_state.pt").unlink()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    expect_one_line_error(capsys, lambda: train.main([str(a) for a in tiny_args(demo_root, out, "--iters", 3,
+                                                                                "--resume")]), "train_state.pt")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    expect_one_line_error(capsys, lambda: train.main([str(a) for a in tiny_args(demo_root, tmp_path / "none",
+                                                                                "--resume")]), "no training state")
+    assert not (tmp_path / "none").exists()
+
+
+def test_the_feature_cache_records_what_it_was_made_from(demo_root, tmp_path):
+    out = tmp_path / "run"
+    base = tiny_args(demo_root, out, "--no-eval")
+    r = run_train(*base, "--iters", 2, "--cache-features", "bf16", "--keep-cache")
+    assert "feature cache: encoded" in r.stdout and str(out / "feature_cache") in r.stdout
+    recipe = json.loads((out / "feature_cache" / "cache.json").read_text())
+    assert recipe["dtype"] == "bf16" and recipe["classes"] == [["fabric", "tiles"]] and recipe["crop_size"] == 112
+    assert recipe["backbone"] == train.fingerprint(inpformer.load_backbone(shared(*TINY_WEIGHTS)))
+    r = run_train(*base, "--iters", 2, "--cache-features", "bf16", "--keep-cache", "--overwrite")
+    assert "feature cache: reusing" in r.stdout  # the same images, sizes, backbone and schedule
+    r = run_train(*base, "--iters", 2, "--cache-features", "fp32", "--overwrite")
+    assert "was made from other data or settings; making it again" in r.stdout
+    assert not (out / "feature_cache").exists()
