@@ -1,6 +1,6 @@
-"""The command-line plumbing train.py, evaluate.py, predict.py and data.py share: argument types that name the
-flag and the value they refuse, the data and device options, the device rule, and guard(), which turns bad
-input into one line on stderr and exit status 2.
+"""The command-line plumbing train.py, evaluate.py, predict.py, data.py and demo.py share: argument types that
+name the flag and the value they refuse, the data, device and picture options, the device rule, the log line,
+and guard(), which turns bad input into one line on stderr and exit status 2.
 
 Library code raises plain exceptions (ValueError, data.DataError, inpformer.WeightsError, OSError) with
 one-line messages; each script's `if __name__ == "__main__": cli.guard(main)` prints them. Not a script.
@@ -14,7 +14,6 @@ import sys
 
 import torch
 
-import data
 import inpformer
 
 
@@ -48,31 +47,35 @@ def number(kind=int, low=1):
     return parse
 
 
-def data_names(text):
-    """An argparse type: a comma list of known data set names (data.DATASETS)."""
-    names = data.split_list(text)
-    unknown = [n for n in names if n not in data.DATASETS]
-    if unknown or not names:
-        shown = ", ".join(map(repr, unknown)) or repr(text)
-        raise argparse.ArgumentTypeError(f"unknown data set {shown} (known: {', '.join(data.DATASETS)})")
-    return ",".join(names)
+def names_of(known):
+    """An argparse type: a comma list of names, each one of `known` (e.g. data.DATASETS)."""
+    def parse(text):
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        unknown = [n for n in names if n not in known]
+        if unknown or not names:
+            shown = ", ".join(map(repr, unknown)) or repr(text)
+            raise argparse.ArgumentTypeError(f"unknown data set {shown} (known: {', '.join(known)})")
+        return ",".join(names)
+    return parse
 
 
-def add_data_args(parser, required=False, defaults=None):
-    """The data, size and device options of the scripts. Their defaults are None here: each script fills them in
-    (train.py from the recipe, evaluate.py and predict.py from the checkpoint) and says so in `defaults`,
-    {option: text for --help}; unnamed options read "default: the checkpoint's"."""
-    defaults = {"batch-size": "16", "workers": "up to 4, at most the CPUs", **(defaults or {})}
+def add_data_args(parser, datasets, required=False, defaults=None):
+    """The data, size and device options of the scripts; `datasets` are the data set names --data knows. Their
+    defaults are None here: each script fills them in (train.py from the recipe, evaluate.py and predict.py from
+    the checkpoint) and says so in `defaults`, {option: its --help text}; unnamed options read "default: the
+    checkpoint's"."""
+    defaults = {"workers": "up to 4, at most the CPUs", **(defaults or {})}
 
     def default(option):
         text = defaults.get(option, "the checkpoint's")
         return f"(default: {text})"
 
     g = parser.add_argument_group("data and device")
-    g.add_argument("--data", type=data_names, required=required,
-                   help=f"data set: {', '.join(data.DATASETS)}, or a comma list of them {default('data')}")
+    g.add_argument("--data", type=names_of(datasets), required=required,
+                   help=f"data set: {', '.join(datasets)}, or a comma list of them {default('data')}")
     g.add_argument("--data-root", help="folder holding the data set (a comma list, one per --data; demo: demo_data/)")
-    g.add_argument("--classes", help=f'"all" or a comma list of class names {default("classes")}')
+    g.add_argument("--classes", help=defaults.get("classes help", f'"all" or a comma list of class names '
+                                                                   f'{default("classes")}'))
     g.add_argument("--image-size", type=number(), help=f"side of the square resize before the centre crop "
                                                        f"{default('image-size')}")
     g.add_argument("--crop-size", type=number(), help=f"side of the centre crop fed to the model, a multiple of the "

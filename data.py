@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import cli
 from inpformer import Geometry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -170,7 +171,8 @@ def list_classes(data: str, root) -> list[str]:
 
 
 def resolve_classes(data: str, root, spec) -> list[str]:
-    """Classes for spec "all" (or None), "a,b,c" or a list of names; an unknown name is a DataError."""
+    """The classes of one data set (data and root name one, not a comma list) for spec "all" (or None), "a,b,c"
+    or a list of names; an unknown name is a DataError."""
     return resolve_sets(data, root, spec)[0][2]
 
 
@@ -371,10 +373,10 @@ def _to_tensor(im: Image.Image, geometry: Geometry) -> torch.Tensor:
     return torch.from_numpy((x / np.float32(255) - _MEAN) / _STD)
 
 
-def load_image(path, geometry: Geometry = Geometry()) -> torch.Tensor:
+def load_image(path, geometry: Geometry) -> torch.Tensor:
     """One preprocessed image (3, crop, crop) from a file or a PIL image; DataError on a bad file. Pass the
     geometry of the model that will score it: model.config.geometry."""
-    geometry.check(1)
+    geometry.check(patch_size=1)  # any sizes here; the model checks the multiple of its patch
     image = path if isinstance(path, Image.Image) else _open(path)
     return _to_tensor(image, geometry)
 
@@ -384,8 +386,8 @@ class ImageDataset(torch.utils.data.Dataset):
     items also carry native_mask: bool (h, w), the mask at the original resolution cut to the crop box
     (batch them with collate, which keeps these as a list: sizes can differ)."""
 
-    def __init__(self, samples, geometry: Geometry = Geometry(), native: bool = False):
-        self.samples, self.geometry, self.native = list(samples), geometry.check(1), native
+    def __init__(self, samples, geometry: Geometry, native: bool = False):
+        self.samples, self.geometry, self.native = list(samples), geometry.check(patch_size=1), native
 
     def __len__(self):
         return len(self.samples)
@@ -501,7 +503,7 @@ def resolve_sets(data, root, classes="all") -> list[tuple[str, str, list[str]]]:
     return [(d, str(r), cs) for d, r, cs in zip(datas, roots, known) if cs]
 
 
-def train_set(data, root, classes="all", geometry: Geometry = Geometry(), shots: int | None = None, seed: int = 1,
+def train_set(data, root, classes, geometry: Geometry, shots: int | None = None, seed: int = 1,
               check: bool = True) -> torch.utils.data.Dataset:
     """The training images of `classes` (single-class: one name; unified multi-class: "all") of the data sets
     of resolve_sets(data, root, classes). shots=k draws k images per class with one random.Random(seed) over the
@@ -524,7 +526,7 @@ def train_set(data, root, classes="all", geometry: Geometry = Geometry(), shots:
     return FewShotSet(torch.stack([ds[i]["image"] for i in range(len(ds))]), chosen) if shots else ds
 
 
-def test_set(data, root, cls, geometry: Geometry = Geometry(), check: bool = True,
+def test_set(data, root, cls, geometry: Geometry, check: bool = True,
              native: bool = False) -> ImageDataset:
     """All test images of one class with their masks (all-zero for normal images); native: see ImageDataset."""
     samples = list_samples(data, root, cls, "test")
@@ -552,8 +554,6 @@ def check_data_set(data: str, root, classes="all", log=print) -> None:
 
 
 def main(argv=None) -> int:
-    import cli  # here, not at the top: cli imports this module
-
     p = cli.Parser(description="Check a data set: class counts, and every image and mask opens and is complete.")
     p.add_argument("--check", nargs=2, metavar=("DATA", "ROOT"), required=True,
                    help=f"count the classes of DATA ({', '.join(DATASETS)}) under ROOT and check every file")
@@ -564,6 +564,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    import cli
-
     cli.guard(main)

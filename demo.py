@@ -1,12 +1,12 @@
 """The built-in demo: a small procedural data set in MVTec layout, and the small random ViT that trains on it,
 so that `python train.py --data demo` runs end to end with nothing downloaded.
 
+    python demo.py DIR              # write the demo set to DIR (train.py --data demo writes demo_data/ itself)
+    python demo.py DIR --seed 1     # another draw of the same set
+
 Two classes, tiles and a woven fabric, with scratches, translucent spots and chipped pieces that bare a
 differently coloured layer, and exact masks. Files depend only on the settings (each image has its own
 seeded generator), so every machine writes the same set.
-
-    python demo.py DIR              # write the demo set to DIR (train.py --data demo writes demo_data/ itself)
-    python demo.py DIR --seed 1     # another draw of the same set
 """
 import contextlib
 import json
@@ -23,8 +23,9 @@ import cli
 import inpformer
 from data import DataError
 
+SIZE = 256  # the demo images' side
 # train.py's defaults for --data demo: a small set and a small ViT train in well under a minute on a CPU.
-RECIPE = dict(image_size=256, crop_size=224, batch_size=8, epochs=6, workers=2)
+RECIPE = dict(image_size=SIZE, crop_size=224, batch_size=8, epochs=6, workers=2)
 
 DEMO_MARKER = "demo.json"   # written last: a folder with it is a complete demo set
 DEMO_DEFECTS = ("scratch", "spot", "missing")
@@ -99,7 +100,7 @@ def _save(path: Path, array: np.ndarray):
 
 
 def make_demo(out_dir, seed: int = 0, classes=("tiles", "fabric"), n_train: int = 72, n_test_good: int = 12,
-              n_test_defect: int = 18, size: int = 256) -> Path:
+              n_test_defect: int = 18, size: int = SIZE) -> Path:
     """Write a small MVTec-layout data set to out_dir (or keep it, if one with these settings is there).
 
     Per class: train/good, test/good, test/{scratch,spot,missing} (defects dealt round-robin) and

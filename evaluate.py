@@ -49,7 +49,7 @@ import metrics
 import scoring
 
 METRICS = ("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO")  # the paper's column order
-FPR_LIMIT = 0.3  # AUPRO integration limit
+FPR_LIMIT = inpformer.FPR_LIMIT
 
 
 @dataclass
@@ -175,11 +175,12 @@ def evaluate(model, data, root, classes, opts=Options(), out_dir=None, log=print
             log(f"  note: {cls}: no ground_truth/ masks, so image metrics only")
         acc = ClassScores(len(ds), opts.streaming, getattr(torch, opts.map_dtype), pixels, opts.metrics == "adeval")
         for batch, maps, scores in scoring.scored_batches(model, ds, opts.batch_size, opts.workers, opts.zero_shot):
-            masks = scoring.masks_at_map_size(batch["mask"])
-            if opts.full_res:  # the maps resized to each native mask's box
+            if opts.full_res:  # each native mask, and the map resized to its box
                 masks = batch["native_mask"]
                 maps = [F.interpolate(m[None, None], size=t.shape, mode="bilinear", align_corners=False)[0, 0]
                         for m, t in zip(maps, masks)]
+            else:
+                masks = scoring.masks_at_map_size(batch["mask"])
             acc.add(batch["label"], scores, masks, maps)
             rows += [ImageScore(cls, p, int(y), float(s)) for p, y, s in zip(batch["path"], batch["label"], scores)]
             progress.step(len(scores), cls)
@@ -251,8 +252,10 @@ def combine(parts, **protocol):
     for k in METRICS:
         values = [m[k] for m in per_class.values()]
         mean[k] = None if None in values else float(np.mean(values))
+    roots = list(dict.fromkeys(part["protocol"]["root"] for part in parts))  # the parts share all but their roots
+    protocol = dict(parts[-1]["protocol"], root=",".join(roots), **protocol)
     results = dict(classes=per_class, mean=mean, counts=merged("counts"), thresholds=merged("thresholds"),
-                   protocol=dict(parts[-1]["protocol"], **protocol))
+                   protocol=protocol)
     if bounds:
         results["error_bounds"] = bounds
     return results
@@ -303,7 +306,7 @@ def parse_args(argv=None):
     p.add_argument("--ckpt", required=True,
                    help="project checkpoint (.safetensors), official state dict (model.pth or .safetensors), or "
                         "the folder of a run (<out>/model.safetensors or <out>/<class>/model.safetensors)")
-    cli.add_data_args(p)
+    cli.add_data_args(p, datasets.DATASETS, defaults={"batch-size": str(Options.batch_size)})
     p.add_argument("--out", type=Path, help="output folder (default: <checkpoint folder>/eval, or eval-<data>, "
                                             "-zero-shot, -full-res for those protocols)")
     p.add_argument("--zero-shot", action="store_true", help="anomaly map = INP distance (paper's zero-shot protocol)")
@@ -378,10 +381,10 @@ def main(argv=None, log=cli.log):
     suffix += "-adeval" * (args.metrics == "adeval")
     out = args.out or base / f"eval{suffix}"
     jobs = plan_jobs(args, ckpts, first, sets, out)
-    opts = Options(batch_size=args.batch_size or 16, device=str(device), precision=precision,
+    opts = Options(batch_size=args.batch_size or Options.batch_size, device=str(device), precision=precision,
                    workers=cli.workers(args.workers), zero_shot=args.zero_shot, full_res=args.full_res,
                    streaming=args.streaming, map_dtype=args.map_dtype, metrics=args.metrics, save_maps=args.save_maps)
-    results = {}
+    results, written = {}, []
     for job in jobs:
         model = first_model if job.ckpt == ckpts[0] else scoring.load_ready(job.ckpt, device, precision)
         geometry = scoring.asked_geometry(model, args.image_size, args.crop_size, job.ckpt, log)
@@ -392,16 +395,18 @@ def main(argv=None, log=cli.log):
         job_opts = replace(opts, geometry=geometry, pictures=pictures)
         s = job.data_set
         results.setdefault(job.table, []).append(evaluate(model, s.data, s.root, s.classes, job_opts, job.out, log))
+        written.append(job.out)
         del model
     for table, parts in results.items():
         merged = combine(parts, **({"models": [str(j.ckpt) for j in jobs]} if len(ckpts) > 1 else {}))
-        if len(parts) > 1:
+        if len(parts) > 1:  # a single-class run: each model's metrics in its folder, the table over all of them
             write_results(merged, out)
+            written.append(out)
         if len(results) > 1:
             log(f"\n{table}:")
         log(markdown_table(merged))
-    written = "metrics.json, metrics.csv, metrics.md" + (", image_scores.csv" if len(ckpts) == 1 else "")
-    log(f"wrote {out}/{written}" + (", maps/" if args.save_maps else ""))
+    files = "metrics.json, metrics.csv, metrics.md" + (", image_scores.csv" if len(ckpts) == 1 else "")
+    log(f"wrote {files}{', maps/' if args.save_maps else ''} in {', '.join(map(str, dict.fromkeys(written)))}")
     return 0
 
 

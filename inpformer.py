@@ -14,7 +14,7 @@ dict, so the authors' `model.pth` loads as is.
     model.config.geometry                     # how its images must be prepared: resize 448, crop 392
 
 This file is also the one home of the facts every script shares: the evaluation protocol (MAP_SIZE,
-GAUSSIAN_SIGMA, MAX_RATIO), the input geometry a model was trained at (Geometry, in the model's config),
+GAUSSIAN_SIZE, GAUSSIAN_SIGMA, MAX_RATIO, FPR_LIMIT), the input geometry a model was trained at (Geometry, in the model's config),
 the precision rule (PRECISIONS, resolve_precision) and what a checkpoint records (Metadata).
 
 Depends on torch; safetensors is used for file I/O only. It can be copied into another project on its own.
@@ -41,6 +41,7 @@ MAP_SIZE = 256        # anomaly maps (and ground-truth masks) are resampled to 2
 GAUSSIAN_SIZE = 5     # then smoothed by a 5 x 5 Gaussian of sigma 4, zero padding
 GAUSSIAN_SIGMA = 4.0
 MAX_RATIO = 0.01      # image score: the mean of the top 1 % of the smoothed map's pixels
+FPR_LIMIT = 0.3       # AUPRO integrates the PRO curve up to this false-positive rate
 
 # -----------------------------------------------------------------------------------------------------
 # Precision: the dtypes a model may run in, and the one rule for choosing one
@@ -608,6 +609,8 @@ BACKBONE_WIDTHS = {"small": 384, "base": 768, "large": 1024}
 def download_backbone(size="base", log=print) -> Path:
     """The Hugging Face DINOv2-with-registers file of `size`, downloaded once into ~/.cache/inpformer (or
     $INPFORMER_CACHE); offline, a one-line error says what to download and where to put it."""
+    if size not in BACKBONE_WIDTHS:
+        raise WeightsError(f"backbone size {size!r}: use {', '.join(BACKBONE_WIDTHS)}")
     cache = Path(os.environ.get("INPFORMER_CACHE", Path.home() / ".cache" / "inpformer"))
     path, url = cache / f"dinov2-with-registers-{size}.safetensors", HF_WEIGHTS.format(size=size)
     if path.is_file():
@@ -624,8 +627,8 @@ def download_backbone(size="base", log=print) -> Path:
                 done += f.write(chunk)
                 log(f"  {done >> 20} / {total >> 20} MiB")
     except OSError as e:
-        raise ValueError(f"could not download the DINOv2 weights ({getattr(e, 'reason', e)}): download {url} and "
-                         f"save it as {path}, or pass --weights PATH") from None
+        raise WeightsError(f"could not download the DINOv2 weights ({getattr(e, 'reason', e)}): download {url} and "
+                           f"save it as {path}, or pass --weights PATH") from None
     return path
 
 # -----------------------------------------------------------------------------------------------------
@@ -655,13 +658,23 @@ class Metadata:
     extra: dict = field(default_factory=dict)  # any other key, kept as it was (e.g. a user's own notes)
 
     def to_strings(self) -> dict:
-        """safetensors metadata: strings only, JSON for everything that is not a string."""
+        """safetensors metadata (strings only): every value as JSON, so that it reads back as it was."""
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
         values = {"metadata_version": values.pop("version"), **values, **self.extra}
-        return {k: v if isinstance(v, str) else json.dumps(v) for k, v in values.items() if v is not None}
+        return {k: json.dumps(v) for k, v in values.items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Metadata":
+        """Metadata's fields by name, any other key into extra; the current version unless one is given."""
+        known = {f.name for f in fields(cls)} - {"version", "extra"}
+        extra = {k: v for k, v in values.items() if k not in known and k != "metadata_version"}
+        version = values.get("metadata_version", METADATA_VERSION)
+        return cls(version=version, extra=extra, **{k: v for k, v in values.items() if k in known})
 
     @classmethod
     def from_strings(cls, strings: dict) -> "Metadata":
+        """The Metadata a checkpoint's strings hold. Files of version 1 stored strings raw: what is not JSON is
+        taken as it is."""
         decoded = {}
         for k, v in strings.items():
             if k in ("format", "inpformer_config"):  # safetensors' own key, and the model's config
@@ -670,10 +683,9 @@ class Metadata:
                 decoded[k] = json.loads(v)
             except ValueError:
                 decoded[k] = v
-        version = decoded.pop("metadata_version", 1 if decoded else None)  # None: no metadata at all
-        known = {f.name for f in fields(cls)} - {"version", "extra"}
-        extra = {k: v for k, v in decoded.items() if k not in known}
-        return cls(version=version, extra=extra, **{k: v for k, v in decoded.items() if k in known})
+        if "metadata_version" not in decoded:
+            decoded["metadata_version"] = 1 if decoded else None  # None: no metadata at all (the authors' .pth)
+        return cls.from_dict(decoded)
 
 
 def save_checkpoint(model: INPFormer, path, metadata=None):
@@ -683,8 +695,7 @@ def save_checkpoint(model: INPFormer, path, metadata=None):
     from safetensors.torch import save_file
 
     if not isinstance(metadata, Metadata):
-        metadata = Metadata.from_strings({k: v if isinstance(v, str) else json.dumps(v)
-                                          for k, v in (metadata or {}).items()})
+        metadata = Metadata.from_dict(metadata or {})
     strings = {"format": "pt", "inpformer_config": json.dumps(asdict(model.config)), **metadata.to_strings()}
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_write(path) as tmp:

@@ -662,6 +662,7 @@ class PixelHistogram:
 # arrays, including its rounding and its quirks, so that a run can be compared with a published table. It is
 # held to numbers produced by ADEval itself (tests/golden/adeval_1.1.0.*).
 
+
 __all__ += ["adeval_pixel_metrics"]
 
 

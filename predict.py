@@ -1,7 +1,7 @@
 """The production line: learn a decision rule and store it in the checkpoint (--calibrate), score new images
 with decisions and pictures (--images), and export the scoring path as ONNX (--export).
 
-    python predict.py --ckpt runs/line7/model.safetensors --calibrate --data-root held_out/  # store a decision rule
+    python predict.py --ckpt runs/line7/model.safetensors --calibrate --data folder --data-root held_out/
     python predict.py --ckpt runs/line7/model.safetensors --images new_parts/ --outline      # scores, decisions, maps
     python predict.py --ckpt runs/line7/model.safetensors --export line7.onnx   # anomaly_map, score [, normalised]
 
@@ -16,7 +16,6 @@ import contextlib
 import copy
 import dataclasses
 import io
-import json
 import logging
 import time
 import warnings
@@ -71,14 +70,22 @@ def calibration(labels, scores, hist, sigmas=3.0):
                 anomalous_images=int(labels.sum()))
 
 
-def calibrate_on(model, data_set: scoring.DataSet, opts: scoring.Options, log=print) -> dict:
-    """Score every test image of `data_set` and learn the rule: calibration() pooled over its classes, plus each
-    class's own F1-max image threshold where the class has anomalies ("classes"), and the geometry it was
-    learnt at."""
-    model = scoring.ready_model(model, opts.device, opts.precision)
-    geometry = opts.geometry or model.config.geometry
+def calibration_images(data_set: scoring.DataSet, geometry) -> dict:
+    """{class: ImageDataset} of the test images of `data_set` to calibrate on; at least one must be normal."""
     classes = datasets.resolve_classes(data_set.data, data_set.root, data_set.classes)
     test_sets = {c: datasets.test_set(data_set.data, data_set.root, c, geometry) for c in classes}
+    if not any(s.label == 0 for ds in test_sets.values() for s in ds.samples):
+        raise ValueError(f"{data_set.root}: no normal test image of {data_set.data} to calibrate on")
+    return test_sets
+
+
+def calibrate_on(model, data_set: scoring.DataSet, opts: scoring.Options, log=print) -> dict:
+    """Score every test image of `data_set` and learn the rule: calibration() pooled over its classes, plus each
+    class's own F1-max image threshold where the class has anomalies ("classes"), the classes it was learnt on
+    ("class_names") and the geometry it was learnt at."""
+    model = scoring.ready_model(model, opts.device, opts.precision)
+    geometry = opts.geometry or model.config.geometry
+    test_sets = calibration_images(data_set, geometry)
     progress = scoring.Progress(sum(len(ds) for ds in test_sets.values()), log)
     labels, scores, per_class, pooled = [], [], {}, metrics.PixelHistogram()
     for cls, ds in test_sets.items():
@@ -86,8 +93,11 @@ def calibrate_on(model, data_set: scoring.DataSet, opts: scoring.Options, log=pr
         class_labels, class_scores = [], []
         for batch, maps, batch_scores in scoring.scored_batches(model, ds, opts.batch_size, opts.workers):
             masks = scoring.masks_at_map_size(batch["mask"])
-            known = batch["label"] >= 0 if has_masks else batch["label"] == 0  # pixels whose label is known
-            pooled.update(masks[known], maps[known])
+            if has_masks:
+                pooled.update(masks, maps)
+            else:  # no masks for this class's anomalies: only the normal images' pixels have known labels
+                normal = batch["label"] == 0
+                pooled.update(masks[normal], maps[normal])
             class_labels += batch["label"].tolist()
             class_scores += batch_scores.tolist()
             progress.step(len(batch_scores), cls)
@@ -95,10 +105,9 @@ def calibrate_on(model, data_set: scoring.DataSet, opts: scoring.Options, log=pr
             per_class[cls] = metrics.f1_threshold(class_labels, class_scores)[1]
         labels += class_labels
         scores += class_scores
-    if all(labels):
-        raise ValueError(f"{data_set.root}: no normal test image of {data_set.data} to calibrate on")
     rule = calibration(labels, scores, pooled)
-    rule.update(image_size=geometry.image_size, crop_size=geometry.crop_size, classes=per_class)
+    rule.update(image_size=geometry.image_size, crop_size=geometry.crop_size, classes=per_class,
+                class_names=list(test_sets))
     return rule
 
 
@@ -118,7 +127,7 @@ def write_calibration(path, rule, data_set: scoring.DataSet = None) -> Path:
 
     target = calibration_target(path)
     if Path(path) != target:
-        meta = inpformer.Metadata(calibration=rule, classes=list(rule["classes"]))
+        meta = inpformer.Metadata(calibration=rule, classes=rule.get("class_names", list(rule["classes"])))
         if data_set is not None:
             meta.data, meta.data_root = data_set.data, str(data_set.root)
         model = inpformer.load_model(path)
@@ -126,8 +135,11 @@ def write_calibration(path, rule, data_set: scoring.DataSet = None) -> Path:
         inpformer.save_checkpoint(model, target, meta)
         return target
     tensors, strings = inpformer.read_state_dict(path)
+    meta = inpformer.Metadata.from_strings(strings)
+    meta.calibration = rule
+    kept = {k: strings[k] for k in ("format", "inpformer_config") if k in strings}
     with inpformer.atomic_write(path) as tmp:
-        save_file(tensors, tmp, metadata={**strings, "calibration": json.dumps(rule)})
+        save_file(tensors, tmp, metadata={**kept, **meta.to_strings()})
     return target
 
 # -----------------------------------------------------------------------------------------------------
@@ -176,26 +188,29 @@ def predict_images(model, files, opts=scoring.Options(), out_dir=None, cls=None,
     progress, rows, used, waiting = scoring.Progress(len(files), log), [], set(), []
     for batch, maps, scores in scoring.scored_batches(model, dataset, opts.batch_size, opts.workers, opts.zero_shot):
         for i, path in enumerate(batch["path"]):
-            name, score = unique_name(path, used), float(scores[i])
+            score = float(scores[i])
             row = {"path": path, "class": cls or "", "score": score}
             if cal:
                 row.update(scoring.decide(score, cal, cls))
-            row["heatmap"] = f"{name}.png"
             rows.append(row)
-            if heat_dir:
-                waiting.append(dict(image=scoring.to_rgb(batch["image"][i]), map=maps[i].half(),
-                                    title=style.title(path, score, cls), file=heat_dir / row["heatmap"]))
-                if scale:
-                    _draw(waiting.pop(), scale, style)
+            if heat_dir is None:
+                continue
+            row["heatmap"] = f"{unique_name(path, used)}.png"
+            picture = dict(image=scoring.to_rgb(batch["image"][i]), map=maps[i].half(),
+                           title=style.title(path, score, cls), file=heat_dir / row["heatmap"])
+            if scale:
+                _draw(picture, scale, style)
+            else:  # drawn once every map is known, on their common min..max
+                waiting.append(picture)
         progress.step(len(scores), "images")
-    if waiting:  # no fixed scale: min..max over every image, now that all are scored
+    if waiting:
         lo = min(float(w["map"].min()) for w in waiting)
         hi = max(float(w["map"].max()) for w in waiting)
         for w in waiting:
             _draw(w, (lo, hi, f"min..max of {len(waiting)} images"), style)
     if out_dir:  # without a calibration normalised_score and decision stay empty
-        columns = ("path", "class", "score", "normalised", "decision", "heatmap")
-        header = [c.replace("normalised", "normalised_score") for c in columns]
+        header = ["path", "class", "score", "normalised_score", "decision", "heatmap"]
+        columns = ["path", "class", "score", "normalised", "decision", "heatmap"]
         scoring.write_csv(Path(out_dir) / "predictions.csv", header, [[r.get(k, "") for k in columns] for r in rows])
     n_bad = sum(r.get("decision") == "anomalous" for r in rows)
     summary = f"scored {len(rows)} images, {progress.rate():.1f} img/s; "
@@ -286,7 +301,7 @@ def export_onnx(model, path, opts=scoring.Options(), images=None, log=print):
         size = Path(tmp).stat().st_size
     log(f"wrote {path} ({size / 2**20:.1f} MiB): {geometry.describe()} input, outputs {', '.join(names)}"
         + ("" if cal else " (no calibration, so no normalised_score)"))
-    return 0
+    return Path(path)
 
 # -----------------------------------------------------------------------------------------------------
 # Command line
@@ -306,7 +321,10 @@ def parse_args(argv=None):
     what.add_argument("--export", type=Path, metavar="OUT.onnx",
                       help="write the scoring path as ONNX (anomaly_map, score [, normalised_score]) and check it "
                            "with onnxruntime (on the --images given, else on random inputs)")
-    cli.add_data_args(p)
+    cli.add_data_args(p, datasets.DATASETS, defaults={
+        "batch-size": str(scoring.Options.batch_size),
+        "classes help": "--calibrate: the classes to calibrate on, \"all\" or a comma list (default: the checkpoint's); "
+                        "--images: the one class whose threshold to use (default: the pooled threshold)"})
     p.add_argument("--out", type=Path, help="output folder of --images (default: <checkpoint folder>/predictions)")
     p.add_argument("--zero-shot", action="store_true",
                    help="--images: anomaly map = INP distance (scores only: calibrations are for reconstruction maps)")
@@ -337,20 +355,24 @@ def main(argv=None, log=cli.log):
     meta = inpformer.read_metadata(ckpts[0])
     cal = None if args.zero_shot else scoring.read_calibration(meta, ckpts[0], log)
     geometry = scoring.asked_geometry(model, args.image_size, args.crop_size, ckpts[0], log)
-    calibrated_at = (cal or {}).get("image_size"), (cal or {}).get("crop_size")
-    if cal and calibrated_at not in ((None, None), (geometry.image_size, geometry.crop_size)):
-        log(f"note: {ckpts[0]} was calibrated at {calibrated_at[0]} -> {calibrated_at[1]} px, not "
-            f"{geometry.describe()}: its thresholds may not hold")
+    if cal and "image_size" in cal:
+        calibrated_at = inpformer.Geometry(cal["image_size"], cal["crop_size"])
+        if calibrated_at != geometry:
+            log(f"note: {ckpts[0]} was calibrated at {calibrated_at.describe()}, not {geometry.describe()}: its "
+                "thresholds may not hold")
     if args.outline and not cal:
         log(f"note: --outline draws the calibrated pixel threshold, and {ckpts[0]} has no calibration")
-    opts = scoring.Options(batch_size=args.batch_size or 16, device=str(device), precision=precision,
-                           workers=cli.workers(args.workers), geometry=geometry, zero_shot=args.zero_shot,
+    opts = scoring.Options(batch_size=args.batch_size or scoring.Options.batch_size, device=str(device),
+                           precision=precision, workers=cli.workers(args.workers), geometry=geometry,
+                           zero_shot=args.zero_shot,
                            pictures=scoring.PictureStyle(cal, args.outline, args.heat_range))
     if args.export:
-        return export_onnx(model, args.export, opts, args.images, log)
+        export_onnx(model, args.export, opts, args.images, log)
+        return 0
 
-    if args.classes and ("," in args.classes or (cal and args.classes not in cal["classes"])):
-        known = f" (calibrated: {', '.join(cal['classes'])})" if cal else ""
+    calibrated = (cal or {}).get("class_names", list((cal or {}).get("classes", {})))
+    if args.classes and ("," in args.classes or (cal and args.classes not in calibrated)):
+        known = f" (calibrated: {', '.join(calibrated)})" if cal else ""
         raise ValueError(f"--classes {args.classes}: with --images, one class whose threshold to use{known}")
     files = image_files(args.images)
     out = args.out or ckpts[0].parent / "predictions"
@@ -365,21 +387,20 @@ def calibrate_main(args, ckpts, device, precision, log):
     plans = []
     for ckpt in ckpts:  # everything checked before anything is scored
         meta = inpformer.read_metadata(ckpt)
-        classes = args.classes or (None if len(ckpts) == 1 else ",".join(datasets.split_list(meta.classes)))
+        classes = args.classes
+        if classes is None and len(ckpts) > 1:  # a single-class run: each model on its own class
+            classes = ",".join(datasets.split_list(meta.classes))
         sets = scoring.plan_data_sets(meta, ckpt, args.data, args.data_root, classes)
         if len(sets) > 1:
             raise ValueError("--calibrate learns one rule per model: calibrate it on one data set")
         calibration_target(ckpt)
-        s = sets[0]
-        if not any(sample.label == 0 for c in datasets.resolve_classes(s.data, s.root, s.classes)
-                   for sample in datasets.list_samples(s.data, s.root, c, "test")):
-            raise ValueError(f"{s.root}: no normal test image of {s.data} to calibrate {ckpt} on")
-        plans.append((ckpt, meta, s))
+        calibration_images(sets[0], inpformer.Geometry())  # lists them, and needs a normal one
+        plans.append((ckpt, meta, sets[0]))
     for ckpt, meta, data_set in plans:
         model = scoring.load_ready(ckpt, device, precision)
         geometry = scoring.asked_geometry(model, args.image_size, args.crop_size, ckpt, log)
-        opts = scoring.Options(batch_size=args.batch_size or 16, device=str(device), precision=precision,
-                               workers=cli.workers(args.workers), geometry=geometry)
+        opts = scoring.Options(batch_size=args.batch_size or scoring.Options.batch_size, device=str(device),
+                               precision=precision, workers=cli.workers(args.workers), geometry=geometry)
         log(f"{ckpt}: calibrating on {data_set.data} in {data_set.root}")
         rule = calibrate_on(model, data_set, opts, log)
         target = write_calibration(ckpt, rule, data_set)

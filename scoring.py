@@ -1,6 +1,6 @@
-"""What evaluate.py (the benchmark) and predict.py (the line) share: a checkpoint ready to score, the data it
-was trained on, images to anomaly maps and scores on the official protocol, the decision rule a calibration
-stores, and pictures of maps on a fixed colour scale. A library module, not a script.
+"""What evaluate.py (the benchmark) and predict.py (the line) share: the decision rule a calibration stores,
+pictures of maps on a fixed colour scale, a checkpoint ready to score and images to anomaly maps and scores on
+the official protocol, and the data a checkpoint was trained on. A library module, not a script.
 """
 import copy
 import csv
@@ -18,7 +18,45 @@ import data
 import inpformer
 
 # -----------------------------------------------------------------------------------------------------
-# A model ready to score
+# The decision rule a calibration stores (predict.py --calibrate writes it; see predict.calibration)
+
+# What every calibration holds (predict.calibration builds it; older ones may lack the other keys it writes).
+CALIBRATION_KEYS = {"image_threshold", "pixel_threshold", "score_range", "heat_range", "classes"}
+
+
+def read_calibration(meta: inpformer.Metadata, path, log=print):
+    """The calibration in a checkpoint's metadata, or None (with a note if it is there but unusable)."""
+    cal = meta.calibration
+    if cal is None or (isinstance(cal, dict) and CALIBRATION_KEYS <= set(cal)):
+        return cal
+    log(f"note: {path}: unreadable calibration metadata, ignored (predict.py --calibrate writes a new one)")
+    return None
+
+
+def normalise(score, calibration, threshold):
+    """anomalib's normalised score, (score - threshold) / (max - min) + 0.5 over the calibration scores,
+    clipped to [0, 1]: a float for a float, a tensor for a tensor (the exported graph)."""
+    lo, hi = calibration["score_range"]
+    v = (score - threshold) / max(hi - lo, 1e-12) + 0.5
+    if isinstance(v, torch.Tensor):
+        return v.clamp(0, 1)
+    return min(max(float(v), 0.0), 1.0)
+
+
+def class_threshold(calibration, cls=None):
+    """The image threshold for class `cls`: its own when the calibration has one, else the pooled one."""
+    return calibration.get("classes", {}).get(cls, calibration["image_threshold"])
+
+
+def decide(score, calibration, cls=None) -> dict:
+    """One image score under a calibration: threshold (see class_threshold), normalised score (see normalise)
+    and decision, "anomalous" when the score is at or above the threshold, else "normal"."""
+    t = class_threshold(calibration, cls)
+    return dict(threshold=t, normalised=normalise(score, calibration, t),
+                decision="anomalous" if score >= t else "normal")
+
+# -----------------------------------------------------------------------------------------------------
+# Pictures
 
 
 @dataclass
@@ -47,10 +85,70 @@ class PictureStyle:
         return head + f" ({verdict['normalised']:.2f}) {verdict['decision'].upper()}"
 
 
+def heat_colors(v):
+    """Values in [0, 1] -> "jet" colours, (H, W) -> (H, W, 3) uint8."""
+    v = np.clip(np.nan_to_num(v), 0.0, 1.0)[..., None]
+    rgb = np.clip(1.5 - np.abs(4.0 * v - np.array([3.0, 2.0, 1.0])), 0.0, 1.0)
+    return (rgb * 255 + 0.5).astype(np.uint8)
+
+
+def to_rgb(x, size=inpformer.MAP_SIZE):
+    """A preprocessed (3, h, w) image back to (size, size, 3) uint8, as the model saw it."""
+    mean = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
+    img = (x.detach().float().cpu() * std + mean).clamp(0, 1)
+    img = F.interpolate(img[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+    return (img.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+
+
+def picture(image, amap, scale, title="", mask=None, outline=None) -> Image.Image:
+    """image | [ground truth |] heat-map overlay | colour bar, under a title line. scale = (lo, hi, source):
+    the map is coloured on this fixed range, so that pictures sharing it compare, and the source is stated on
+    the bar. outline: a pixel threshold, whose region's edge is drawn in white (and marked on the bar)."""
+    lo, hi, source = scale
+    amap, (h, w) = np.asarray(amap, np.float64), image.shape[:2]
+    heat = heat_colors((amap - lo) / max(hi - lo, 1e-12))
+    overlay = (0.5 * image.astype(np.float32) + 0.5 * heat.astype(np.float32) + 0.5).astype(np.uint8)
+    if outline is not None:
+        inside = amap >= outline
+        # The edge: pixels of the region (not on the picture's border) with a 4-neighbour outside it.
+        core = inside[1:-1, 1:-1]
+        surrounded = inside[:-2, 1:-1] & inside[2:, 1:-1] & inside[1:-1, :-2] & inside[1:-1, 2:]
+        overlay[1:-1, 1:-1][core & ~surrounded] = 255
+    panels = [image]
+    if mask is not None:
+        panels.append(np.repeat(np.asarray(mask, np.uint8)[..., None] * 255, 3, axis=2))
+    x = w * (len(panels) + 1)
+    canvas = Image.new("RGB", (x + 84, h + 14), "white")
+    canvas.paste(Image.fromarray(np.concatenate(panels + [overlay], axis=1)), (0, 14))
+    bar = heat_colors(np.linspace(1, 0, h)[:, None].repeat(12, axis=1))
+    canvas.paste(Image.fromarray(bar), (x + 4, 14))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((2, 1), title, fill="black")
+    labels = [(14, f"{hi:.4g}"), (h + 3, f"{lo:.4g}"), (14 + h // 2 - 16, source[:12]), (14 + h // 2, source[12:24])]
+    for y, text in labels:
+        draw.text((x + 19, y), text, fill="black")
+    if outline is not None and lo <= outline <= hi:
+        y = 14 + round((hi - outline) / max(hi - lo, 1e-12) * (h - 1))
+        draw.line([(x + 2, y), (x + 17, y)], fill="black", width=2)
+    return canvas
+
+
+def file_stem(path):
+    """A file name for a picture of `path`: its folder and stem, other characters replaced by _."""
+    p = Path(path)
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{p.parent.name}_{p.stem}")
+
+
+# -----------------------------------------------------------------------------------------------------
+# A model ready to score, and images to maps and scores
+
+
 @dataclass
 class Options:
     """How to score images: batching, device and precision, how images are prepared, the kind of map, and how
-    pictures look. The defaults are the command line's; evaluate.Options adds the benchmark's."""
+    pictures look; evaluate.Options adds the benchmark's. The defaults are the command line's but for workers:
+    from Python, images load in the calling process unless asked."""
     batch_size: int = 16
     device: str = "auto"
     precision: str = "auto"  # the model runs in this dtype; maps and scores are fp32 whatever it is
@@ -78,7 +176,7 @@ def asked_geometry(model, image_size, crop_size, ckpt, log=print) -> inpformer.G
 def ready_model(model, device="auto", precision="auto"):
     """The model in eval mode on `device`, in `precision`: the model itself when it already is, else a copy,
     so that scoring never changes the model the caller handed in."""
-    device = cli.device(device)
+    device = inpformer.default_device() if device in (None, "auto") else torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     dtype = inpformer.PRECISIONS[inpformer.resolve_precision(precision, device)]
@@ -99,7 +197,7 @@ def predict_maps(model, x, zero_shot=False):
     return maps.float(), scores.float()
 
 
-def scored_batches(model, dataset, batch_size=16, workers=0, zero_shot=False):
+def scored_batches(model, dataset, batch_size=Options.batch_size, workers=0, zero_shot=False):
     """(batch, maps, scores) for each batch of `dataset` (an ImageDataset), maps and scores on the CPU."""
     pin = model.prototype_token.device.type == "cuda"
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=pin,
@@ -161,7 +259,9 @@ class DataSet:
 def plan_data_sets(meta: inpformer.Metadata, ckpt, names=None, roots=None, classes=None) -> list[DataSet]:
     """The data sets to score `ckpt` on: those named (names and roots: comma lists, as --data and --data-root),
     else the ones it was trained on, with the classes it was trained on (another data set: all its classes,
-    unless `classes` names some). The same folder under another data-set name counts as the checkpoint's own data."""
+    unless `classes` names some). The checkpoint's own data is found by name, by folder (the same folder under
+    another data-set name), or as a "folder" data set whose classes are all classes the checkpoint knows (held-out
+    images of its own classes)."""
     trained, trained_roots = data.split_list(meta.data), data.split_list(meta.data_root)
     per_set = meta.classes_per_set
     if not isinstance(per_set, list) or len(per_set) != len(trained):
@@ -175,10 +275,10 @@ def plan_data_sets(meta: inpformer.Metadata, ckpt, names=None, roots=None, class
     sets = []
     for i, name in enumerate(wanted):
         k = _trained_index(name, i, trained, trained_roots, roots)
-        own = k is not None and k < len(trained_roots)
+        recorded_root = k is not None and k < len(trained_roots)
         if roots:
             root = roots[i]
-        elif own:
+        elif recorded_root:
             root = trained_roots[k]
             if not Path(root).is_dir():
                 raise ValueError(f"{root}: not found; {ckpt} was trained on {name} there: pass --data-root where it "
@@ -187,8 +287,13 @@ def plan_data_sets(meta: inpformer.Metadata, ckpt, names=None, roots=None, class
             root = data.default_root(name)
         if root is None:
             raise ValueError(f"--data {name} needs --data-root (the folder holding the data set)")
-        wanted_classes = classes or (per_set[k] if k is not None else "all")
-        sets.append(DataSet(name, root, wanted_classes, own=(k is not None) if trained else None))
+        if k is not None:
+            own, wanted_classes = True, classes or per_set[k]
+        elif name == "folder" and meta.classes:
+            own, wanted_classes = set(data.list_classes(name, root)) <= set(meta.classes), classes or "all"
+        else:
+            own, wanted_classes = False, classes or "all"
+        sets.append(DataSet(name, root, wanted_classes, own=own if trained else None))
     return sets
 
 
@@ -205,102 +310,7 @@ def _trained_index(name, i, trained, trained_roots, roots):
     return None
 
 
-# -----------------------------------------------------------------------------------------------------
-# The decision rule a calibration stores (predict.py --calibrate writes it; see predict.calibration)
-
-CALIBRATION_KEYS = {"image_threshold", "pixel_threshold", "score_range", "heat_range", "classes"}
-
-
-def read_calibration(meta: inpformer.Metadata, path, log=print):
-    """The calibration in a checkpoint's metadata, or None (with a note if it is there but unusable)."""
-    cal = meta.calibration
-    if cal is None or (isinstance(cal, dict) and CALIBRATION_KEYS <= set(cal)):
-        return cal
-    log(f"note: {path}: unreadable calibration metadata, ignored (predict.py --calibrate writes a new one)")
-    return None
-
-
-def normalise(score, calibration, threshold):
-    """anomalib's normalised score, (score - threshold) / (max - min) + 0.5 over the calibration scores,
-    clipped to [0, 1]: a float for a float, a tensor for a tensor (the exported graph)."""
-    lo, hi = calibration["score_range"]
-    v = (score - threshold) / max(hi - lo, 1e-12) + 0.5
-    if isinstance(v, torch.Tensor):
-        return v.clamp(0, 1)
-    return min(max(float(v), 0.0), 1.0)
-
-
-def class_threshold(calibration, cls=None):
-    """The image threshold for class `cls`: its own when the calibration has one, else the pooled one."""
-    return calibration.get("classes", {}).get(cls, calibration["image_threshold"])
-
-
-def decide(score, calibration, cls=None) -> dict:
-    """One image score under a calibration: threshold (see class_threshold), normalised score (see normalise)
-    and decision, "anomalous" when the score is at or above the threshold, else "normal"."""
-    t = class_threshold(calibration, cls)
-    return dict(threshold=t, normalised=normalise(score, calibration, t),
-                decision="anomalous" if score >= t else "normal")
-
-# -----------------------------------------------------------------------------------------------------
-# Pictures
-
-
-def heat_colors(v):
-    """Values in [0, 1] -> "jet" colours, (H, W) -> (H, W, 3) uint8."""
-    v = np.clip(np.nan_to_num(v), 0.0, 1.0)[..., None]
-    rgb = np.clip(1.5 - np.abs(4.0 * v - np.array([3.0, 2.0, 1.0])), 0.0, 1.0)
-    return (rgb * 255 + 0.5).astype(np.uint8)
-
-
-def to_rgb(x, size=inpformer.MAP_SIZE):
-    """A preprocessed (3, h, w) image back to (size, size, 3) uint8, as the model saw it."""
-    mean = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
-    img = (x.detach().float().cpu() * std + mean).clamp(0, 1)
-    img = F.interpolate(img[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
-    return (img.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
-
-
-def picture(image, amap, scale, title="", mask=None, outline=None) -> Image.Image:
-    """image | [ground truth |] heat-map overlay | colour bar, under a title line. scale = (lo, hi, source):
-    the map is coloured on this fixed range, so that pictures sharing it compare, and the source is stated on
-    the bar. outline: a pixel threshold, whose region's edge is drawn in white (and marked on the bar)."""
-    lo, hi, source = scale
-    amap, (h, w) = np.asarray(amap, np.float64), image.shape[:2]
-    heat = heat_colors((amap - lo) / max(hi - lo, 1e-12))
-    overlay = (0.5 * image.astype(np.float32) + 0.5 * heat.astype(np.float32) + 0.5).astype(np.uint8)
-    if outline is not None:
-        inside = amap >= outline
-        # The edge: pixels of the region (not on the picture's border) with a 4-neighbour outside it.
-        core = inside[1:-1, 1:-1]
-        surrounded = inside[:-2, 1:-1] & inside[2:, 1:-1] & inside[1:-1, :-2] & inside[1:-1, 2:]
-        overlay[1:-1, 1:-1][core & ~surrounded] = 255
-    panels = [image]
-    if mask is not None:
-        panels.append(np.repeat(np.asarray(mask, np.uint8)[..., None] * 255, 3, axis=2))
-    x = w * (len(panels) + 1)
-    canvas = Image.new("RGB", (x + 84, h + 14), "white")
-    canvas.paste(Image.fromarray(np.concatenate(panels + [overlay], axis=1)), (0, 14))
-    bar = heat_colors(np.linspace(1, 0, h)[:, None].repeat(12, axis=1))
-    canvas.paste(Image.fromarray(bar), (x + 4, 14))
-    draw = ImageDraw.Draw(canvas)
-    draw.text((2, 1), title, fill="black")
-    labels = [(14, f"{hi:.4g}"), (h + 3, f"{lo:.4g}"), (14 + h // 2 - 16, source[:12]), (14 + h // 2, source[12:24])]
-    for y, text in labels:
-        draw.text((x + 19, y), text, fill="black")
-    if outline is not None and lo <= outline <= hi:
-        y = 14 + round((hi - outline) / max(hi - lo, 1e-12) * (h - 1))
-        draw.line([(x + 2, y), (x + 17, y)], fill="black", width=2)
-    return canvas
-
-
-def file_stem(path):
-    """A file name for a picture of `path`: its folder and stem, other characters replaced by _."""
-    p = Path(path)
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{p.parent.name}_{p.stem}")
-
-
 def write_csv(path, header, rows):
+    """A CSV file of a header row and rows (the scripts' metrics.csv, image_scores.csv, predictions.csv)."""
     with open(path, "w", newline="") as f:
         csv.writer(f).writerows([header, *rows])

@@ -29,7 +29,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,6 +40,11 @@ import data
 import demo
 import evaluate
 import inpformer
+
+# The official multi-class recipe's sizes and length; --data demo has its own (demo.RECIPE).
+RECIPE = dict(image_size=inpformer.Geometry().image_size, crop_size=inpformer.Geometry().crop_size, batch_size=16,
+              epochs=200, workers=4)
+DEFAULT_BACKBONE = "base"  # the DINOv2-with-registers size downloaded when --weights is not given
 
 # -----------------------------------------------------------------------------------------------------
 # Optimiser and schedule
@@ -131,7 +136,7 @@ def load_encoder(weights=None, backbone=None, is_demo=False, log=print) -> inpfo
         log("no --weights: using a small randomly initialised ViT (pass --weights for real DINOv2 features)")
         vit = demo.backbone()
     else:
-        vit = inpformer.load_backbone(inpformer.download_backbone(backbone or "base", log))
+        vit = inpformer.load_backbone(inpformer.download_backbone(backbone or DEFAULT_BACKBONE, log))
     c = vit.config
     log(f"backbone: ViT {c.embed_dim} wide, {c.depth} blocks, {c.num_heads} heads, {c.num_register_tokens} "
         f"registers, patch {c.patch_size}, from {getattr(vit, 'source', 'code')} weights")
@@ -257,7 +262,7 @@ class TrainingRun:
     batches: EpochBatches         # this process's batches
     opt: StableAdamW
     scaler: torch.amp.GradScaler  # enabled for fp16 only
-    amp: object                   # the autocast context of every step (disabled in fp32)
+    amp: torch.autocast           # the autocast context of every step (disabled in fp32)
     device: torch.device
     out: Path
     meta: inpformer.Metadata      # what the checkpoint records
@@ -272,7 +277,8 @@ class TrainingRun:
     world: int = 1
     start: int = 0                # the iteration the loop starts at (after a resume)
     features: FeatureCache = None  # cached encoder features, or None: the encoder runs in every step
-    window: list = field(default_factory=lambda: [0.0, 0])  # loss sum and count since the last log line
+    loss_sum: float = 0.0         # the losses since the last log line: their sum and count
+    loss_count: int = 0
 
 
 def run_identity(args, sets, encoder=None, total=None) -> dict:
@@ -294,7 +300,7 @@ def save(run, it):
     leaves a state one save ahead of the model, which --resume handles)."""
     state = dict(model={k: v for k, v in run.model.state_dict().items() if not k.startswith("encoder.")},
                  opt=run.opt.state_dict(), scaler=run.scaler.state_dict(), rng=torch.get_rng_state(),
-                 iteration=it, window=run.window, identity=run.identity)
+                 iteration=it, window=[run.loss_sum, run.loss_count], identity=run.identity)
     with inpformer.atomic_write(run.out / "train_state.pt") as tmp:
         torch.save(state, tmp)
     run.meta.iteration, run.meta.finished = it, it == run.total
@@ -338,7 +344,7 @@ def restore(path, run):
         raise ValueError(f"{path}: not a training state of this model ({inpformer.first_line(e)}); use the same "
                          "--weights/--inp-num as the run it comes from, or another --out") from None
     torch.set_rng_state(state["rng"])
-    run.window = state["window"]
+    run.loss_sum, run.loss_count = state["window"]
     return state["iteration"]
 
 
@@ -357,7 +363,12 @@ def setup(args, encoder, sets, out, device, log, rank=0, world=1) -> TrainingRun
         raise ValueError(f"the training set has {len(dataset)} images, fewer than one batch of {args.batch_size}: "
                          "lower --batch-size")
     total = args.iters or args.epochs * len(batches)
-    backbone = args.weights or ("random-demo" if args.data == "demo" else args.backbone or "base")
+    if args.weights:
+        backbone = args.weights
+    elif args.data == "demo":
+        backbone = encoder.source  # the demo's random ViT
+    else:
+        backbone = f"dinov2-with-registers-{args.backbone or DEFAULT_BACKBONE}"
     meta = inpformer.Metadata(data=",".join(d for d, _, _ in sets), data_root=",".join(str(r) for _, r, _ in sets),
                               classes=[c for _, _, cs in sets for c in cs], classes_per_set=[cs for _, _, cs in sets],
                               setting=args.setting, shots=args.shots, backbone=str(backbone), seed=args.seed,
@@ -407,12 +418,12 @@ def train(run: TrainingRun, log):
     while it < total:
         batches.epoch, batches.skip = it // per_epoch, it % per_epoch
         # The loader consumes the same batch sampler, so zip pairs each batch with its indices.
-        steps = zip(batches, loader) if loader else ((idx, None) for idx in batches)
+        steps = zip(batches, loader) if loader is not None else ((idx, None) for idx in batches)
         for idx, batch in steps:
             for g in run.opt.param_groups:
                 g["lr"] = warm_cosine(it, total, run.lr, run.lr * 0.1, run.warmup)
             with run.amp:
-                if run.features:
+                if run.features is not None:
                     loss = run.net(features=run.features.batch(idx, run.device))
                 else:
                     loss = run.net(batch["image"].to(run.device, non_blocking=True))
@@ -423,16 +434,16 @@ def train(run: TrainingRun, log):
                                  "Try --precision fp32 or a lower --lr")
             optimizer_step(loss, run.opt, run.scaler, model.trainable_parameters())
             it += 1
-            run.window = [run.window[0] + value, run.window[1] + 1]  # the losses since the last log line
+            run.loss_sum, run.loss_count = run.loss_sum + value, run.loss_count + 1
             line = None  # logged after the save
             if it % run.log_every == 0 or it == total:
                 line = progress_line(run, it, t0)
-                run.window = [0.0, 0]
+                run.loss_sum, run.loss_count = 0.0, 0
             if run.save_every:
                 due = time.monotonic() - last_save >= run.save_every
             else:
                 due = it % per_epoch == 0
-            if run.rank == 0 and (due or it == total):  # saved with the log window: a resume logs the same losses
+            if run.rank == 0 and (due or it == total):  # with the loss window: a resume logs the same losses
                 save(run, it)
                 last_save = time.monotonic()
             if line:
@@ -448,7 +459,7 @@ def progress_line(run, it, t0):
     images_per_s = done * run.batches.batch_size * run.world / elapsed
     eta = elapsed / done * (total - it)
     return (f"epoch {math.ceil(it / per_epoch)}/{math.ceil(total / per_epoch)} iter {it}/{total} loss "
-            f"{run.window[0] / run.window[1]:.4f} lr {run.opt.param_groups[0]['lr']:.2e} "
+            f"{run.loss_sum / run.loss_count:.4f} lr {run.opt.param_groups[0]['lr']:.2e} "
             f"{images_per_s:.1f} img/s ETA {cli.format_time(eta)}")
 
 # -----------------------------------------------------------------------------------------------------
@@ -498,25 +509,27 @@ def quiet(message):
 def parse_args(argv=None):
     r = demo.RECIPE
     p = cli.script_parser(__doc__)
-    cli.add_data_args(p, required=True, defaults={
-        "data": "none, required", "classes": "all", "image-size": f"448; --data demo {r['image_size']}",
-        "crop-size": f"392; --data demo {r['crop_size']}",
-        "batch-size": f"16; --data demo {r['batch_size']}; under torchrun the global batch, split evenly",
-        "workers": f"up to 4 (--data demo {r['workers']}), at most the CPUs"})
+    cli.add_data_args(p, data.DATASETS, required=True, defaults={
+        "data": "none, required", "classes": "all", "image-size": f"{RECIPE['image_size']}; --data demo "
+        f"{r['image_size']}", "crop-size": f"{RECIPE['crop_size']}; --data demo {r['crop_size']}",
+        "batch-size": f"{RECIPE['batch_size']}; --data demo {r['batch_size']}; under torchrun the global batch, "
+                      "split evenly", "workers": f"up to {RECIPE['workers']} (--data demo {r['workers']}), at most "
+                                                 "the CPUs"})
     count, rate = cli.number(), cli.number(float, 0.0)
     p.add_argument("--setting", choices=["multi", "single", "few-shot"], default="multi",
                    help="one model for all classes (default), one per class, or one on k shots per class")
     p.add_argument("--shots", type=count, help="few-shot: training images per class")
     p.add_argument("--backbone", choices=list(inpformer.BACKBONE_WIDTHS),
-                   help="the DINOv2-with-registers size to download when --weights is not given (default base)")
+                   help=f"the DINOv2-with-registers size to download when --weights is not given (default "
+                        f"{DEFAULT_BACKBONE})")
     p.add_argument("--weights", help="DINOv2 weights (.safetensors or .pth; torch hub, Hugging Face or timm names)")
-    p.add_argument("--inp-num", type=count, default=6, help="number of INPs")
-    p.add_argument("--epochs", type=count, help=f"default 200 (--data demo: {r['epochs']})")
+    p.add_argument("--inp-num", type=count, default=6, help="number of INPs (default 6)")
+    p.add_argument("--epochs", type=count, help=f"default {RECIPE['epochs']} (--data demo: {r['epochs']})")
     p.add_argument("--iters", type=count, help="total iterations; overrides --epochs")
-    p.add_argument("--lr", type=rate, default=1e-3, help="peak learning rate; the cosine ends at lr/10")
+    p.add_argument("--lr", type=rate, default=1e-3, help="peak learning rate (default 1e-3); the cosine ends at lr/10")
     p.add_argument("--warmup", type=cli.number(low=0), default=100,
-                   help="warm-up iterations (at most a tenth of the run)")
-    p.add_argument("--seed", type=int, default=1)
+                   help="warm-up iterations (default 100, at most a tenth of the run)")
+    p.add_argument("--seed", type=int, default=1, help="seed of the initialisation and the data order (default 1)")
     p.add_argument("--out", type=Path, help="output folder (default runs/<data>-<setting>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its training state")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
@@ -532,14 +545,12 @@ def parse_args(argv=None):
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
     args = p.parse_args(argv)
 
-    is_demo = args.data == "demo"
-    recipe = dict(image_size=448, crop_size=392, batch_size=16, epochs=200)
-    if is_demo:
-        recipe.update({k: r[k] for k in recipe})
-    for name, value in dict(recipe, classes="all").items():
+    recipe = demo.RECIPE if args.data == "demo" else RECIPE
+    for name in ("image_size", "crop_size", "batch_size", "epochs"):
         if getattr(args, name) is None:
-            setattr(args, name, value)
-    args.workers = cli.workers(args.workers, r["workers"] if is_demo else 4)
+            setattr(args, name, recipe[name])
+    args.classes = args.classes or "all"
+    args.workers = cli.workers(args.workers, recipe["workers"])
     args.precision = cli.device_and_precision(args)[1]
     inpformer.Geometry(args.image_size, args.crop_size).check()
     if (args.setting == "few-shot") != bool(args.shots):

@@ -135,7 +135,8 @@ def main():
         row(what, batch, times["with data loading"], peak)
 
         # One save as train.save writes it (the optimizer holds its moments after the steps above).
-        run = SimpleNamespace(model=model, opt=opt, scaler=scaler, window=[0.0, 0], identity={}, total=RECIPE_ITERS,
+        run = SimpleNamespace(model=model, opt=opt, scaler=scaler, loss_sum=0.0, loss_count=0, identity={},
+                              total=RECIPE_ITERS,
                               out=Path(tmp), meta=inpformer.Metadata())
         t = time.perf_counter()
         train.save(run, 1)

@@ -212,7 +212,7 @@ def test_pipeline_shapes_ranges_and_reference_values(tmp_path, mode):
 
 def test_default_sizes_and_centre_crop_rounding(tmp_path):
     root = mvtec_tree(tmp_path, ("bottle",))
-    item = data.test_set("mvtec", root, "bottle")[0]
+    item = data.test_set("mvtec", root, "bottle", Geometry())[0]  # the paper's 448 -> 392
     assert item["image"].shape == (3, 392, 392) and item["mask"].shape == (1, 392, 392)
     # torchvision CenterCrop: top = int(round((10 - 7) / 2)) = 2 (round half to even).
     columns = np.tile(np.arange(10, dtype=np.uint8) * 20, (10, 1))
@@ -229,7 +229,7 @@ def test_mask_follows_the_image_defect_through_resize_and_crop(tmp_path):
     mask[50:130, 190:250] = 255
     s = data.Sample(str(write(tmp_path / "test" / "a.png", image)), str(write(tmp_path / "gt" / "a.png", mask)),
                     1, "c", "square")
-    item = data.ImageDataset([s])[0]
+    item = data.ImageDataset([s], Geometry())[0]
     m = item["mask"][0].bool()
     assert set(item["mask"].unique().tolist()) == {0.0, 1.0}
     # Pixels the defect changed (more than half way to its brightness) are exactly the mask's foreground.
@@ -261,7 +261,7 @@ def test_texture_ad_fixture():
         assert sum(s.label == 0 for s in test) == 20 and sum(s.label == 1 for s in test) == 40
         assert {s.defect for s in test} == {"good", "scratch", "patch", "stain", "hole"}
         data.check_samples(train + test)
-        defects = data.ImageDataset([s for s in test if s.label])
+        defects = data.ImageDataset([s for s in test if s.label], Geometry())
         for item in defects:                       # every defect survives resize and centre crop
             assert item["mask"].sum() > 0, item["path"]
             assert item["image"].shape == (3, 392, 392)

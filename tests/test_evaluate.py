@@ -359,3 +359,14 @@ def test_adeval_metrics_are_the_official_codes(ckpt, model, demo, tmp_path, caps
         assert results["classes"][cls]["P-AP"] != exact["P-AP"]  # the trapezoid on 200 bins is not the exact AP
     expect_one_line_error(capsys, lambda: evaluate.main(["--ckpt", str(ckpt), "--metrics", "adeval", "--streaming"]),
                           "--metrics adeval", "--streaming")
+
+
+def test_held_out_images_of_the_checkpoints_classes_are_its_own_data(demo, tmp_path):
+    """--data folder over a folder of the checkpoint's own classes is its data (no zero-shot note, all classes
+    there); over other classes, another data set."""
+    shutil.copytree(f"{demo}/tiles", tmp_path / "held" / "tiles")
+    shutil.copytree(f"{demo}/tiles", tmp_path / "other" / "bricks")
+    meta = inpformer.Metadata(data="mvtec", data_root="/data/mvtec", classes=["tiles", "fabric"])
+    [held] = scoring.plan_data_sets(meta, "ckpt", "folder", str(tmp_path / "held"))
+    [other] = scoring.plan_data_sets(meta, "ckpt", "folder", str(tmp_path / "other"))
+    assert (held.own, held.classes) == (True, "all") and other.own is False
