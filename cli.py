@@ -7,6 +7,7 @@ one-line messages; each script's `if __name__ == "__main__": cli.guard(main)` pr
 """
 import argparse
 import contextlib
+import dataclasses
 import math
 import os
 import re
@@ -47,6 +48,28 @@ def number(kind=int, low=1):
     return parse
 
 
+def size(word):
+    """An argparse type for sizes: "N" (N x N), "HxW" (H rows high, W wide), or the one `word` (none, native)."""
+    def parse(text):
+        if text.strip().lower() == word:
+            return word
+        with contextlib.suppress(ValueError):
+            parts = [int(p) for p in text.lower().split("x")]
+            if len(parts) in (1, 2) and all(p >= 1 for p in parts):
+                return (parts[0], parts[-1])
+        raise argparse.ArgumentTypeError(f"{text!r} is not N, HxW (e.g. 350x140: 350 rows high, 140 wide) or {word}")
+    return parse
+
+
+def fraction(text):
+    """An argparse type: a number from 0 up to (not including) 1."""
+    with contextlib.suppress(ValueError):
+        value = float(text)
+        if 0.0 <= value < 1.0:
+            return value
+    raise argparse.ArgumentTypeError(f"{text!r} is not a number from 0 up to 1 (1 excluded)")
+
+
 def names_of(known):
     """An argparse type: a comma list of names, each one of `known` (e.g. data.DATASETS)."""
     def parse(text):
@@ -76,10 +99,21 @@ def add_data_args(parser, datasets, required=False, defaults=None):
     g.add_argument("--data-root", help="folder holding the data set (a comma list, one per --data; demo: demo_data/)")
     g.add_argument("--classes", help=defaults.get("classes help", f'"all" or a comma list of class names '
                                                                    f'{default("classes")}'))
-    g.add_argument("--image-size", type=number(), help=f"side of the square resize before the centre crop "
-                                                       f"{default('image-size')}")
-    g.add_argument("--crop-size", type=number(), help=f"side of the centre crop fed to the model, a multiple of the "
-                                                      f"patch size 14 {default('crop-size')}")
+    g.add_argument("--image-size", type=size("native"), metavar="N|HxW|native",
+                   help="the resize of every frame: N x N, or H rows x W columns (frames of other shapes are stretched "
+                        "to it); native: each frame's own size, with --tile " + default("image-size"))
+    g.add_argument("--crop-size", type=size("none"), metavar="N|HxW|none",
+                   help="the centre crop of the resized frame fed to the model, a multiple of the patch size 14 (the "
+                        "paper's protocol); none: the whole frame " + default("crop-size"))
+    g.add_argument("--tile", type=number(), metavar="N",
+                   help="cover each resized frame with N x N tiles (a multiple of 14; --crop-size none is implied), "
+                        "each scored on its own, their maps averaged where they overlap " + default("tile"))
+    g.add_argument("--tile-overlap", type=fraction, metavar="F",
+                   help="the fraction of a tile neighbouring tiles share, 0 <= F < 1 " + default("tile-overlap"))
+    g.add_argument("--bit-depth", type=number(), metavar="N",
+                   help="significant bits of 16-bit and float grey images (e.g. 12); their values are divided by "
+                        "2^N - 1 (default: 16 for integer images; float images must lie in [0, 1]) "
+                        + default("bit-depth"))
     g.add_argument("--batch-size", type=number(), help=f"images per batch {default('batch-size')}")
     g.add_argument("--workers", type=number(low=0), help=f"data-loading processes {default('workers')}")
     g.add_argument("--device", default="auto", help='"auto" (default: cuda if available, else cpu), "cpu", "cuda", '
@@ -96,6 +130,24 @@ def add_picture_args(parser):
                              "the images drawn)")
     parser.add_argument("--outline", action="store_true",
                         help="draw the edge of the region above the calibrated pixel threshold on pictures")
+
+
+def geometry(args, base: inpformer.Geometry) -> inpformer.Geometry:
+    """`base` (the recipe's or the checkpoint's) with the sizes the command line gives; --tile without
+    --crop-size means the whole frame. Not yet checked against a patch size."""
+    changes = {}
+    if args.image_size is not None:
+        changes["image_size"] = None if args.image_size == "native" else args.image_size
+    if args.crop_size is not None:
+        changes["crop_size"] = None if args.crop_size == "none" else args.crop_size
+    if args.tile is not None:
+        changes["tile"] = args.tile
+        changes.setdefault("crop_size", None)
+    if args.tile_overlap is not None:
+        changes["tile_overlap"] = args.tile_overlap
+    if args.bit_depth is not None:
+        changes["bit_depth"] = args.bit_depth
+    return dataclasses.replace(base, **changes)
 
 
 def check_picture_args(args):

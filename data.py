@@ -4,6 +4,8 @@ Data sets (`data` name -> what `root` points at):
   mvtec, folder, demo   <root>/<class>/{train/good, test/<defect>, ground_truth/<defect>/<stem>_mask.png}
   visa                  the raw download with split_csv/1cls.csv, or the prepared 1cls/<class>/... tree
   realiad               the folder holding realiad_1024/<class>/ and realiad_jsons/[realiad_jsons/]<class>.json
+  mvtec2                MVTec AD 2: <root>/<class>/{train/good, validation/good, test_public/{good,bad},
+                        test_public/ground_truth/bad/<stem>_mask.png}; test_private* are unlabelled (predict.py)
 The demo set is written by demo.py; "folder" is any data set in MVTec layout.
 
 Preprocessing (luow23/INP-Former `dataset.py`, sizes from an inpformer.Geometry): RGB, a bilinear resize to
@@ -47,9 +49,13 @@ REALIAD_CLASSES = ("audiojack", "bottle_cap", "button_battery", "end_cap", "eras
                    "rolled_strip_base", "sim_card_set", "switch", "tape", "terminalblock", "toothbrush", "toy",
                    "toy_brick", "transistor1", "usb", "usb_adaptor", "u_block", "vcpill", "wooden_beads",
                    "woodstick", "zipper")
-OFFICIAL_ORDER = {"mvtec": MVTEC_CLASSES, "visa": VISA_CLASSES, "realiad": REALIAD_CLASSES}
+MVTEC2_CLASSES = ("can", "fabric", "fruit_jelly", "rice", "sheet_metal", "vial", "wallplugs", "walnuts")
+OFFICIAL_ORDER = {"mvtec": MVTEC_CLASSES, "visa": VISA_CLASSES, "realiad": REALIAD_CLASSES, "mvtec2": MVTEC2_CLASSES}
 
-DATASETS = ("mvtec", "visa", "realiad", "folder", "demo")
+DATASETS = ("mvtec", "visa", "realiad", "mvtec2", "folder", "demo")
+# The good images predict.py --calibrate uses: a data set's own validation split where it has one, else its
+# test images.
+CALIBRATION_SPLIT = {"mvtec2": "validation"}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -160,8 +166,9 @@ def list_classes(data: str, root) -> list[str]:
         found = [j.stem for j in src.jsons.glob("*.json") if (base / j.stem).is_dir()]
         expected = f"realiad_1024/<class>/ folders for the json files in {src.jsons}"
     else:
-        found = [d.name for d in _visible_dirs(base) if (d / "train" / "good").is_dir() or (d / "test").is_dir()]
-        expected = "<class>/train/good and <class>/test folders"
+        test = "test_public" if data == "mvtec2" else "test"
+        found = [d.name for d in _visible_dirs(base) if (d / "train" / "good").is_dir() or (d / test).is_dir()]
+        expected = f"<class>/train/good and <class>/{test} folders"
         if data == "visa":
             expected = "split_csv/1cls.csv of the raw download, or the prepared 1cls/<class>/train/good tree"
     if not found:
@@ -183,10 +190,15 @@ def split_list(value) -> list[str]:
 
 
 def list_samples(data: str, root, cls: str, split: str) -> list[Sample]:
-    """Every image of one class and split, paired with its mask; a DataError names what is missing."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+    """Every image of one class and split ("train", "test", or MVTec AD 2's "validation": good images for
+    calibration), paired with its mask; a DataError names what is missing."""
+    if split not in ("train", "test", "validation"):
+        raise ValueError(f"split must be 'train', 'test' or 'validation', not {split!r}")
+    if split == "validation" and data != "mvtec2":
+        raise _error(data, "has no validation split (MVTec AD 2 has)")
     src = _source(data, root)
+    if data == "mvtec2":
+        return _tree_samples(src.base, cls, split, data, root, test="test_public", gt="test_public/ground_truth")
     if src.split_file:
         return _visa_csv_samples(src.base, src.split_file, cls, split)
     if src.jsons:
@@ -194,18 +206,19 @@ def list_samples(data: str, root, cls: str, split: str) -> list[Sample]:
     return _tree_samples(src.base, cls, split, data, root)
 
 
-def _tree_samples(base: Path, cls: str, split: str, data: str, root) -> list[Sample]:
+def _tree_samples(base: Path, cls: str, split: str, data: str, root, test="test", gt="ground_truth") -> list[Sample]:
+    """The MVTec layout: <class>/train/good, <class>/<test>/<defect>, masks in <class>/<gt>/<defect>/."""
     cdir = base / cls
     if not cdir.is_dir():
         known = ""
         with contextlib.suppress(DataError):
             known = f" (known: {', '.join(list_classes(data, root))})"
         raise _error(cdir, "class folder not found" + known)
-    top = cdir / "train" / "good" if split == "train" else cdir / "test"
+    top = {"train": cdir / "train" / "good", "validation": cdir / "validation" / "good", "test": cdir / test}[split]
     if not top.is_dir():
         raise _error(top, "folder not found")
     samples = []
-    for folder in [top] if split == "train" else _visible_dirs(top):  # train/good is its own one "good" folder
+    for folder in _visible_dirs(top) if split == "test" else [top]:  # train/good is its own one "good" folder
         defect = folder.name
         if defect == "good":
             samples += [Sample(str(p), None, 0, cls, "good") for p in images_in(folder)]
@@ -213,12 +226,12 @@ def _tree_samples(base: Path, cls: str, split: str, data: str, root) -> list[Sam
         # Pair by file stem, not by sorted order as the official loader does: a missing mask then names its
         # image instead of silently shifting every later pair. MVTec names masks <stem>_mask.png, the prepared
         # VisA tree <stem>.png. A class without any ground_truth/ folder is image-only: no masks at all.
-        gt = cdir / "ground_truth" / defect
-        masks = {p.stem: p for p in images_in(gt)} if gt.is_dir() else {}
+        masks_dir = cdir / gt / defect
+        masks = {p.stem: p for p in images_in(masks_dir)} if masks_dir.is_dir() else {}
         for p in images_in(folder):
             mask = masks.get(p.stem + "_mask") or masks.get(p.stem)
-            if mask is None and (cdir / "ground_truth").is_dir():
-                raise _error(p, f"no mask (expected {gt / (p.stem + '_mask.png')})")
+            if mask is None and (cdir / gt).is_dir():
+                raise _error(p, f"no mask (expected {masks_dir / (p.stem + '_mask.png')})")
             samples.append(Sample(str(p), mask and str(mask), 1, cls, defect))
     if not samples:
         raise _error(top, f"no images ({', '.join(IMAGE_SUFFIXES)})")
@@ -343,48 +356,101 @@ _MEAN = np.array(IMAGENET_MEAN, np.float32).reshape(3, 1, 1)
 _STD = np.array(IMAGENET_STD, np.float32).reshape(3, 1, 1)
 
 
-def _open(path, keep=("RGB", "L"), other="RGB") -> Image.Image:
-    """The decoded image, converted to `other` unless its mode is in `keep`."""
+# Pixel formats. 8-bit RGB and grey are read as they are; palette, alpha, CMYK, YCbCr and bilevel images become
+# RGB as the official .convert('RGB') makes them; 16-bit, 32-bit integer and float grey images (line cameras)
+# become float grey in [0, 1] by the Geometry.bit_depth rule, never clipped: a value outside the range is an
+# error naming the file. Pillow's own conversion of those to 8 bits clips at 255, which turns a 16-bit frame
+# near-white.
+_CONVERTED = ("P", "PA", "RGBA", "RGBa", "RGBX", "LA", "La", "CMYK", "YCbCr", "1")
+_WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def _open(path, bit_depth=None) -> Image.Image:
+    """An image file decoded to "RGB" or "L" (8-bit), or to "F" (grey in [0, 1]) from a wider grey format."""
     with _reading(path), Image.open(path) as im:
         im.load()
-        # For images this is the official .convert('RGB') (RGBA drops alpha, P maps to colours), except that
-        # grey stays grey until after the resize: the same pixels for a third of the work.
-        return im if im.mode in keep else im.convert(other)
+        if im.mode in ("RGB", "L"):
+            # Grey stays grey until after the resize: the same pixels as .convert('RGB') first, at a third of the work.
+            return im
+        if im.mode in _CONVERTED:
+            return im.convert("RGB")
+        if im.mode in _WIDE_GREY:
+            return _wide_grey(path, im, bit_depth)
+    raise _error(path, f"pixel format {im.mode!r} is not supported (RGB, grey, palette, alpha, 16-bit or float grey)")
+
+
+def _wide_grey(path, im, bit_depth):
+    """A 16-bit, 32-bit integer or float grey image as float grey in [0, 1]: integers divided by 2^bits - 1
+    (bits: bit_depth, else 16), floats taken as they are, or divided by 2^bit_depth - 1 when given."""
+    values = np.asarray(im, dtype=np.float64)
+    if im.mode == "F" and bit_depth is None:
+        top, rule = 1.0, "float images must hold values in [0, 1]"
+    else:
+        bits = bit_depth or 16
+        top, rule = 2.0**bits - 1, f"{bits}-bit data lies in [0, {2**bits - 1}]"
+    if not np.isfinite(values).all() or values.min() < 0 or values.max() > top:
+        raise _error(path, f"{im.mode} values from {values.min():g} to {values.max():g}, but {rule}: pass "
+                           "--bit-depth N for N-bit data")
+    return Image.fromarray((values / top).astype(np.float32), "F")
+
+
+def _open_mask(path) -> Image.Image:
+    """A mask file as 8-bit grey (a palette mask's palette grey, a 16-bit one clipped to 255: still > 127)."""
+    with _reading(path), Image.open(path) as im:
+        im.load()
+        return im if im.mode in ("L", "P") else im.convert("L")
 
 
 def crop_box(width, height, geometry: Geometry) -> tuple[int, int, int, int]:
-    """(left, top, right, bottom) of the centre crop in an original width x height image's pixels, rounded
-    (the resize to image_size x image_size does not keep the aspect)."""
-    o, c = geometry.crop_offset(), geometry.crop_size
-    sx, sy = width / geometry.image_size, height / geometry.image_size
-    return round(o * sx), round(o * sy), round((o + c) * sx), round((o + c) * sy)
+    """(left, top, right, bottom) of the model's input in an original width x height image's pixels, rounded:
+    the centre crop of the resized frame (the resize need not keep the aspect), or the whole image."""
+    frame_h, frame_w = geometry.frame_size(width, height)
+    top, left, h, w = geometry.crop_box(frame_h, frame_w)
+    sx, sy = width / frame_w, height / frame_h
+    return round(left * sx), round(top * sy), round((left + w) * sx), round((top + h) * sy)
 
 
 def _resize_and_crop(im: Image.Image, geometry: Geometry) -> Image.Image:
+    """The frame at the geometry's size, then its crop (the whole frame without one)."""
+    height, width = geometry.frame_size(*im.size)
     # PIL's bilinear resize (antialiased when shrinking) is what torchvision's Resize runs on PIL images.
-    im = im.resize((geometry.image_size, geometry.image_size), Image.BILINEAR)
-    top, c = geometry.crop_offset(), geometry.crop_size
-    return im.crop((top, top, top + c, top + c))
+    if (width, height) != im.size:
+        im = im.resize((width, height), Image.BILINEAR)
+    top, left, h, w = geometry.crop_box(height, width)
+    if (top, left, h, w) != (0, 0, height, width):
+        im = im.crop((left, top, left + w, top + h))
+    return im
 
 
 def _to_tensor(im: Image.Image, geometry: Geometry) -> torch.Tensor:
-    im = _resize_and_crop(im, geometry).convert("RGB")
-    x = np.asarray(im).transpose(2, 0, 1).astype(np.float32, order="C")
-    return torch.from_numpy((x / np.float32(255) - _MEAN) / _STD)
+    im = _resize_and_crop(im, geometry)
+    if im.mode == "F":  # wide grey, already in [0, 1]
+        x = np.repeat(np.asarray(im, np.float32)[None], 3, axis=0)
+    else:
+        x = np.asarray(im.convert("RGB")).transpose(2, 0, 1).astype(np.float32, order="C") / np.float32(255)
+    return torch.from_numpy((x - _MEAN) / _STD)
 
 
 def load_image(path, geometry: Geometry) -> torch.Tensor:
-    """One preprocessed image (3, crop, crop) from a file or a PIL image; DataError on a bad file. Pass the
-    geometry of the model that will score it: model.config.geometry."""
+    """One preprocessed image (3, h, w) from a file or a PIL image; DataError on a bad file. Pass the geometry
+    of the model that will score it: model.config.geometry. Tiled geometries give the whole resized frame (the
+    model cuts the tiles: INPFormer.predict_frames)."""
     geometry.check(patch_size=1)  # any sizes here; the model checks the multiple of its patch
-    image = path if isinstance(path, Image.Image) else _open(path)
+    image = path if isinstance(path, Image.Image) else _open(path, geometry.bit_depth)
     return _to_tensor(image, geometry)
 
 
+def image_size(path) -> tuple[int, int]:
+    """(width, height) of an image file, from its header."""
+    with _reading(path), Image.open(path) as im:
+        return im.size
+
+
 class ImageDataset(torch.utils.data.Dataset):
-    """Samples -> dict(image (3,c,c) normalised, mask (1,c,c) in {0,1}, label, path, cls). With native=True
-    items also carry native_mask: bool (h, w), the mask at the original resolution cut to the crop box
-    (batch them with collate, which keeps these as a list: sizes can differ)."""
+    """Samples -> dict(image (3,h,w) normalised, mask (1,h,w) in {0,1}, label, path, cls): the model's input
+    (the crop, or the whole resized frame). With native=True items also carry native_mask: bool, the mask at
+    the original resolution, cut to the crop box (batch them with collate, which keeps lists where sizes
+    differ)."""
 
     def __init__(self, samples, geometry: Geometry, native: bool = False):
         self.samples, self.geometry, self.native = list(samples), geometry.check(patch_size=1), native
@@ -394,10 +460,11 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         s, g = self.samples[i], self.geometry
-        im = _open(s.image)
-        m = None if s.mask is None else _open(s.mask, keep=("L", "P"), other="L")
+        im = _open(s.image, g.bit_depth)
+        x = _to_tensor(im, g)
+        m = None if s.mask is None else _open_mask(s.mask)
         if m is None:
-            mask = torch.zeros(1, g.crop_size, g.crop_size)
+            mask = torch.zeros(1, *x.shape[-2:])
         elif m.size != im.size:
             raise _size_error(s.mask, m.size, s.image, im.size)
         else:
@@ -407,7 +474,7 @@ class ImageDataset(torch.utils.data.Dataset):
                 m = Image.fromarray(np.where(np.asarray(m) > s.mask_threshold, 255, 0).astype(np.uint8))
             mask = np.asarray(_resize_and_crop(m, g)) > 127
             mask = torch.from_numpy(mask[None].astype(np.float32))
-        item = dict(image=_to_tensor(im, g), mask=mask, label=s.label, path=s.image, cls=s.cls)
+        item = dict(image=x, mask=mask, label=s.label, path=s.image, cls=s.cls)
         if self.native:
             left, top, right, bottom = crop_box(*im.size, g)
             full = m if m is not None else Image.new("L", im.size)
@@ -416,12 +483,39 @@ class ImageDataset(torch.utils.data.Dataset):
 
     @staticmethod
     def collate(items):
-        """default_collate, except native_mask, which stays a list (its sizes can differ)."""
+        """default_collate, except where sizes can differ: native_mask always, and image and mask when the
+        frames keep their own sizes (tiles); those stay lists."""
         native = [item.pop("native_mask") for item in items if "native_mask" in item]
+        sizes = {tuple(item["image"].shape) for item in items}
+        lists = {}
+        if len(sizes) > 1:
+            lists = {k: [item.pop(k) for item in items] for k in ("image", "mask")}
         batch = torch.utils.data.default_collate(items)
+        batch.update(lists)
         if native:
             batch["native_mask"] = native
         return batch
+
+
+class TileDataset(torch.utils.data.Dataset):
+    """The training samples of a tiled geometry: item k is one tile of one frame (Geometry.tile_positions of its
+    resized frame), dict(image (3, tile, tile), mask, label, path, cls). A frame is decoded again for each of
+    its tiles (cache the encoder's features, train.py --cache-features, to decode each only once)."""
+
+    def __init__(self, samples, geometry: Geometry):
+        self.frames, self.tile, self.index = ImageDataset(samples, geometry), geometry.tile, []
+        for i, s in enumerate(self.frames.samples):
+            frame = geometry.frame_size(*image_size(s.image))
+            self.index += [(i, top, left) for top, left in geometry.tile_positions(*frame)]
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, k):
+        i, top, left = self.index[k]
+        item = self.frames[i]
+        rows, cols = slice(top, top + self.tile), slice(left, left + self.tile)
+        return dict(item, image=item["image"][:, rows, cols].contiguous(), mask=item["mask"][:, rows, cols])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -507,9 +601,11 @@ def train_set(data, root, classes, geometry: Geometry, shots: int | None = None,
               check: bool = True) -> torch.utils.data.Dataset:
     """The training images of `classes` (single-class: one name; unified multi-class: "all") of the data sets
     of resolve_sets(data, root, classes). shots=k draws k images per class with one random.Random(seed) over the
-    classes in order (the official setup_seed(1) + random.sample) and expands each into its 22 views.
-    check=True runs check_samples first, so a bad file stops the run before training rather than inside a
-    loader worker."""
+    classes in order (the official setup_seed(1) + random.sample) and expands each into its 22 views (square
+    crops only: the views rotate). A tiled geometry gives every tile of every image (TileDataset). check=True
+    runs check_samples first, so a bad file stops the run before training rather than inside a loader worker."""
+    if shots and (geometry.crop_size is None or geometry.crop_size[0] != geometry.crop_size[1]):
+        raise ValueError("--setting few-shot rotates each shot: it needs a square --crop-size (not none, not HxW)")
     rng, chosen = random.Random(seed), []
     for d, r, clss in resolve_sets(data, root, classes):
         for cls in clss:
@@ -522,8 +618,10 @@ def train_set(data, root, classes, geometry: Geometry, shots: int | None = None,
             if check:
                 check_samples(samples)
             chosen += samples
-    ds = ImageDataset(chosen, geometry)
-    return FewShotSet(torch.stack([ds[i]["image"] for i in range(len(ds))]), chosen) if shots else ds
+    if shots:
+        ds = ImageDataset(chosen, geometry)
+        return FewShotSet(torch.stack([ds[i]["image"] for i in range(len(ds))]), chosen)
+    return TileDataset(chosen, geometry) if geometry.tile else ImageDataset(chosen, geometry)
 
 
 def test_set(data, root, cls, geometry: Geometry, check: bool = True,

@@ -35,6 +35,7 @@ import json
 import math
 import time
 import warnings
+import dataclasses
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -42,6 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import baseline
 import cli
 import data as datasets  # the module; `data` is the name of a data set in the functions below
 import inpformer
@@ -60,6 +62,8 @@ class Options(scoring.Options):
     streaming: bool = False   # pixel metrics from histograms, in constant memory
     map_dtype: str = "float32"
     metrics: str = "exact"    # or "adeval": P-AUROC, P-AP and AUPRO binned as the official code's ADEval 1.1.0
+    bank_size: int = baseline.BANK_SIZE  # the kNN baseline's memory bank, tokens a class at most
+    baseline: str = None      # "knn": also score the kNN baseline (baseline.py) on every class
     save_maps: int = 0        # pictures of the N most and N least anomalous images of each class
 
 # -----------------------------------------------------------------------------------------------------
@@ -167,23 +171,13 @@ def evaluate(model, data, root, classes, opts=Options(), out_dir=None, log=print
         f"{pixels_at}, {'streaming' if opts.streaming else 'exact'} metrics, {model.prototype_token.device} "
         f"{precision}")
     progress = scoring.Progress(total, log)
-    per_class, counts, bounds, thresholds, rows = {}, {}, {}, {}, []
+    per_class, counts, bounds, thresholds, rows, knn_per_class = {}, {}, {}, {}, [], {}
     for cls, ds in test_sets.items():
         t0 = time.monotonic()
-        pixels = not any(s.label and s.mask is None for s in ds.samples)
-        if not pixels:
+        acc, class_rows = score_class(model, ds, opts, progress)
+        if not acc.pixels:
             log(f"  note: {cls}: no ground_truth/ masks, so image metrics only")
-        acc = ClassScores(len(ds), opts.streaming, getattr(torch, opts.map_dtype), pixels, opts.metrics == "adeval")
-        for batch, maps, scores in scoring.scored_batches(model, ds, opts.batch_size, opts.workers, opts.zero_shot):
-            if opts.full_res:  # each native mask, and the map resized to its box
-                masks = batch["native_mask"]
-                maps = [F.interpolate(m[None, None], size=t.shape, mode="bilinear", align_corners=False)[0, 0]
-                        for m, t in zip(maps, masks)]
-            else:
-                masks = scoring.masks_at_map_size(batch["mask"])
-            acc.add(batch["label"], scores, masks, maps)
-            rows += [ImageScore(cls, p, int(y), float(s)) for p, y, s in zip(batch["path"], batch["label"], scores)]
-            progress.step(len(scores), cls)
+        rows += class_rows
         m = acc.compute(warn=lambda msg, cls=cls: log(f"  note: {cls}: {msg}"))
         per_class[cls] = {k: m[k] for k in METRICS}
         thresholds[cls] = {"image": m["I-threshold"], "pixel": m["P-threshold"]}
@@ -197,6 +191,8 @@ def evaluate(model, data, root, classes, opts=Options(), out_dir=None, log=print
         log(line)
         if out_dir and opts.save_maps:
             save_maps(model, ds, acc.scores.tolist(), opts, Path(out_dir) / "maps" / cls, cls)
+        if opts.baseline == "knn":
+            knn_per_class[cls] = knn_baseline(model, data, root, cls, ds, opts, log)
     log(f"{data}: {total} images, {progress.rate():.1f} img/s")
     if opts.streaming:
         metric_kind = f"streaming ({metrics.PixelHistogram().bins} bins over [0, 2])"
@@ -205,15 +201,53 @@ def evaluate(model, data, root, classes, opts=Options(), out_dir=None, log=print
                        "value, trapezoid AP; I-AUROC, I-AP, I-F1max, P-F1max exact)")
     else:
         metric_kind = f"exact ({opts.map_dtype} maps)"
-    protocol = dict(data=data, root=str(root), image_size=geometry.image_size, crop_size=geometry.crop_size,
+    protocol = dict(data=data, root=str(root), geometry=dataclasses.asdict(geometry),
                     maps="inp-distance" if opts.zero_shot else "reconstruction",
                     pixels="original" if opts.full_res else inpformer.MAP_SIZE, gaussian_sigma=inpformer.GAUSSIAN_SIGMA,
+                    gaussian_padding=geometry.map_padding,
                     max_ratio=inpformer.MAX_RATIO, fpr_limit=FPR_LIMIT, precision=precision, metrics=metric_kind)
-    results = combine([dict(classes=per_class, counts=counts, protocol=protocol, error_bounds=bounds,
-                            thresholds=thresholds)])
+    part = dict(classes=per_class, counts=counts, protocol=protocol, error_bounds=bounds, thresholds=thresholds)
+    if knn_per_class:
+        part["baselines"] = {"knn": dict(classes=knn_per_class, bank_size=opts.bank_size)}
+    results = combine([part])
     if out_dir:
         write_results(results, out_dir, rows)
     return results
+
+
+def score_class(model, ds, opts, progress=None, predictor=None):
+    """Every image of one class's test set scored: (ClassScores, [ImageScore]). predictor: another way to map
+    images (see scoring.predict_maps), else the model's own."""
+    pixels = not any(s.label and s.mask is None for s in ds.samples)
+    acc = ClassScores(len(ds), opts.streaming, getattr(torch, opts.map_dtype), pixels, opts.metrics == "adeval")
+    rows = []
+    batches = scoring.scored_batches(model, ds, opts.batch_size, opts.workers, opts.zero_shot, predictor)
+    for batch, maps, scores in batches:
+        if opts.full_res:  # each native mask, and the map resized to its box
+            masks = batch["native_mask"]
+            maps = [F.interpolate(m[None, None], size=t.shape, mode="bilinear", align_corners=False)[0, 0]
+                    for m, t in zip(maps, masks)]
+        else:
+            masks = scoring.masks_at_map_size(batch["mask"])
+        acc.add(batch["label"], scores, masks, maps)
+        rows += [ImageScore(ds.samples[0].cls, p, int(y), float(s))
+                 for p, y, s in zip(batch["path"], batch["label"], scores)]
+        if progress is not None:
+            progress.step(len(scores), ds.samples[0].cls)
+    return acc, rows
+
+
+def knn_baseline(model, data, root, cls, ds, opts, log):
+    """The seven metrics of the kNN baseline (baseline.py) on one class: its bank from the class's training
+    images, prepared as the model's."""
+    t0 = time.monotonic()
+    train = datasets.train_set(data, root, cls, ds.geometry, check=False)
+    knn = baseline.KNNBaseline(model, opts.bank_size, batch_size=opts.batch_size).fit(train, opts.workers)
+    acc, _ = score_class(model, ds, opts, predictor=knn.predict)
+    m = acc.compute(warn=lambda msg: log(f"  note: {cls} (knn baseline): {msg}"))
+    log(f"  {cls} (knn baseline, {len(knn.bank)} tokens in its bank) in {time.monotonic() - t0:.1f}s; "
+        + " ".join(f"{k} {_cell(m[k])}" for k in METRICS))
+    return {k: m[k] for k in METRICS}
 
 
 def save_maps(model, ds, scores, opts, folder, cls):
@@ -226,7 +260,8 @@ def save_maps(model, ds, scores, opts, folder, cls):
     picks = [(f"most_{rank:02d}", i) for rank, i in enumerate(most, start=1)]
     picks += [(f"least_{rank:02d}", i) for rank, i in enumerate(least, start=1)]
     items = [ds[i] for _, i in picks]
-    maps = [scoring.predict_maps(model, item["image"][None], opts.zero_shot)[0][0].cpu().numpy() for item in items]
+    maps = [scoring.predict_maps(model, item["image"][None], opts.zero_shot, ds.geometry, opts.batch_size)[0][0]
+            .cpu().numpy() for item in items]
     style = opts.pictures
     scale = style.scale() or (min(m.min() for m in maps), max(m.max() for m in maps), "min..max here")
     folder.mkdir(parents=True, exist_ok=True)
@@ -238,9 +273,18 @@ def save_maps(model, ds, scores, opts, folder, cls):
         image.save(folder / f"{name}_{scoring.file_stem(item['path'])}.png")
 
 
+def class_mean(per_class):
+    """The mean of each metric over classes; None (absent) where any class lacks it."""
+    mean = {}
+    for k in METRICS:
+        values = [m[k] for m in per_class.values()]
+        mean[k] = None if None in values else float(np.mean(values))
+    return mean
+
+
 def combine(parts, **protocol):
-    """One results dict (classes, mean, counts) from the results of disjoint sets of classes, e.g. the models
-    of a single-class run. The mean is over classes; None (absent) where any class lacks the metric."""
+    """One results dict (classes, mean, counts, baselines) from the results of disjoint sets of classes, e.g. the
+    models of a single-class run."""
     def merged(key):
         out = {}
         for part in parts:
@@ -248,16 +292,21 @@ def combine(parts, **protocol):
         return out
 
     per_class, bounds = merged("classes"), merged("error_bounds")
-    mean = {}
-    for k in METRICS:
-        values = [m[k] for m in per_class.values()]
-        mean[k] = None if None in values else float(np.mean(values))
+    mean = class_mean(per_class)
     roots = list(dict.fromkeys(part["protocol"]["root"] for part in parts))  # the parts share all but their roots
     protocol = dict(parts[-1]["protocol"], root=",".join(roots), **protocol)
     results = dict(classes=per_class, mean=mean, counts=merged("counts"), thresholds=merged("thresholds"),
                    protocol=protocol)
     if bounds:
         results["error_bounds"] = bounds
+    baselines = {}
+    for part in parts:
+        for name, b in part.get("baselines", {}).items():
+            baselines.setdefault(name, dict(b, classes={}))["classes"].update(b["classes"])
+    for b in baselines.values():
+        b["mean"] = class_mean(b["classes"])
+    if baselines:
+        results["baselines"] = baselines
     return results
 
 # -----------------------------------------------------------------------------------------------------
@@ -315,6 +364,12 @@ def parse_args(argv=None):
     p.add_argument("--metrics", choices=["exact", "adeval"], default="exact",
                    help="exact (default): every threshold, scikit-learn's step-wise AP; adeval: P-AUROC, P-AP and "
                         "AUPRO from 200-bin histograms per class, as the official code reports them (ADEval 1.1.0)")
+    p.add_argument("--baseline", choices=["knn"], help="also score a PatchCore-style nearest-neighbour baseline on "
+                   "the same encoder (baseline.py): its rows print under the table, metrics.json has them in "
+                   "baselines.knn")
+    p.add_argument("--bank-size", type=cli.number(), default=baseline.BANK_SIZE, metavar="N",
+                   help=f"the baseline's memory bank: at most N tokens per class, a seeded random subset (default "
+                        f"{baseline.BANK_SIZE})")
     p.add_argument("--streaming", action="store_true",
                    help="pixel metrics from 65536-bin histograms (constant memory; error bounds in metrics.json)")
     p.add_argument("--map-dtype", choices=["float32", "float16"], default="float32",
@@ -383,11 +438,12 @@ def main(argv=None, log=cli.log):
     jobs = plan_jobs(args, ckpts, first, sets, out)
     opts = Options(batch_size=args.batch_size or Options.batch_size, device=str(device), precision=precision,
                    workers=cli.workers(args.workers), zero_shot=args.zero_shot, full_res=args.full_res,
-                   streaming=args.streaming, map_dtype=args.map_dtype, metrics=args.metrics, save_maps=args.save_maps)
+                   streaming=args.streaming, map_dtype=args.map_dtype, metrics=args.metrics, save_maps=args.save_maps,
+                   baseline=args.baseline, bank_size=args.bank_size)
     results, written = {}, []
     for job in jobs:
         model = first_model if job.ckpt == ckpts[0] else scoring.load_ready(job.ckpt, device, precision)
-        geometry = scoring.asked_geometry(model, args.image_size, args.crop_size, job.ckpt, log)
+        geometry = scoring.asked_geometry(model, args, job.ckpt, log)
         calibration = None if args.zero_shot else scoring.read_calibration(job.meta, job.ckpt, log)
         if args.outline and not calibration:
             log(f"note: --outline draws the calibrated pixel threshold, and {job.ckpt} has no calibration")
@@ -405,6 +461,10 @@ def main(argv=None, log=cli.log):
         if len(results) > 1:
             log(f"\n{table}:")
         log(markdown_table(merged))
+        for name, b in merged.get("baselines", {}).items():
+            log(f"\n{name} baseline (PatchCore-style nearest neighbour on the same encoder, {b['bank_size']} tokens "
+                "a class at most):")
+            log(markdown_table(b))
     files = "metrics.json, metrics.csv, metrics.md" + (", image_scores.csv" if len(ckpts) == 1 else "")
     log(f"wrote {files}{', maps/' if args.save_maps else ''} in {', '.join(map(str, dict.fromkeys(written)))}")
     return 0

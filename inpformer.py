@@ -14,8 +14,8 @@ dict, so the authors' `model.pth` loads as is.
     model.config.geometry                     # how its images must be prepared: resize 448, crop 392
 
 This file is also the one home of the facts every script shares: the evaluation protocol (MAP_SIZE,
-GAUSSIAN_SIZE, GAUSSIAN_SIGMA, MAX_RATIO, FPR_LIMIT), the input geometry a model was trained at (Geometry, in the model's config),
-the precision rule (PRECISIONS, resolve_precision) and what a checkpoint records (Metadata).
+GAUSSIAN_SIZE, GAUSSIAN_SIGMA, MAX_RATIO, FPR_LIMIT), the input geometry a model was trained at (Geometry, in
+the model's config), the precision rule (PRECISIONS, resolve_precision) and what a checkpoint records (Metadata).
 
 Depends on torch; safetensors is used for file I/O only. It can be copied into another project on its own.
 """
@@ -70,27 +70,128 @@ def resolve_precision(precision, device) -> str:
 
 @dataclass(frozen=True)
 class Geometry:
-    """The official preprocessing's sizes: each image is resized to image_size x image_size (bilinear, the
-    aspect not kept), then its central crop_size x crop_size is the model's input. Recorded in every
-    checkpoint's config, so that a loaded model says how it must be fed."""
-    image_size: int = 448
-    crop_size: int = 392
+    """How an image becomes the model's input, recorded in every checkpoint's config (so that a loaded model says
+    how it must be fed). Sizes are (height, width); a whole number n means (n, n).
+
+    - image_size: the bilinear resize of every frame (the aspect follows it: frames of other shapes are
+      stretched to it), or None: each frame keeps its own size (tiles only; a frame smaller than a tile is
+      enlarged, aspect kept, until a tile fits).
+    - crop_size: the centre crop of the resized frame the model sees, the paper's protocol (448 -> 392); or None:
+      the whole frame, every pixel of it.
+    - tile, tile_overlap: the resized frame is covered by tile x tile squares, `tile_overlap` of a tile apart
+      less, the last row and column aligned to the frame's edges; the model scores each tile on its own (its
+      own INPs) and the tiles' maps are averaged where they overlap. None: the whole input at once.
+    - bit_depth: the significant bits of 16-bit, 32-bit integer and float grey images (e.g. 12 for a 12-bit
+      sensor in 16-bit files), scaled to the model's range by 2^bit_depth - 1; None: 16 for integer images,
+      and float images must hold values in [0, 1]. 8-bit images are read as they are.
+
+    The paper's protocol scores its crop's map with a zero-padded Gaussian, which darkens the border pixels;
+    the whole-frame and tiled geometries pad by reflection, so that a defect at the border scores like one
+    inside (map_padding)."""
+    image_size: tuple = (448, 448)
+    crop_size: tuple = (392, 392)
+    tile: int = None
+    tile_overlap: float = 0.0
+    bit_depth: int = None
+
+    def __post_init__(self):
+        for name in ("image_size", "crop_size"):
+            value = getattr(self, name)
+            if isinstance(value, int):
+                value = (value, value)
+            object.__setattr__(self, name, tuple(int(v) for v in value) if value is not None else None)
+
+    @property
+    def whole_frame(self) -> bool:
+        return self.crop_size is None
+
+    @property
+    def map_padding(self) -> str:
+        """The Gaussian's padding: the paper's zeros for its crop, reflection for whole frames and tiles."""
+        return "zeros" if self.crop_size is not None else "reflect"
 
     def check(self, patch_size=14):
-        """The one rule for the sizes: the crop is a positive multiple of the patch size, at most the image."""
-        if self.crop_size < patch_size or self.crop_size % patch_size:
-            raise ValueError(f"--crop-size {self.crop_size} must be a multiple of the model's patch size "
-                             f"{patch_size} (e.g. {max(self.crop_size // patch_size, 1) * patch_size})")
-        if self.crop_size > self.image_size:
-            raise ValueError(f"--crop-size {self.crop_size} must be at most --image-size {self.image_size}")
+        """The one rule for the sizes; raises ValueError naming the flag. Returns the geometry."""
+        def multiple(flag, size, why=""):
+            if any(n < patch_size or n % patch_size for n in size):
+                suggestion = _hw([max(n // patch_size, 1) * patch_size for n in size])
+                raise ValueError(f"{flag} {_hw(size)} must be a multiple of the model's patch size {patch_size}"
+                                 f"{why} (e.g. {suggestion})")
+
+        if self.image_size is None and self.tile is None:
+            raise ValueError("--image-size native keeps each frame's own size: it needs --tile N")
+        if self.tile is not None:
+            multiple("--tile", (self.tile, self.tile))
+            if self.crop_size is not None:
+                raise ValueError("--tile covers the whole frame: pass --crop-size none")
+            if not 0.0 <= self.tile_overlap < 1.0:
+                raise ValueError(f"--tile-overlap {self.tile_overlap} must be at least 0 and below 1")
+            if self.image_size is not None and min(self.image_size) < self.tile:
+                raise ValueError(f"--tile {self.tile} must fit in --image-size {_hw(self.image_size)}")
+        elif self.crop_size is None:
+            multiple("--image-size", self.image_size, " (with --crop-size none the whole frame is the input)")
+        else:
+            multiple("--crop-size", self.crop_size)
+            if any(c > i for c, i in zip(self.crop_size, self.image_size)):
+                raise ValueError(f"--crop-size {_hw(self.crop_size)} must be at most --image-size "
+                                 f"{_hw(self.image_size)}")
+        if self.bit_depth is not None and not 1 <= self.bit_depth <= 32:
+            raise ValueError(f"--bit-depth {self.bit_depth} must be between 1 and 32")
         return self
 
-    def crop_offset(self) -> int:
-        """Where the centre crop starts in the resized image: torchvision CenterCrop's rounding."""
-        return int(round((self.image_size - self.crop_size) / 2.0))
+    def frame_size(self, width, height) -> tuple:
+        """(height, width) of the resized frame of an original width x height image."""
+        if self.image_size is not None:
+            return self.image_size
+        scale = max(1.0, self.tile / width, self.tile / height)  # a frame smaller than a tile is enlarged
+        return max(self.tile, round(height * scale)), max(self.tile, round(width * scale))
+
+    def crop_box(self, frame_height, frame_width) -> tuple:
+        """(top, left, height, width) of the model's input in the resized frame: the centre crop (torchvision
+        CenterCrop's rounding), or the whole frame."""
+        if self.crop_size is None:
+            return 0, 0, frame_height, frame_width
+        h, w = self.crop_size
+        return int(round((frame_height - h) / 2.0)), int(round((frame_width - w) / 2.0)), h, w
+
+    def input_size(self) -> tuple:
+        """(height, width) of what the model sees: a tile, the crop, or the whole resized frame."""
+        if self.tile is not None:
+            return self.tile, self.tile
+        return self.crop_size if self.crop_size is not None else self.image_size
+
+    def tile_positions(self, frame_height, frame_width) -> list:
+        """(top, left) of every tile of a resized frame, row by row; [(0, 0)] when not tiled."""
+        if self.tile is None:
+            return [(0, 0)]
+        return [(top, left) for top in _tile_starts(frame_height, self.tile, self.tile_overlap)
+                for left in _tile_starts(frame_width, self.tile, self.tile_overlap)]
 
     def describe(self) -> str:
-        return f"{self.image_size} -> {self.crop_size} px"
+        size = "each frame's own size" if self.image_size is None else _hw(self.image_size)
+        if self.tile is not None:
+            text = f"{size}, tiles of {self.tile} px overlapping {self.tile_overlap:g}"
+        elif self.crop_size is None:
+            text = f"{size} px, the whole frame"
+        else:
+            text = f"{size} -> {_hw(self.crop_size)} px"
+        return text + (f", {self.bit_depth}-bit" if self.bit_depth else "")
+
+
+def _hw(size) -> str:
+    """448 for (448, 448), 350x140 for (350, 140): sizes as the command line writes them."""
+    if isinstance(size, int):
+        return str(size)
+    return str(size[0]) if size[0] == size[1] else f"{size[0]}x{size[1]}"
+
+
+def _tile_starts(length, tile, overlap):
+    """Where tiles start along one side: `tile * (1 - overlap)` apart, the last one flush with the far edge."""
+    stride = max(1, round(tile * (1 - overlap)))
+    starts = list(range(0, length - tile + 1, stride))
+    if starts[-1] + tile < length:
+        starts.append(length - tile)
+    return starts
 
 # -----------------------------------------------------------------------------------------------------
 # DINOv2 ViT/14 (encoder)
@@ -370,22 +471,70 @@ class INPFormer(nn.Module):
             return loss + coherence_weight * _full(coherence)
 
     @torch.no_grad()
-    def predict(self, x, out_size=MAP_SIZE, max_ratio=MAX_RATIO):
+    def predict(self, x, out_size=MAP_SIZE, max_ratio=MAX_RATIO, padding="zeros"):
         """The official evaluation protocol: (B, out_size, out_size) anomaly maps (None: the input size) and (B,)
-        image scores, in fp32 whatever the model's dtype."""
-        en, de, _ = self(x)
-        return score_maps(anomaly_map(en, de, x.shape[-2:]), out_size, max_ratio)
+        image scores, in fp32 whatever the model's dtype. padding: the Gaussian's, see score_maps."""
+        return score_maps(self.raw_maps(x), out_size, max_ratio, padding)
 
     @torch.no_grad()
-    def predict_zero_shot(self, x, out_size=MAP_SIZE, max_ratio=MAX_RATIO):
+    def predict_zero_shot(self, x, out_size=MAP_SIZE, max_ratio=MAX_RATIO, padding="zeros"):
         """Zero-shot maps: per token, the cosine distance to its nearest INP (no decoder involved)."""
-        _, fused = self.encode(x)
-        d = inp_distance(fused, self.extract_inps(fused)).view(-1, 1, *self.token_grid(x))
-        d = F.interpolate(d, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=True)
-        return score_maps(d, out_size, max_ratio)
+        return score_maps(self.raw_maps(x, zero_shot=True), out_size, max_ratio, padding)
+
+    @torch.no_grad()
+    def raw_maps(self, x, zero_shot=False):
+        """(B, 3, h, w) inputs -> (B, 1, h, w) fp32 maps at the input's size, before resampling and smoothing: the
+        reconstruction error, or with zero_shot the INP distance."""
+        if zero_shot:
+            _, fused = self.encode(x)
+            d = inp_distance(fused, self.extract_inps(fused)).view(-1, 1, *self.token_grid(x))
+            return F.interpolate(d, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=True)
+        en, de, _ = self(x)
+        return anomaly_map(en, de, x.shape[-2:])
+
+    @torch.no_grad()
+    def predict_tiled(self, frame, tile, overlap=0.0, batch_size=16, zero_shot=False, out_size=MAP_SIZE,
+                      max_ratio=MAX_RATIO):
+        """One preprocessed frame (3, H, W) covered by tiles (see stitch_tiles), each tile scored on its own (its
+        own INPs), the frame's map then resampled, smoothed (reflect padding) and scored as predict() does.
+        A single tile covering the frame gives exactly the whole-frame pass. (1, out_size, out_size), (1,)."""
+        def tile_maps(tiles):
+            return self.raw_maps(tiles, zero_shot)
+
+        frame_map = stitch_tiles(frame, tile, overlap, tile_maps, batch_size)
+        return score_maps(frame_map, out_size, max_ratio, padding="reflect")
+
+    @torch.no_grad()
+    def predict_frames(self, frames, geometry=None, zero_shot=False, tile_batch=16):
+        """Maps and scores as `geometry` (default: the model's own) prescribes: the paper's crop, the whole frame,
+        or tiles. frames: a (B, 3, h, w) batch, or a list of (3, h, w) frames of any sizes (tiles). Returns
+        (B, 256, 256) maps and (B,) scores, fp32."""
+        geometry = geometry or self.config.geometry
+        if geometry.tile is None:
+            predict = self.predict_zero_shot if zero_shot else self.predict
+            return predict(frames, padding=geometry.map_padding)
+        results = [self.predict_tiled(f, geometry.tile, geometry.tile_overlap, tile_batch, zero_shot) for f in frames]
+        return torch.cat([m for m, _ in results]), torch.cat([s for _, s in results])
 
 # -----------------------------------------------------------------------------------------------------
 # Losses and the anomaly map
+
+
+def stitch_tiles(frame, tile, overlap, tile_maps, batch_size=16):
+    """The (1, 1, H, W) raw map of a frame (3, H, W) covered by tile x tile squares (Geometry.tile_positions):
+    tile_maps((b, 3, tile, tile)) -> (b, 1, tile, tile) maps each batch of tiles, and the maps are averaged where
+    tiles overlap (so a constant map stays constant). Memory follows the tile batch, not the frame."""
+    H, W = frame.shape[-2:]
+    positions = [(t, l) for t in _tile_starts(H, tile, overlap) for l in _tile_starts(W, tile, overlap)]
+    total = torch.zeros(1, 1, H, W, device=frame.device)
+    count = torch.zeros(1, 1, H, W, device=frame.device)
+    for i in range(0, len(positions), batch_size):
+        chunk = positions[i:i + batch_size]
+        tiles = torch.stack([frame[:, top:top + tile, left:left + tile] for top, left in chunk])
+        for (top, left), m in zip(chunk, tile_maps(tiles)):
+            total[..., top:top + tile, left:left + tile] += m
+            count[..., top:top + tile, left:left + tile] += 1
+    return total / count
 
 
 def inp_distance(tokens, inps, eps=1e-8):
@@ -427,14 +576,21 @@ def gaussian_kernel(size=GAUSSIAN_SIZE, sigma=GAUSSIAN_SIGMA):
     return (g / g.sum()).view(1, 1, size, size)
 
 
-def score_maps(maps, out_size=MAP_SIZE, max_ratio=MAX_RATIO):
-    """(B, 1, H, W) maps -> resized (align_corners=False), the 5x5 sigma-4 Gaussian with zero padding, and the
-    image score = mean of the top max_ratio of pixels (the maximum when max_ratio is 0). In fp32 always."""
+def score_maps(maps, out_size=MAP_SIZE, max_ratio=MAX_RATIO, padding="zeros"):
+    """(B, 1, H, W) maps -> resized (align_corners=False), the 5x5 sigma-4 Gaussian, and the image score = mean
+    of the top max_ratio of pixels (the maximum when max_ratio is 0). In fp32 always. padding: "zeros", the
+    paper's (the outer two pixels darken), or "reflect" (the border scores like the inside)."""
     with torch.autocast(maps.device.type, enabled=False):
         maps = _full(maps)
         if out_size is not None and tuple(maps.shape[-2:]) != (out_size, out_size):
             maps = F.interpolate(maps, size=(out_size, out_size), mode="bilinear", align_corners=False)
-        maps = F.conv2d(maps, gaussian_kernel().to(maps), padding=GAUSSIAN_SIZE // 2)[:, 0]
+        half = GAUSSIAN_SIZE // 2
+        if padding == "reflect":
+            maps = F.conv2d(F.pad(maps, (half, half, half, half), mode="reflect"), gaussian_kernel().to(maps))[:, 0]
+        elif padding == "zeros":
+            maps = F.conv2d(maps, gaussian_kernel().to(maps), padding=half)[:, 0]
+        else:
+            raise ValueError(f"padding {padding!r}: use zeros or reflect")
         flat = maps.flatten(1)
         k = int(flat.shape[1] * max_ratio)
         if k > 0:

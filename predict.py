@@ -17,12 +17,17 @@ import copy
 import dataclasses
 import io
 import logging
+import math
 import time
 import warnings
+from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
 import cli
 import data as datasets  # the module; `data` is the name of a data set in the functions below
@@ -32,6 +37,9 @@ import scoring
 
 # -----------------------------------------------------------------------------------------------------
 # Calibration: a decision rule learnt on labelled images
+
+
+MAX_FALSE_PIXELS = 1e-4  # --max-false-pixels: the share of good pixels the region threshold may flag
 
 
 def calibration(labels, scores, hist, sigmas=3.0):
@@ -61,54 +69,179 @@ def calibration(labels, scores, hist, sigmas=3.0):
             pixel_t, pixel_rule = hist.compute(thresholds=True)["P-threshold"], "f1-max"
     else:
         pixel_t, pixel_rule = p_mean + sigmas * p_std, f"normal mean + {sigmas:g} std"
-    above = pixel_t - p_median if pixel_t > p_median else 3 * p_std
     return dict(rule=dict(image=image_rule, pixel=pixel_rule), image_threshold=float(image_t),
                 pixel_threshold=float(pixel_t), score_range=[float(scores.min()), float(scores.max())],
-                heat_range=[p_median, p_median + 2 * above],
+                heat_range=heat_range(pixel_t, p_median, p_std),
                 normal=dict(images=int(normal.size), score_mean=float(normal.mean()), score_std=float(normal.std()),
                             score_max=float(normal.max()), pixel_median=p_median, pixel_mean=p_mean, pixel_std=p_std),
                 anomalous_images=int(labels.sum()))
 
 
+def heat_range(pixel_threshold, median, std):
+    """Pictures' colour scale: from the median normal pixel to as far above the pixel threshold as the threshold
+    is above the median (to 6 std above the median, should the threshold not be above it)."""
+    above = pixel_threshold - median if pixel_threshold > median else 3 * std
+    return [median, median + 2 * above]
+
+
+def false_reject_threshold(good_scores, max_false_reject):
+    """The conformal threshold for a false-reject budget P. With the n good scores sorted, s_(1) <= ... <= s_(n),
+    and k = ceil((n + 1)(1 - P)), a new good part whose score is exchangeable with these scores above s_(k) with
+    probability at most (n + 1 - k) / (n + 1) <= P. The threshold returned is the next float above s_(k), so
+    that "anomalous when score >= threshold" rejects exactly the scores above s_(k). Needs k <= n, i.e.
+    n >= 1/P - 1 good images; else ValueError naming the smallest P these images support, 1 / (n + 1)."""
+    good = np.sort(np.asarray(good_scores, np.float64))
+    n, p = len(good), Fraction(repr(float(max_false_reject)))  # exact arithmetic: no rounding across the ceiling
+    k = math.ceil((n + 1) * (1 - p))
+    if k > n:
+        raise ValueError(f"--max-false-reject {float(p):g}: {n} good images support a budget of at least "
+                         f"{1 / (n + 1):.4g} (1 / (n + 1)); calibrate on more good images (at least "
+                         f"{math.ceil(1 / p - 1)}) or ask for a larger budget")
+    return float(np.nextafter(good[k - 1], np.inf))
+
+
+def pixel_budget_threshold(hist, max_false_pixels):
+    """The lowest bin edge t of the histogram's normal pixels with at most `max_false_pixels` of them at or above
+    t: the region threshold of a false-reject calibration (exact up to the histogram's resolution, erring high)."""
+    from_top = np.cumsum(hist.normal[::-1])  # normal pixels in the highest bins
+    bins_within = int(np.searchsorted(from_top, max_false_pixels * hist.normal.sum(), side="right"))
+    return float(hist.lo + (hist.bins - bins_within) * hist.resolution)
+
+
+def budget_calibration(scored, max_false_reject, max_false_pixels=MAX_FALSE_PIXELS, log=print):
+    """The decision rule for a false-reject budget, from the good images of `scored` (a CalibrationSet): the
+    pooled image threshold, and each class's own where its good images support the budget
+    (false_reject_threshold), a pixel threshold flagging at most `max_false_pixels` of the good images' pixels
+    (pixel_budget_threshold), and, where labelled defects are there, the share of them each threshold misses."""
+    labels, scores, classes = scored.labels, scored.scores, np.asarray(scored.classes)
+    rule = calibration(labels, scores, scored.pixels)  # normal statistics, score range
+    pooled = false_reject_threshold(scores[~labels], max_false_reject)
+    per_class = {}
+    for c in dict.fromkeys(c for c in scored.classes if c):  # "": good images of no named class
+        good = scores[(classes == c) & ~labels]
+        if len(good) >= 1 / max_false_reject - 1:
+            per_class[c] = false_reject_threshold(good, max_false_reject)
+        else:
+            log(f"note: class {c}: its {len(good)} good images support no budget below {1 / (len(good) + 1):.3g}: "
+                "it takes the pooled threshold")
+    pixel_t = pixel_budget_threshold(scored.good_pixels, max_false_pixels)
+    missed = {}
+    for c in dict.fromkeys(scored.classes):
+        bad = scores[(classes == c) & labels]
+        if len(bad):
+            missed[c] = float(np.mean(bad < per_class.get(c, pooled)))
+    normal = rule["normal"]
+    rule.update(rule=dict(image=f"false-reject budget {max_false_reject:g} (conformal)",
+                          pixel=f"good pixels above it at most {max_false_pixels:g}"),
+                image_threshold=pooled, pixel_threshold=pixel_t, classes=per_class,
+                heat_range=heat_range(pixel_t, normal["pixel_median"], normal["pixel_std"]),
+                max_false_reject=max_false_reject, max_false_pixels=max_false_pixels)
+    if labels.any():
+        rule["miss_rate"] = dict(classes=missed, pooled=float(np.mean(scores[labels] < pooled)))
+    return rule
+
+
+@dataclass
+class CalibrationSet:
+    """A calibration set scored: per image its path, class, label and score; a histogram of the maps' pixels
+    (the normal ones, and the anomalous ones where masks say so), and one of the good images' pixels alone."""
+    paths: list
+    classes: list
+    labels: np.ndarray
+    scores: np.ndarray
+    pixels: metrics.PixelHistogram
+    good_pixels: metrics.PixelHistogram
+
+
 def calibration_images(data_set: scoring.DataSet, geometry) -> dict:
-    """{class: ImageDataset} of the test images of `data_set` to calibrate on; at least one must be normal."""
+    """{class: ImageDataset} of the images of `data_set` to calibrate on (its test images, or the validation
+    split of a data set that has one, data.CALIBRATION_SPLIT); at least one must be normal."""
     classes = datasets.resolve_classes(data_set.data, data_set.root, data_set.classes)
-    test_sets = {c: datasets.test_set(data_set.data, data_set.root, c, geometry) for c in classes}
+    split = datasets.CALIBRATION_SPLIT.get(data_set.data, "test")
+    test_sets = {}
+    for c in classes:
+        samples = datasets.list_samples(data_set.data, data_set.root, c, split)
+        datasets.check_samples(samples)
+        test_sets[c] = datasets.ImageDataset(samples, geometry)
     if not any(s.label == 0 for ds in test_sets.values() for s in ds.samples):
         raise ValueError(f"{data_set.root}: no normal test image of {data_set.data} to calibrate on")
     return test_sets
 
 
-def calibrate_on(model, data_set: scoring.DataSet, opts: scoring.Options, log=print) -> dict:
-    """Score every test image of `data_set` and learn the rule: calibration() pooled over its classes, plus each
-    class's own F1-max image threshold where the class has anomalies ("classes"), the classes it was learnt on
-    ("class_names") and the geometry it was learnt at."""
+def good_images(files, cls, geometry) -> dict:
+    """{class: ImageDataset} of unlabelled images taken as good parts of class `cls` ("" for no class)."""
+    samples = [datasets.Sample(str(f), None, 0, cls or "", "good") for f in files]
+    datasets.check_samples(samples)
+    return {cls or "": datasets.ImageDataset(samples, geometry)}
+
+
+def score_calibration_set(model, test_sets, opts, log=print) -> CalibrationSet:
+    """Every image of `test_sets` ({class: ImageDataset}) scored, with a histogram of its maps' pixels."""
     model = scoring.ready_model(model, opts.device, opts.precision)
-    geometry = opts.geometry or model.config.geometry
-    test_sets = calibration_images(data_set, geometry)
     progress = scoring.Progress(sum(len(ds) for ds in test_sets.values()), log)
-    labels, scores, per_class, pooled = [], [], {}, metrics.PixelHistogram()
+    paths, classes, labels, scores = [], [], [], []
+    pixels, good_pixels = metrics.PixelHistogram(), metrics.PixelHistogram()
     for cls, ds in test_sets.items():
         has_masks = not any(s.label and s.mask is None for s in ds.samples)
-        class_labels, class_scores = [], []
         for batch, maps, batch_scores in scoring.scored_batches(model, ds, opts.batch_size, opts.workers):
             masks = scoring.masks_at_map_size(batch["mask"])
+            normal = batch["label"] == 0
             if has_masks:
-                pooled.update(masks, maps)
+                pixels.update(masks, maps)
             else:  # no masks for this class's anomalies: only the normal images' pixels have known labels
-                normal = batch["label"] == 0
-                pooled.update(masks[normal], maps[normal])
-            class_labels += batch["label"].tolist()
-            class_scores += batch_scores.tolist()
-            progress.step(len(batch_scores), cls)
-        if any(class_labels):
-            per_class[cls] = metrics.f1_threshold(class_labels, class_scores)[1]
-        labels += class_labels
-        scores += class_scores
-    rule = calibration(labels, scores, pooled)
-    rule.update(image_size=geometry.image_size, crop_size=geometry.crop_size, classes=per_class,
-                class_names=list(test_sets))
+                pixels.update(masks[normal], maps[normal])
+            good_pixels.update(masks[normal], maps[normal])
+            paths += batch["path"]
+            classes += [cls] * len(batch_scores)
+            labels += batch["label"].tolist()
+            scores += batch_scores.tolist()
+            progress.step(len(batch_scores), cls or "images")
+    return CalibrationSet(paths, classes, np.asarray(labels, bool), np.asarray(scores, np.float64), pixels, good_pixels)
+
+
+def calibrate_on(model, test_sets, opts: scoring.Options, max_false_reject=None, max_false_pixels=MAX_FALSE_PIXELS,
+                 log=print) -> dict:
+    """Score `test_sets` ({class: ImageDataset}) and learn the rule: with a false-reject budget, the conformal
+    thresholds of budget_calibration; else calibration(), pooled over the classes, plus each class's own F1-max
+    image threshold where the class has anomalies. Both record "classes" (the per-class thresholds),
+    "class_names" (every class learnt on) and the geometry."""
+    scored = score_calibration_set(model, test_sets, opts, log)
+    if max_false_reject is not None:
+        rule = budget_calibration(scored, max_false_reject, max_false_pixels, log)
+    else:
+        rule = calibration(scored.labels, scored.scores, scored.pixels)
+        per_class = {}
+        for c in test_sets:
+            of_class = np.asarray(scored.classes) == c
+            if scored.labels[of_class].any():
+                per_class[c] = metrics.f1_threshold(scored.labels[of_class], scored.scores[of_class])[1]
+        rule["classes"] = per_class
+    geometry = opts.geometry or model.config.geometry
+    rule.update(geometry=dataclasses.asdict(geometry), class_names=[c for c in test_sets if c])
     return rule
+
+
+def training_images(meta: inpformer.Metadata) -> set:
+    """The resolved paths of the images the checkpoint was trained on (empty when it does not say)."""
+    found = set()
+    names, roots = datasets.split_list(meta.data), datasets.split_list(meta.data_root)
+    per_set = meta.classes_per_set if isinstance(meta.classes_per_set, list) else [meta.classes] * len(names)
+    for name, root, classes in zip(names, roots, per_set):
+        with contextlib.suppress(ValueError, OSError):  # the data moved or changed: nothing to compare
+            for c in datasets.resolve_classes(name, root, classes):
+                found |= {str(Path(s.image).resolve()) for s in datasets.list_samples(name, root, c, "train")}
+    return found
+
+
+def calibration_geometry(rule):
+    """The geometry a calibration was learnt at, or None when it does not say."""
+    if not rule:
+        return None
+    if "geometry" in rule:
+        return inpformer.Geometry(**rule["geometry"])
+    if "image_size" in rule:  # calibrations written before the geometry had tiles
+        return inpformer.Geometry(rule["image_size"], rule["crop_size"])
+    return None
 
 
 def calibration_target(path) -> Path:
@@ -131,7 +264,7 @@ def write_calibration(path, rule, data_set: scoring.DataSet = None) -> Path:
         if data_set is not None:
             meta.data, meta.data_root = data_set.data, str(data_set.root)
         model = inpformer.load_model(path)
-        model.config.geometry = inpformer.Geometry(rule["image_size"], rule["crop_size"])
+        model.config.geometry = calibration_geometry(rule) or model.config.geometry
         inpformer.save_checkpoint(model, target, meta)
         return target
     tensors, strings = inpformer.read_state_dict(path)
@@ -170,34 +303,100 @@ def unique_name(path, used) -> str:
     return name
 
 
-def predict_images(model, files, opts=scoring.Options(), out_dir=None, cls=None, log=print):
-    """Score unlabelled images: [dict(path, class, score, and with a calibration threshold, normalised,
-    decision; heatmap)], and with out_dir predictions.csv and heatmaps/<name>.png. Every image takes the
-    threshold of class `cls` (only when named: never guessed from a path), else the pooled one. The heat maps
-    share one scale: opts.pictures', else min..max over all these images (their maps then wait in memory,
-    0.3 MB each, until all are scored)."""
+@dataclass
+class Region:
+    """A connected region of an image's map at or above the calibrated pixel threshold, in the image's pixels."""
+    id: int
+    area: int        # pixels
+    box: tuple       # (left, top, right, bottom), right and bottom exclusive
+    max_score: float
+    mean_score: float
+
+
+@dataclass
+class RegionRule:
+    """How --images finds regions and decides: regions of at least min_area pixels count; decide_by "score"
+    (the image threshold, the default) or "regions" (anomalous when any region counts); save_masks writes each
+    image's counted regions as a binary mask PNG of its own size."""
+    min_area: int = 1
+    decide_by: str = "score"
+    save_masks: bool = False
+
+
+def native_map(amap, path, geometry) -> np.ndarray:
+    """An image's (256, 256) map at the image's own size: resized into the part of it the model saw (the crop
+    box, or the whole image); 0 elsewhere, so that what a crop never saw is never flagged."""
+    width, height = datasets.image_size(path)
+    left, top, right, bottom = datasets.crop_box(width, height, geometry)
+    full = np.zeros((height, width), np.float32)
+    inner = torch.nn.functional.interpolate(torch.as_tensor(amap, dtype=torch.float32)[None, None],
+                                            size=(bottom - top, right - left), mode="bilinear", align_corners=False)
+    full[top:bottom, left:right] = inner[0, 0].numpy()
+    return full
+
+
+def find_regions(amap, threshold, min_area=1) -> tuple:
+    """(mask, [Region]): the 8-connected regions of amap >= threshold with at least min_area pixels, numbered from
+    1 in raster order of their first pixel, and the bool mask of their pixels."""
+    labels, n = metrics.label_components(amap >= threshold)
+    if n == 0:
+        return np.zeros(amap.shape, bool), []
+    flat, values = labels.ravel(), amap.ravel()
+    area = np.bincount(flat, minlength=n + 1)
+    sums = np.bincount(flat, weights=values, minlength=n + 1)
+    rows, cols = np.nonzero(labels)
+    ids = labels[rows, cols]
+    regions, keep = [], np.zeros(n + 1, bool)
+    for k in range(1, n + 1):
+        if area[k] < min_area:
+            continue
+        keep[k] = True
+        r, c = rows[ids == k], cols[ids == k]
+        regions.append(Region(len(regions) + 1, int(area[k]), (int(c.min()), int(r.min()), int(c.max()) + 1,
+                                                               int(r.max()) + 1),
+                              float(values[flat == k].max()), float(sums[k] / area[k])))
+    return keep[labels], regions
+
+
+def predict_images(model, files, opts=scoring.Options(), out_dir=None, cls=None, log=print, rule=RegionRule()):
+    """Score unlabelled images: [dict(path, class, score; with a calibration threshold, normalised, decision,
+    regions, largest_area; heatmap)], and with out_dir predictions.csv, regions.csv, heatmaps/<name>.png and with
+    rule.save_masks masks/<name>.png. Every image takes the threshold of class `cls` (only when named: never
+    guessed from a path), else the pooled one. Regions (find_regions on the map at the image's own size) need a
+    calibration's pixel threshold. The heat maps share one scale: opts.pictures', else min..max over all these
+    images (their maps then wait in memory, 0.3 MB each, until all are scored)."""
     model = scoring.ready_model(model, opts.device, opts.precision)
     geometry = opts.geometry or model.config.geometry
     samples = [datasets.Sample(str(f), None, 0, "", "") for f in files]
     dataset = datasets.ImageDataset(samples, geometry)
     style, cal = opts.pictures, opts.pictures.calibration
     scale = style.scale()
-    heat_dir = Path(out_dir) / "heatmaps" if out_dir else None
-    if heat_dir:
-        heat_dir.mkdir(parents=True, exist_ok=True)
-    progress, rows, used, waiting = scoring.Progress(len(files), log), [], set(), []
+    out = Path(out_dir) if out_dir else None
+    for folder in ("heatmaps", "masks") if out else ():
+        if folder == "heatmaps" or rule.save_masks:
+            (out / folder).mkdir(parents=True, exist_ok=True)
+    progress, rows, region_rows, used, waiting = scoring.Progress(len(files), log), [], [], set(), []
     for batch, maps, scores in scoring.scored_batches(model, dataset, opts.batch_size, opts.workers, opts.zero_shot):
         for i, path in enumerate(batch["path"]):
             score = float(scores[i])
             row = {"path": path, "class": cls or "", "score": score}
+            name = unique_name(path, used)
             if cal:
                 row.update(scoring.decide(score, cal, cls))
+                mask, regions = find_regions(native_map(maps[i], path, geometry), cal["pixel_threshold"],
+                                             rule.min_area)
+                row.update(regions=len(regions), largest_area=max((r.area for r in regions), default=0))
+                if rule.decide_by == "regions":
+                    row["decision"] = "anomalous" if regions else "normal"
+                region_rows += [[path, cls or "", r.id, r.area, *r.box, r.max_score, r.mean_score] for r in regions]
+                if out and rule.save_masks:
+                    Image.fromarray((mask * 255).astype(np.uint8)).save(out / "masks" / f"{name}.png")
             rows.append(row)
-            if heat_dir is None:
+            if out is None:
                 continue
-            row["heatmap"] = f"{unique_name(path, used)}.png"
+            row["heatmap"] = f"{name}.png"
             picture = dict(image=scoring.to_rgb(batch["image"][i]), map=maps[i].half(),
-                           title=style.title(path, score, cls), file=heat_dir / row["heatmap"])
+                           title=style.title(path, score, cls), file=out / "heatmaps" / row["heatmap"])
             if scale:
                 _draw(picture, scale, style)
             else:  # drawn once every map is known, on their common min..max
@@ -208,17 +407,23 @@ def predict_images(model, files, opts=scoring.Options(), out_dir=None, cls=None,
         hi = max(float(w["map"].max()) for w in waiting)
         for w in waiting:
             _draw(w, (lo, hi, f"min..max of {len(waiting)} images"), style)
-    if out_dir:  # without a calibration normalised_score and decision stay empty
-        header = ["path", "class", "score", "normalised_score", "decision", "heatmap"]
-        columns = ["path", "class", "score", "normalised", "decision", "heatmap"]
-        scoring.write_csv(Path(out_dir) / "predictions.csv", header, [[r.get(k, "") for k in columns] for r in rows])
+    if out:  # without a calibration normalised_score, decision and the region columns stay empty
+        header = ["path", "class", "score", "normalised_score", "decision", "regions", "largest_area", "heatmap"]
+        columns = ["path", "class", "score", "normalised", "decision", "regions", "largest_area", "heatmap"]
+        scoring.write_csv(out / "predictions.csv", header, [[r.get(k, "") for k in columns] for r in rows])
+        scoring.write_csv(out / "regions.csv", ["image", "class", "region", "area", "left", "top", "right", "bottom",
+                                                "max_score", "mean_score"], region_rows)
     n_bad = sum(r.get("decision") == "anomalous" for r in rows)
     summary = f"scored {len(rows)} images, {progress.rate():.1f} img/s; "
-    if cal:
+    if cal and rule.decide_by == "regions":
+        summary += (f"{n_bad} anomalous, {len(rows) - n_bad} normal (any region of at least {rule.min_area} px over "
+                    f"the pixel threshold {cal['pixel_threshold']:.4g}); {len(region_rows)} regions")
+    elif cal:
         t = scoring.class_threshold(cal, cls)
         which = f"class {cls}" if cls in cal.get("classes", {}) else "pooled"
-        rule = cal.get("rule", {}).get("image", "stored")
-        summary += f"{n_bad} anomalous, {len(rows) - n_bad} normal ({which} threshold {t:.4g}, {rule})"
+        rule_name = cal.get("rule", {}).get("image", "stored")
+        summary += f"{n_bad} anomalous, {len(rows) - n_bad} normal ({which} threshold {t:.4g}, {rule_name}); "
+        summary += f"{len(region_rows)} regions of at least {rule.min_area} px"
     else:
         summary += "no decisions: the checkpoint has no calibration (add one with predict.py --calibrate)"
     log(summary)
@@ -234,31 +439,100 @@ def _draw(waiting, scale, style):
 # ONNX export
 
 
-class ExportGraph(torch.nn.Module):
-    """model.predict at one input size as one exportable graph: the interpolated position table becomes a
-    constant (the bicubic interpolation does not export), and a calibration adds the normalised score."""
+def fixed_model(model, input_size):
+    """An fp32 copy of `model` for one input size, its position table computed once for that token grid: the
+    bicubic interpolation that makes it does not export."""
+    fixed = copy.deepcopy(model).float().eval()
+    p = fixed.encoder.config.patch_size
+    grid = (input_size[0] // p, input_size[1] // p)
+    with torch.no_grad():
+        table = torch.nn.Parameter(fixed.encoder.interpolate_pos_encoding(*grid))
+    fixed.encoder.pos_embed = table
 
-    def __init__(self, model, crop_size, calibration=None):
+    def positions(h, w):  # the grid this copy was made for: its table, as it is
+        return fixed.encoder.pos_embed
+
+    fixed.encoder.interpolate_pos_encoding = positions
+    return fixed
+
+
+class DecisionOutputs(torch.nn.Module):
+    """The outputs both graphs end with: the map and score, and with a calibration the normalised score and the
+    decision (true: anomalous) under one threshold, the named class's or the pooled one (scoring.decide's rule)."""
+
+    def __init__(self, calibration=None, cls=None):
         super().__init__()
-        self.model, self.calibration = copy.deepcopy(model).float().eval(), calibration
-        encoder, grid = self.model.encoder, crop_size // model.encoder.config.patch_size
-        with torch.no_grad():
-            encoder.pos_embed = torch.nn.Parameter(encoder.interpolate_pos_encoding(grid, grid))
-        encoder.config = dataclasses.replace(encoder.config, pos_grid=grid)
+        self.calibration = calibration
+        self.threshold = scoring.class_threshold(calibration, cls) if calibration else None
+
+    def forward(self, maps, scores):
+        if not self.calibration:
+            return maps, scores
+        return maps, scores, scoring.normalise(scores, self.calibration, self.threshold), scores >= self.threshold
+
+
+class NormalisedGraph(torch.nn.Module):
+    """--export-input normalised: a float32 (B, 3, h, w) batch preprocessed as data.load_image does (the crop or
+    the whole frame, not tiles) -> the model's maps and scores, and the decision outputs."""
+
+    def __init__(self, model, geometry, calibration=None, cls=None):
+        super().__init__()
+        self.model, self.padding = fixed_model(model, geometry.input_size()), geometry.map_padding
+        self.outputs = DecisionOutputs(calibration, cls)
 
     def forward(self, x):
-        maps, scores = self.model.predict(x)
-        cal = self.calibration
-        if not cal:
-            return maps, scores
-        return maps, scores, scoring.normalise(scores, cal, cal["image_threshold"])
+        return self.outputs(*self.model.predict(x, padding=self.padding))
 
 
-def export_onnx(model, path, opts=scoring.Options(), images=None, log=print):
-    """Write the scoring path as ONNX: input "image", a float32 (B, 3, crop, crop) batch preprocessed as
-    data.load_image does, B dynamic; outputs "anomaly_map" (B, 256, 256), "score" (B,) and, with a calibration,
-    "normalised_score". Then checks every output: onnxruntime against PyTorch on 3 images (the first of
-    `images`, topped up with seeded random ones) at batch 1 and 3."""
+class FrameGraph(torch.nn.Module):
+    """The default export: raw frames as a camera delivers them, uint8 (B, H, W, 3), to maps, scores and
+    decisions, with everything evaluation does in between: the resize to the geometry's frame size (bilinear,
+    antialiased when shrinking, as PIL's resize is, but in float32 where PIL rounds to 8 bits), the crop,
+    ImageNet normalisation, the model (over tiles for a tiled geometry, stitched as INPFormer.predict_tiled
+    stitches them), and the decision outputs. frame_size: the resized frame's (height, width); None for a
+    geometry that sets it (the frame's own size needs a fixed input, --frame-size)."""
+
+    def __init__(self, model, geometry, calibration=None, cls=None, frame_size=None):
+        super().__init__()
+        self.geometry, self.frame_size = geometry, frame_size or geometry.image_size
+        self.model = fixed_model(model, geometry.input_size())
+        self.outputs = DecisionOutputs(calibration, cls)
+        self.register_buffer("mean", torch.tensor(datasets.IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(datasets.IMAGENET_STD).view(1, 3, 1, 1))
+        height, width = self.frame_size
+        self.positions = geometry.tile_positions(height, width)
+        count = torch.zeros(1, 1, height, width)
+        for top, left in self.positions if geometry.tile else []:
+            count[..., top:top + geometry.tile, left:left + geometry.tile] += 1
+        self.register_buffer("count", count)
+
+    def forward(self, frames):
+        x = frames.permute(0, 3, 1, 2).float() / 255
+        height, width = self.frame_size
+        x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+        top, left, h, w = self.geometry.crop_box(height, width)
+        x = (x[:, :, top:top + h, left:left + w] - self.mean) / self.std
+        tile = self.geometry.tile
+        if tile is None:
+            return self.outputs(*self.model.predict(x, padding=self.geometry.map_padding))
+        batch = x.shape[0]
+        tiles = torch.cat([x[:, :, t:t + tile, l:l + tile] for t, l in self.positions])  # position-major
+        raw = self.model.raw_maps(tiles).view(len(self.positions), batch, 1, tile, tile)
+        total = torch.zeros(batch, 1, height, width, dtype=raw.dtype, device=raw.device)
+        for (t, l), m in zip(self.positions, raw):
+            total = total + F.pad(m, (l, width - l - tile, t, height - t - tile))
+        return self.outputs(*inpformer.score_maps(total / self.count, padding="reflect"))
+
+
+def export_onnx(model, path, opts=scoring.Options(), images=None, cls=None, log=print, input_kind="frames",
+                frame_size=None):
+    """Write the scoring path as ONNX and check it before it takes its name. input_kind "frames" (FrameGraph,
+    input "frames": uint8 (B, H, W, 3), B, H and W dynamic unless frame_size fixes H and W) or "normalised"
+    (NormalisedGraph, input "image"). Outputs "anomaly_map" (B, 256, 256), "score" (B,) and with a calibration
+    "normalised_score" and "decision" (bool, true for anomalous) under the threshold of `cls`, else the pooled
+    one. The check: onnxruntime against PyTorch on 3 inputs at batch 1 and 3 (the first from `images`, topped up
+    with seeded random ones), within 1e-4 of each output's maximum; for frames also, on `images`, the graph's
+    scores and decisions against the Python path (data.load_image, as predict.py --images scores)."""
     try:
         import onnxruntime
         import onnxscript  # noqa: F401  (the dynamo exporter's back end)
@@ -268,20 +542,40 @@ def export_onnx(model, path, opts=scoring.Options(), images=None, log=print):
     if Path(path).exists():
         raise ValueError(f"{path}: exists; not replacing it")
     geometry = opts.geometry or model.config.geometry
-    cal, c = opts.pictures.calibration, geometry.crop_size
+    cal = opts.pictures.calibration
+    files = image_files(images) if images else []
     # The graph is fp32 whatever --precision says: a model cast to bf16 first would lose its weights' precision.
-    graph = ExportGraph(scoring.ready_model(model, "cpu", "fp32"), c, cal)
-    names = ["anomaly_map", "score"] + (["normalised_score"] if cal else [])
-    x = torch.randn(3, 3, c, c, generator=torch.Generator().manual_seed(0))
-    for i, f in enumerate(image_files(images)[:3] if images else []):  # the given images first
-        x[i] = datasets.load_image(f, geometry)
+    fp32 = scoring.ready_model(model, "cpu", "fp32")
+    if input_kind == "normalised":
+        if geometry.tile is not None:
+            raise ValueError("--export-input normalised takes one model input, and tiles are many: export frames")
+        graph, name = NormalisedGraph(fp32, geometry, cal, cls), "image"
+        h, w = geometry.input_size()
+        x = torch.randn(3, 3, h, w, generator=torch.Generator().manual_seed(0))
+        for i, f in enumerate(files[:3]):  # the given images first
+            x[i] = datasets.load_image(f, geometry)
+        dynamic = {0: torch.export.Dim("batch", min=1)}
+    else:
+        if geometry.image_size is None and frame_size is None:
+            raise ValueError("--export: tiles at each frame's own size make a graph per frame size: pass "
+                             "--frame-size HxW, the size of the camera's frames")
+        fixed = geometry.frame_size(frame_size[1], frame_size[0]) if frame_size else None
+        graph, name = FrameGraph(fp32, geometry, cal, cls, fixed), "frames"
+        h, w = frame_size or geometry.image_size  # the size of the inputs the export traces and checks
+        x = torch.randint(0, 256, (3, h, w, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        for i, f in enumerate(files[:3]):
+            x[i] = torch.from_numpy(raw_frame(f, (h, w)).copy())
+        dynamic = {0: torch.export.Dim("batch", min=1)}
+        if frame_size is None:
+            dynamic.update({1: torch.export.Dim("height", min=14), 2: torch.export.Dim("width", min=14)})
+    names = ["anomaly_map", "score"] + (["normalised_score", "decision"] if cal else [])
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with inpformer.atomic_write(path) as tmp:  # checked before it is named `path`
         try:
             with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                torch.onnx.export(graph, (x[:2],), tmp, dynamo=True, external_data=False, input_names=["image"],
-                                  output_names=names, dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+                torch.onnx.export(graph, (x[:2],), tmp, dynamo=True, external_data=False, input_names=[name],
+                                  output_names=names, dynamic_shapes=(dynamic,))
             session = onnxruntime.InferenceSession(tmp, providers=["CPUExecutionProvider"])
         except Exception as e:  # the exporter's and onnxruntime's own errors, as one line
             raise ValueError(f"{path}: the export failed ({inpformer.first_line(e)})") from e
@@ -290,18 +584,51 @@ def export_onnx(model, path, opts=scoring.Options(), images=None, log=print):
             with torch.no_grad():
                 want = graph(x[:b])
             t1 = time.perf_counter()
-            got = [torch.from_numpy(a) for a in session.run(None, {"image": x[:b].numpy()})]
+            got = [torch.from_numpy(a) for a in session.run(None, {name: x[:b].numpy()})]
             t2 = time.perf_counter()
-            diffs = [float((g - w).abs().max() / w.abs().max().clamp_min(1e-12)) for g, w in zip(got, want)]
+            diffs = [float((g - w).abs().max() / w.abs().max().clamp_min(1e-12)) for g, w in zip(got[:3], want[:3])]
+            if cal:  # decisions: equal, except for a score within round-off of the threshold
+                near = (want[1] - graph.outputs.threshold).abs() <= 1e-4 * want[1].abs().max()
+                diffs.append(float(((got[3] != want[3]) & ~near).any()))
             shown = ", ".join(f"{n} {d:.2e}" for n, d in zip(names, diffs))
             log(f"  batch {b}: max |onnx - torch| / max |torch|: {shown}; {1e3 * (t2 - t1) / b:.0f} ms/image "
                 f"onnxruntime, {1e3 * (t1 - t0) / b:.0f} ms/image torch")
             if max(diffs) > 1e-4:
                 raise ValueError(f"{path}: the ONNX outputs differ from PyTorch's by {max(diffs):.2e} of their maximum")
+        if input_kind == "frames" and files:
+            compare_with_python(session, fp32, geometry, cal, cls, files, frame_size, log)
         size = Path(tmp).stat().st_size
-    log(f"wrote {path} ({size / 2**20:.1f} MiB): {geometry.describe()} input, outputs {', '.join(names)}"
-        + ("" if cal else " (no calibration, so no normalised_score)"))
+    shape = f"uint8 ({'B, ' + str(frame_size[0]) + ', ' + str(frame_size[1]) if frame_size else 'B, H, W'}, 3)"
+    log(f"wrote {path} ({size / 2**20:.1f} MiB): input {name} {shape if name == 'frames' else '(B, 3, h, w)'}, "
+        f"{geometry.describe()}, outputs {', '.join(names)}" + ("" if cal else " (no calibration, so no decision)"))
     return Path(path)
+
+
+def raw_frame(path, size=None) -> np.ndarray:
+    """An image file as a camera frame: uint8 (H, W, 3) RGB, resized to `size` (height, width) when given."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if size is not None and im.size != (size[1], size[0]):
+            im = im.resize((size[1], size[0]), Image.BILINEAR)
+        return np.asarray(im)
+
+
+def compare_with_python(session, model, geometry, calibration, cls, files, frame_size, log):
+    """The exported graph on raw frames against the Python path on the same files: the scores' largest relative
+    difference and the share of decisions that agree, logged. The Python path resizes with PIL in 8 bits, the
+    graph in float32: the scores differ a little, never by the graph's arithmetic."""
+    worst, agree = 0.0, 0
+    for f in files:
+        frame = raw_frame(f, frame_size)
+        got = session.run(None, {"frames": frame[None]})
+        x = datasets.load_image(Image.fromarray(frame), geometry)
+        want = float(model.predict_frames(x[None] if geometry.tile is None else [x], geometry)[1][0])
+        worst = max(worst, abs(float(got[1][0]) - want) / max(abs(want), 1e-12))
+        if calibration:
+            agree += bool(got[3][0]) == (want >= scoring.class_threshold(calibration, cls))
+    log(f"  on {len(files)} images, the graph's scores against the Python path's: at most {100 * worst:.2f} % apart"
+        + (f"; decisions agree on {agree} of {len(files)}" if calibration else ""))
+
 
 # -----------------------------------------------------------------------------------------------------
 # Command line
@@ -314,17 +641,41 @@ def parse_args(argv=None):
                         "the folder of a run (--calibrate: each model of a single-class run on its own class)")
     what = p.add_argument_group("what to do (one of)")
     what.add_argument("--calibrate", action="store_true",
-                      help="learn the decision rule on a labelled set (--data/--data-root, default the checkpoint's "
-                           "test set) and store it in the checkpoint, its tensors untouched")
+                      help="learn the decision rule and store it in the checkpoint, its tensors untouched: on a "
+                           "labelled set (--data/--data-root, default the checkpoint's test set), or on good images "
+                           "alone (--images)")
     what.add_argument("--images", nargs="+", metavar="PATH",
-                      help="score these images or folders: predictions.csv + heatmaps/*.png")
+                      help="score these images or folders: predictions.csv, regions.csv, heatmaps/*.png (with "
+                           "--calibrate: these are good parts to calibrate on)")
     what.add_argument("--export", type=Path, metavar="OUT.onnx",
-                      help="write the scoring path as ONNX (anomaly_map, score [, normalised_score]) and check it "
-                           "with onnxruntime (on the --images given, else on random inputs)")
+                      help="write the scoring path as ONNX and check it with onnxruntime (on the --images given, "
+                           "else on random inputs)")
+    cal = p.add_argument_group("--calibrate")
+    cal.add_argument("--max-false-reject", type=cli.number(float, 0.0), metavar="P",
+                     help="set the image thresholds from the good images alone so that a new good part is rejected "
+                          "with probability at most P (the conformal rule; e.g. 0.01)")
+    cal.add_argument("--max-false-pixels", type=cli.number(float, 0.0), default=MAX_FALSE_PIXELS, metavar="Q",
+                     help=f"with --max-false-reject: the region threshold flags at most this share of the good "
+                          f"images' pixels (default {MAX_FALSE_PIXELS:g})")
+    export = p.add_argument_group("--export")
+    export.add_argument("--export-input", choices=["frames", "normalised"], default="frames",
+                        help="frames (default): raw uint8 (B, H, W, 3) camera frames in, the resize, crop and "
+                             "normalisation inside the graph; normalised: the preprocessed float batch, as before")
+    export.add_argument("--frame-size", type=cli.size("none"), metavar="HxW",
+                        help="fix the frames' size in the graph (needed for tiles at each frame's own size)")
+    line = p.add_argument_group("--images")
+    line.add_argument("--min-area", type=cli.number(), default=1, metavar="N",
+                      help="regions smaller than N pixels (of the image's own size) are ignored (default 1)")
+    line.add_argument("--decide-by", choices=["score", "regions"], default="score",
+                      help="score (default): anomalous at or above the image threshold; regions: anomalous when any "
+                           "region of at least --min-area pixels is over the pixel threshold")
+    line.add_argument("--save-masks", action="store_true",
+                      help="write masks/<name>.png: each image's regions as a 0/255 mask of its own size")
     cli.add_data_args(p, datasets.DATASETS, defaults={
         "batch-size": str(scoring.Options.batch_size),
-        "classes help": "--calibrate: the classes to calibrate on, \"all\" or a comma list (default: the checkpoint's); "
-                        "--images: the one class whose threshold to use (default: the pooled threshold)"})
+        "classes help": "--calibrate: the classes to calibrate on, \"all\" or a comma list (default: the checkpoint's; "
+                        "with --images: the class of those good images); --images: the one class whose threshold "
+                        "to use (default: the pooled threshold)"})
     p.add_argument("--out", type=Path, help="output folder of --images (default: <checkpoint folder>/predictions)")
     p.add_argument("--zero-shot", action="store_true",
                    help="--images: anomaly map = INP distance (scores only: calibrations are for reconstruction maps)")
@@ -333,12 +684,18 @@ def parse_args(argv=None):
     cli.check_picture_args(args)
     if not (args.calibrate or args.images or args.export):
         raise ValueError("give --calibrate, --images PATH or --export OUT.onnx (see --help)")
-    if args.calibrate and (args.images or args.export):
-        raise ValueError("--calibrate learns from a labelled set: run --images and --export on their own")
+    if args.calibrate and args.export:
+        raise ValueError("--calibrate learns a decision rule and --export writes a graph: run them one at a time")
     if args.calibrate and args.zero_shot:
         raise ValueError("--calibrate learns the decision rule of the reconstruction maps; drop --zero-shot")
     if args.export and args.zero_shot:
         raise ValueError("--export writes the reconstruction maps; drop --zero-shot")
+    if args.max_false_reject is not None and not (args.calibrate and args.max_false_reject < 1):
+        raise ValueError(f"--max-false-reject {args.max_false_reject}: a budget below 1, with --calibrate")
+    if args.calibrate and args.images and args.max_false_reject is None:
+        raise ValueError("--calibrate on --images (good parts only) needs --max-false-reject P")
+    if args.decide_by == "regions" and not args.images:
+        raise ValueError("--decide-by regions decides for --images")
     return args
 
 
@@ -354,62 +711,91 @@ def main(argv=None, log=cli.log):
     model = scoring.load_ready(ckpts[0], device, precision)
     meta = inpformer.read_metadata(ckpts[0])
     cal = None if args.zero_shot else scoring.read_calibration(meta, ckpts[0], log)
-    geometry = scoring.asked_geometry(model, args.image_size, args.crop_size, ckpts[0], log)
-    if cal and "image_size" in cal:
-        calibrated_at = inpformer.Geometry(cal["image_size"], cal["crop_size"])
-        if calibrated_at != geometry:
-            log(f"note: {ckpts[0]} was calibrated at {calibrated_at.describe()}, not {geometry.describe()}: its "
-                "thresholds may not hold")
+    geometry = scoring.asked_geometry(model, args, ckpts[0], log)
+    calibrated_at = calibration_geometry(cal)
+    if calibrated_at is not None and calibrated_at != geometry:
+        log(f"note: {ckpts[0]} was calibrated at {calibrated_at.describe()}, not {geometry.describe()}: its "
+            "thresholds may not hold")
     if args.outline and not cal:
         log(f"note: --outline draws the calibrated pixel threshold, and {ckpts[0]} has no calibration")
     opts = scoring.Options(batch_size=args.batch_size or scoring.Options.batch_size, device=str(device),
                            precision=precision, workers=cli.workers(args.workers), geometry=geometry,
                            zero_shot=args.zero_shot,
                            pictures=scoring.PictureStyle(cal, args.outline, args.heat_range))
-    if args.export:
-        export_onnx(model, args.export, opts, args.images, log)
-        return 0
-
     calibrated = (cal or {}).get("class_names", list((cal or {}).get("classes", {})))
     if args.classes and ("," in args.classes or (cal and args.classes not in calibrated)):
         known = f" (calibrated: {', '.join(calibrated)})" if cal else ""
-        raise ValueError(f"--classes {args.classes}: with --images, one class whose threshold to use{known}")
+        raise ValueError(f"--classes {args.classes}: one class whose threshold to use{known}")
+    if args.export:
+        frame_size = None if args.frame_size in (None, "none") else args.frame_size
+        export_onnx(model, args.export, opts, args.images, args.classes, log, args.export_input, frame_size)
+        return 0
+
+    if args.decide_by == "regions" and not cal:
+        raise ValueError(f"--decide-by regions needs the pixel threshold of a calibration, and {ckpts[0]} has none")
     files = image_files(args.images)
     out = args.out or ckpts[0].parent / "predictions"
     log(f"{ckpts[0]}: scoring {len(files)} images at {geometry.describe()} on {device}")
-    predict_images(model, files, opts, out, args.classes, log)
-    log(f"wrote {out / 'predictions.csv'} and {out / 'heatmaps'}/")
+    predict_images(model, files, opts, out, args.classes, log, RegionRule(args.min_area, args.decide_by,
+                                                                        args.save_masks))
+    log(f"wrote {out / 'predictions.csv'}, {out / 'regions.csv'} and {out / 'heatmaps'}/")
     return 0
 
 
 def calibrate_main(args, ckpts, device, precision, log):
-    """--calibrate: each model file on its data set (a single-class run folder: each model on its own class)."""
+    """--calibrate: each model file on its data set (a single-class run folder: each model on its own class), or
+    one model on good images (--images)."""
+    if args.images and len(ckpts) > 1:
+        raise ValueError(f"{args.ckpt}: --calibrate --images calibrates one model file, not a folder of {len(ckpts)}")
+    if args.images and args.classes and "," in args.classes:
+        raise ValueError(f"--classes {args.classes}: --calibrate --images takes the one class of those images")
+    files = image_files(args.images) if args.images else None
     plans = []
     for ckpt in ckpts:  # everything checked before anything is scored
         meta = inpformer.read_metadata(ckpt)
-        classes = args.classes
-        if classes is None and len(ckpts) > 1:  # a single-class run: each model on its own class
-            classes = ",".join(datasets.split_list(meta.classes))
-        sets = scoring.plan_data_sets(meta, ckpt, args.data, args.data_root, classes)
-        if len(sets) > 1:
-            raise ValueError("--calibrate learns one rule per model: calibrate it on one data set")
+        data_set = None
+        if files is None:
+            classes = args.classes
+            if classes is None and len(ckpts) > 1:  # a single-class run: each model on its own class
+                classes = ",".join(datasets.split_list(meta.classes))
+            sets = scoring.plan_data_sets(meta, ckpt, args.data, args.data_root, classes)
+            if len(sets) > 1:
+                raise ValueError("--calibrate learns one rule per model: calibrate it on one data set")
+            data_set = sets[0]
+            calibration_images(data_set, inpformer.Geometry())  # lists them, and needs a normal one
         calibration_target(ckpt)
-        calibration_images(sets[0], inpformer.Geometry())  # lists them, and needs a normal one
-        plans.append((ckpt, meta, sets[0]))
+        plans.append((ckpt, meta, data_set))
     for ckpt, meta, data_set in plans:
         model = scoring.load_ready(ckpt, device, precision)
-        geometry = scoring.asked_geometry(model, args.image_size, args.crop_size, ckpt, log)
+        geometry = scoring.asked_geometry(model, args, ckpt, log)
         opts = scoring.Options(batch_size=args.batch_size or scoring.Options.batch_size, device=str(device),
                                precision=precision, workers=cli.workers(args.workers), geometry=geometry)
-        log(f"{ckpt}: calibrating on {data_set.data} in {data_set.root}")
-        rule = calibrate_on(model, data_set, opts, log)
+        if files is not None:
+            test_sets = good_images(files, args.classes, geometry)
+            log(f"{ckpt}: calibrating on {len(files)} good images")
+        else:
+            test_sets = calibration_images(data_set, geometry)
+            log(f"{ckpt}: calibrating on {data_set.data} in {data_set.root}")
+        seen = training_images(meta) & {str(Path(s.image).resolve()) for ds in test_sets.values() for s in ds.samples}
+        if seen:
+            log(f"warning: {len(seen)} of the calibration images are training images of {ckpt}: their scores are "
+                "optimistic, so thresholds learnt on them reject more new good parts than asked")
+        rule = calibrate_on(model, test_sets, opts, args.max_false_reject, args.max_false_pixels, log)
         target = write_calibration(ckpt, rule, data_set)
-        replaced = " (its earlier calibration replaced, as --calibrate asked)" if meta.calibration else ""
-        per_class = ", ".join(f"{c} {t:.4g}" for c, t in rule["classes"].items())
-        log(f"calibrated {target}{replaced}: image threshold {rule['image_threshold']:.4g} ({rule['rule']['image']})"
-            + (f", per class {per_class}" if per_class else "")
-            + f"; pixel threshold {rule['pixel_threshold']:.4g} ({rule['rule']['pixel']})")
+        log(calibration_summary(target, rule, replaced=meta.calibration is not None))
     return 0
+
+
+def calibration_summary(target, rule, replaced=False) -> str:
+    per_class = ", ".join(f"{c} {t:.4g}" for c, t in rule["classes"].items())
+    line = f"calibrated {target}" + (" (its earlier calibration replaced, as --calibrate asked)" if replaced else "")
+    line += f": image threshold {rule['image_threshold']:.4g} ({rule['rule']['image']})"
+    line += f", per class {per_class}" if per_class else ""
+    line += f"; pixel threshold {rule['pixel_threshold']:.4g} ({rule['rule']['pixel']})"
+    if "miss_rate" in rule:
+        line += f"; labelled defects missed: {100 * rule['miss_rate']['pooled']:.1f} % at the pooled threshold"
+        line += "".join(f", {c} {100 * m:.1f} %" for c, m in rule["miss_rate"]["classes"].items())
+    return line
 
 
 if __name__ == "__main__":

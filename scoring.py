@@ -164,10 +164,10 @@ def load_ready(ckpt, device, precision):
     return inpformer.load_model(ckpt, device).to(dtype)
 
 
-def asked_geometry(model, image_size, crop_size, ckpt, log=print) -> inpformer.Geometry:
-    """The model's own geometry, with --image-size and --crop-size where given (a note says it differs)."""
+def asked_geometry(model, args, ckpt, log=print) -> inpformer.Geometry:
+    """The model's own geometry, with the sizes the command line gives (cli.geometry; a note says it differs)."""
     own = model.config.geometry
-    geometry = inpformer.Geometry(image_size or own.image_size, crop_size or own.crop_size)
+    geometry = cli.geometry(args, own)
     if geometry != own:
         log(f"note: {ckpt} was trained at {own.describe()}; scoring at {geometry.describe()} as asked")
     return geometry.check(model.encoder.config.patch_size)
@@ -186,30 +186,40 @@ def ready_model(model, device="auto", precision="auto"):
     return copy.deepcopy(model).to(device, dtype).eval()
 
 
-def predict_maps(model, x, zero_shot=False):
-    """(B, 3, h, w) preprocessed images -> (B, 256, 256) smoothed float32 maps and (B,) image scores on the
-    official protocol: reconstruction error, or with zero_shot the INP distance. x is cast to the model's
-    dtype and moved to its device."""
-    predict = model.predict_zero_shot if zero_shot else model.predict
+def predict_maps(model, x, zero_shot=False, geometry=None, tile_batch=Options.batch_size, predictor=None):
+    """Preprocessed images -> (B, 256, 256) smoothed float32 maps and (B,) image scores, on the protocol of
+    `geometry` (default: the model's; see INPFormer.predict_frames): reconstruction error, or with zero_shot the
+    INP distance; or predictor(x, geometry) -> (maps, scores) instead (the kNN baseline). x: a (B, 3, h, w)
+    batch, or a list of frames (tiles); cast to the model's dtype and device."""
     p = model.prototype_token
+    x = [f.to(p.device, p.dtype) for f in x] if isinstance(x, list) else x.to(p.device, p.dtype)
     with torch.inference_mode():
-        maps, scores = predict(x.to(p.device, p.dtype))
+        if predictor is None:
+            maps, scores = model.predict_frames(x, geometry, zero_shot, tile_batch)
+        else:
+            maps, scores = predictor(x, geometry or model.config.geometry)
     return maps.float(), scores.float()
 
 
-def scored_batches(model, dataset, batch_size=Options.batch_size, workers=0, zero_shot=False):
-    """(batch, maps, scores) for each batch of `dataset` (an ImageDataset), maps and scores on the CPU."""
+def scored_batches(model, dataset, batch_size=Options.batch_size, workers=0, zero_shot=False, predictor=None):
+    """(batch, maps, scores) for each batch of `dataset` (an ImageDataset), maps and scores on the CPU, on the
+    dataset's geometry (predictor: see predict_maps). Tiled: one frame a batch, its tiles batch_size at a time,
+    so that memory follows the tile batch, not the frames' sizes."""
     pin = model.prototype_token.device.type == "cuda"
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=pin,
+    frames = 1 if dataset.geometry.tile else batch_size
+    loader = torch.utils.data.DataLoader(dataset, batch_size=frames, num_workers=workers, pin_memory=pin,
                                          collate_fn=data.ImageDataset.collate)
     for batch in loader:
-        maps, scores = predict_maps(model, batch["image"], zero_shot)
+        maps, scores = predict_maps(model, batch["image"], zero_shot, dataset.geometry, batch_size, predictor)
         yield batch, maps.cpu(), scores.cpu()
 
 
 def masks_at_map_size(masks):
-    """(B, 1, h, w) 0/1 masks -> (B, 256, 256) bool, as the official protocol resizes them: nearest, then > 0.5."""
+    """(B, 1, h, w) 0/1 masks (or a list of (1, h, w)) -> (B, 256, 256) bool, as the official protocol resizes
+    them: nearest, then > 0.5."""
     size = (inpformer.MAP_SIZE, inpformer.MAP_SIZE)
+    if isinstance(masks, list):
+        return torch.cat([masks_at_map_size(m[None]) for m in masks])
     return F.interpolate(masks, size=size, mode="nearest")[:, 0] > 0.5
 
 

@@ -24,6 +24,7 @@ run it leaves as it is. A new run never replaces one unless told (--overwrite). 
 """
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -41,9 +42,8 @@ import demo
 import evaluate
 import inpformer
 
-# The official multi-class recipe's sizes and length; --data demo has its own (demo.RECIPE).
-RECIPE = dict(image_size=inpformer.Geometry().image_size, crop_size=inpformer.Geometry().crop_size, batch_size=16,
-              epochs=200, workers=4)
+# The official multi-class recipe's geometry (448 -> 392), batch and length; --data demo has its own (demo.RECIPE).
+RECIPE = dict(geometry=inpformer.Geometry(), batch_size=16, epochs=200, workers=4)
 DEFAULT_BACKBONE = "base"  # the DINOv2-with-registers size downloaded when --weights is not given
 
 # -----------------------------------------------------------------------------------------------------
@@ -195,9 +195,10 @@ def feature_cache(run, encoder, recipe, batch_size, log) -> FeatureCache:
     """The run's feature cache: the one in <out>/feature_cache when it was made from `recipe`, else made now,
     each process encoding its share of the images into the shared files."""
     folder, model, n = run.out / "feature_cache", run.model, len(run.dataset)
-    g = model.config.geometry.crop_size // model.encoder.config.patch_size
-    grid, width, groups = (g, g), model.encoder.config.embed_dim, len(model.config.fuse_groups)
-    shapes = {"en": (n, groups, g * g, width), "fused": (n, g * g, width)}
+    p = model.encoder.config.patch_size
+    h, w = model.config.geometry.input_size()
+    grid, width, groups = (h // p, w // p), model.encoder.config.embed_dim, len(model.config.fuse_groups)
+    shapes = {"en": (n, groups, grid[0] * grid[1], width), "fused": (n, grid[0] * grid[1], width)}
     dtype = inpformer.PRECISIONS[recipe["dtype"]]
     recipe = dict(recipe, shapes={k: list(v) for k, v in shapes.items()})
     files = {k: str(folder / f"{k}.bin") for k in shapes}
@@ -285,9 +286,9 @@ def run_identity(args, sets, encoder=None, total=None) -> dict:
     """What a saved training state must match to be resumed by this run: the data (not its folder, which may
     have moved), the classes, sizes, model size, batch and seed; with an encoder and the iteration count, also
     the backbone's weights and the schedule (plan() checks the first part before anything is loaded)."""
-    identity = dict(data=[d for d, _, _ in sets], classes=[cs for _, _, cs in sets], image_size=args.image_size,
-                    crop_size=args.crop_size, inp_num=args.inp_num, setting=args.setting, shots=args.shots,
-                    batch_size=args.batch_size, seed=args.seed)
+    identity = dict(data=[d for d, _, _ in sets], classes=[cs for _, _, cs in sets],
+                    geometry=json.loads(json.dumps(dataclasses.asdict(args.geometry))), inp_num=args.inp_num,
+                    setting=args.setting, shots=args.shots, batch_size=args.batch_size, seed=args.seed)
     if encoder is not None:
         identity["backbone"] = fingerprint(encoder)
     if total is not None:
@@ -352,7 +353,7 @@ def setup(args, encoder, sets, out, device, log, rank=0, world=1) -> TrainingRun
     """Model, data, optimiser and schedule for one model (on a copy of `encoder`) trained on the union of
     `sets` [(data, root, classes)], restored from `out` with --resume."""
     torch.manual_seed(args.seed)
-    geometry = inpformer.Geometry(args.image_size, args.crop_size)
+    geometry = args.geometry
     model = inpformer.INPFormer(copy.deepcopy(encoder), inp_num=args.inp_num, geometry=geometry).to(device)
     parts = [data.train_set(d, r, cs, geometry, shots=args.shots, seed=args.seed, check=False)  # plan() checked
              for d, r, cs in sets]
@@ -509,12 +510,15 @@ def quiet(message):
 def parse_args(argv=None):
     r = demo.RECIPE
     p = cli.script_parser(__doc__)
+    paper, small = RECIPE["geometry"], r["geometry"]
     cli.add_data_args(p, data.DATASETS, required=True, defaults={
-        "data": "none, required", "classes": "all", "image-size": f"{RECIPE['image_size']}; --data demo "
-        f"{r['image_size']}", "crop-size": f"{RECIPE['crop_size']}; --data demo {r['crop_size']}",
+        "data": "none, required", "classes": "all",
+        "image-size": f"{paper.image_size[0]}; --data demo {small.image_size[0]}",
+        "crop-size": f"{paper.crop_size[0]}; --data demo {small.crop_size[0]}; none with --tile",
+        "tile": "none", "tile-overlap": f"{paper.tile_overlap:g}", "bit-depth": "see above",
         "batch-size": f"{RECIPE['batch_size']}; --data demo {r['batch_size']}; under torchrun the global batch, "
-                      "split evenly", "workers": f"up to {RECIPE['workers']} (--data demo {r['workers']}), at most "
-                                                 "the CPUs"})
+                      "split evenly",
+        "workers": f"up to {RECIPE['workers']} (--data demo {r['workers']}), at most the CPUs"})
     count, rate = cli.number(), cli.number(float, 0.0)
     p.add_argument("--setting", choices=["multi", "single", "few-shot"], default="multi",
                    help="one model for all classes (default), one per class, or one on k shots per class")
@@ -546,13 +550,13 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
 
     recipe = demo.RECIPE if args.data == "demo" else RECIPE
-    for name in ("image_size", "crop_size", "batch_size", "epochs"):
+    for name in ("batch_size", "epochs"):
         if getattr(args, name) is None:
             setattr(args, name, recipe[name])
     args.classes = args.classes or "all"
     args.workers = cli.workers(args.workers, recipe["workers"])
     args.precision = cli.device_and_precision(args)[1]
-    inpformer.Geometry(args.image_size, args.crop_size).check()
+    args.geometry = cli.geometry(args, recipe["geometry"]).check()
     if (args.setting == "few-shot") != bool(args.shots):
         raise ValueError("--shots k goes with --setting few-shot, and --setting few-shot needs --shots k")
     if args.resume and args.overwrite:
@@ -643,7 +647,7 @@ def main(argv=None, log=None):
         batch = f"batch {args.batch_size}"
         if world > 1:
             batch = f"{world} processes x {args.batch_size // world} images = global batch {args.batch_size}"
-        log(f"device {device}, precision {args.precision}, {batch}")
+        log(f"device {device}, precision {args.precision}, {batch}; images: {args.geometry.describe()}")
         checkpoints = []
         for p in plans:
             label = f"== class {p.sets[0][2][0]}" if len(plans) > 1 else f"training {p.out}"

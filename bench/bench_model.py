@@ -96,7 +96,9 @@ def main(mode="forward", doc=__doc__):
         impl, device, precision = a.worker.split(",")
         print(json.dumps(measure(mode, impl, device, precision, a.batch, a.iters, a.size, a.official)))
         return
-    configs = [("cpu", "fp32"), ("cpu", "bf16")] + ([("cuda", "bf16"), ("cuda", "fp32")] if torch.cuda.is_available() else [])
+    configs = [("cpu", "fp32"), ("cpu", "bf16")]
+    if torch.cuda.is_available():
+        configs += [("cuda", "bf16"), ("cuda", "fp32")]
     impls = ["ours"] + (["official"] if a.official else [])
     print(f"{mode}: torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
           + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"))

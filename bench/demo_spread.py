@@ -28,7 +28,8 @@ def table(text):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--kernels", nargs="+", default=["default", "avx2"], help='"default" leaves ATEN_CPU_CAPABILITY unset')
+    p.add_argument("--kernels", nargs="+", default=["default", "avx2"],
+                   help='"default" leaves ATEN_CPU_CAPABILITY unset')
     args = p.parse_args()
     readme = (ROOT / "README.md").read_text().split("## The main job, with nothing downloaded", 1)[1]
     want, runs = table(readme.split("\n## ", 1)[0]), {}

@@ -176,7 +176,8 @@ def test_realiad_json_layout(tmp_path, doubled):
     # Soft edges are binarised once, after the resize (official: Resize, ToTensor, > 0.5), not before it too.
     with Image.open(test[1].mask) as raw:
         official = np.asarray(raw.convert("L").resize((64, 64), Image.BILINEAR).crop((4, 4, 60, 60))) / 255 > 0.5
-        twice = np.asarray(raw.point(lambda v: 255 * (v > 127)).resize((64, 64), Image.BILINEAR).crop((4, 4, 60, 60))) > 127
+        binarised = raw.point(lambda v: 255 * (v > 127))
+        twice = np.asarray(binarised.resize((64, 64), Image.BILINEAR).crop((4, 4, 60, 60))) > 127
     got = data.ImageDataset(test, **SMALL)[1]["mask"][0].numpy() > 0.5
     assert np.array_equal(got, official) and not np.array_equal(got, twice)
     shutil.rmtree(tmp_path / "realiad_1024" / "pcb")            # json present, class zip not unpacked
@@ -297,7 +298,8 @@ def test_few_shot_sampling_is_seeded_and_follows_the_official_draw(tmp_path):
     assert len(ds) == 2 * 2 * 22
     # One random.Random(seed) for all classes, in the official class order (carpet before bottle).
     rng = random.Random(1)
-    expect = [s.image for c in ("carpet", "bottle") for s in rng.sample(data.list_samples("mvtec", root, c, "train"), 2)]
+    expect = [s.image for c in ("carpet", "bottle")
+              for s in rng.sample(data.list_samples("mvtec", root, c, "train"), 2)]
     assert ds.paths == expect
     again = data.train_set("mvtec", root, "all", shots=2, seed=1, **SMALL)
     assert again.paths == ds.paths and torch.equal(again[30]["image"], ds[30]["image"])

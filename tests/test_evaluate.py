@@ -121,7 +121,8 @@ def test_official_state_dict_maps_match_the_fixture():
     model = inpformer.load_model(shared(*TINY, "inpformer_official.safetensors"))
     for size in (224, 392):
         maps, scores = scoring.predict_maps(model, io[f"x_{size}"])
-        for name, got, ref in (("map256", maps, io[f"map256_{size}"][:, 0]), ("score256", scores, io[f"score256_{size}"])):
+        references = (("map256", maps, io[f"map256_{size}"][:, 0]), ("score256", scores, io[f"score256_{size}"]))
+        for name, got, ref in references:
             assert got.shape == ref.shape and got.dtype == torch.float32
             err = (got - ref).abs().max().item()
             assert err <= 1e-4 * ref.abs().max().item(), f"{name}_{size}: max|diff| {err:.3g}"
@@ -136,7 +137,7 @@ def test_official_pth_evaluates_with_data_arguments(demo, tmp_path, capsys):
     results = json.loads((tmp_path / "official" / "eval" / "metrics.json").read_text())
     assert list(results["classes"]) == ["tiles"]
     assert all(math.isfinite(v) for v in results["classes"]["tiles"].values())
-    assert results["protocol"]["crop_size"] == CROP
+    assert results["protocol"]["geometry"]["crop_size"] == [CROP, CROP]
     out = capsys.readouterr().out
     assert "| tiles |" in out and "was trained at 448 -> 392 px; scoring at 128 -> 112 px as asked" in out
 
@@ -370,3 +371,21 @@ def test_held_out_images_of_the_checkpoints_classes_are_its_own_data(demo, tmp_p
     [held] = scoring.plan_data_sets(meta, "ckpt", "folder", str(tmp_path / "held"))
     [other] = scoring.plan_data_sets(meta, "ckpt", "folder", str(tmp_path / "other"))
     assert (held.own, held.classes) == (True, "all") and other.own is False
+
+
+def test_the_knn_baseline_is_within_a_few_points_of_the_texture_ad_patchcore_numbers():
+    """The PatchCore-style kNN on the real ViT-S/14, texture_ad at 256 -> 224, every training token in the bank:
+    the fixture's README reports I-AUROC 1.000/0.788 and P-AUROC 0.995/0.939 (brick/grass)."""
+    root = shared("fixtures", "texture_ad")
+    vit = inpformer.load_backbone(shared("weights", "dinov2_vits14_imgfocus", "model.safetensors"))
+    model = inpformer.INPFormer(vit, geometry=inpformer.Geometry(256, 224)).eval()
+    reference = {"brick": (1.000, 0.995), "grass": (0.788, 0.939)}
+    opts = evaluate.Options(batch_size=16, device="cpu")
+    torch.set_num_threads(2)
+    try:
+        for cls, (i_auroc, p_auroc) in reference.items():
+            ds = data.test_set("folder", root, cls, model.config.geometry)
+            got = evaluate.knn_baseline(model, "folder", root, cls, ds, opts, log=lambda m: None)
+            assert abs(got["I-AUROC"] - i_auroc) <= 0.03 and abs(got["P-AUROC"] - p_auroc) <= 0.02, (cls, got)
+    finally:
+        torch.set_num_threads(1)

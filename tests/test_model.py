@@ -86,7 +86,8 @@ def test_soft_mining_reweights_gradient_not_value(io):
     model = model_from("official")
     x = io["x_224"]
     en, de, _ = model(x)
-    plain = sum((1 - torch.nn.functional.cosine_similarity(e.flatten(1), d.flatten(1))).mean() for e, d in zip(en, de)) / 2
+    cosine = torch.nn.functional.cosine_similarity
+    plain = sum((1 - cosine(e.flatten(1), d.flatten(1))).mean() for e, d in zip(en, de)) / 2
     mined = inpformer.soft_mining_loss(en, de)
     assert torch.allclose(plain, mined)
     g_plain = torch.autograd.grad(plain, model.prototype_token, retain_graph=True)[0]
@@ -99,7 +100,8 @@ def test_position_interpolation_is_the_official_one(io):
     vit = model_from("official").encoder
     pos = vit.interpolate_pos_encoding(16, 16)
     grid = vit.pos_embed[:, 1:].reshape(1, 37, 37, -1).permute(0, 3, 1, 2)
-    by_size = torch.nn.functional.interpolate(grid, size=(16, 16), mode="bicubic").permute(0, 2, 3, 1).reshape(1, 256, -1)
+    by_size = torch.nn.functional.interpolate(grid, size=(16, 16), mode="bicubic")
+    by_size = by_size.permute(0, 2, 3, 1).reshape(1, 256, -1)
     assert (pos[:, 1:] - by_size).abs().max() > 1e-2
     assert torch.equal(vit.interpolate_pos_encoding(37, 37), vit.pos_embed)
 

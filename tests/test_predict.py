@@ -148,14 +148,16 @@ def test_export_onnx_round_trip_matches_pytorch(ckpt, model, demo, tmp_path):
     path = tmp_path / "model.safetensors"
     shutil.copy(ckpt, path)
     predict.write_calibration(path, cal)
-    r = run_cli("--ckpt", path, "--export", tmp_path / "model.onnx", "--images", *images[:2])
+    r = run_cli("--ckpt", path, "--export", tmp_path / "model.onnx", "--export-input", "normalised", "--images",
+                *images[:2])
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "max |onnx - torch| / max |torch|: anomaly_map" in r.stdout and f"wrote {tmp_path / 'model.onnx'}" in r.stdout
+    assert "max |onnx - torch| / max |torch|: anomaly_map" in r.stdout
+    assert f"wrote {tmp_path / 'model.onnx'}" in r.stdout
     session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
-    assert [o.name for o in session.get_outputs()] == ["anomaly_map", "score", "normalised_score"]
+    assert [o.name for o in session.get_outputs()] == ["anomaly_map", "score", "normalised_score", "decision"]
     for b in (1, 3):
         want_maps, want_scores = model.predict(x[:b])
-        maps, scores, normalised = session.run(None, {"image": x[:b].numpy()})
+        maps, scores, normalised, _ = session.run(None, {"image": x[:b].numpy()})
         assert maps.shape == (b, 256, 256) and scores.shape == (b,)
         assert np.abs(maps - want_maps.numpy()).max() <= 1e-4 * float(want_maps.abs().max())
         assert np.abs(scores - want_scores.numpy()).max() <= 1e-4 * float(want_scores.abs().max())
@@ -297,8 +299,8 @@ assert inpformer.__file__.startswith({str(alone)!r}), inpformer.__file__
 model = inpformer.load_model({str(out / 'model.safetensors')!r})
 g = model.config.geometry
 x = load_file("x.safetensors")["x"]
-assert (g.image_size, g.crop_size) == (126, 98) and tuple(x.shape[-2:]) == (g.crop_size, g.crop_size)
-maps, scores = model.predict(x, out_size=inpformer.MAP_SIZE, max_ratio=inpformer.MAX_RATIO)
+assert (g.image_size, g.crop_size) == ((126, 126), (98, 98)) and tuple(x.shape[-2:]) == g.input_size()
+maps, scores = model.predict(x, out_size=inpformer.MAP_SIZE, max_ratio=inpformer.MAX_RATIO, padding=g.map_padding)
 print(repr(float(scores[0])))
 """
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=alone,
@@ -332,3 +334,140 @@ def test_bad_input_fails_with_one_line(argv, words, ckpt, bad, tmp_path, capsys)
     argv = ["--ckpt", str(ckpt)] + [a.format(bad=bad) for a in argv] + ["--workers", "0", "--out", str(tmp_path / "o")]
     expect_one_line_error(capsys, lambda: predict.main(argv), *(w.format(bad=bad) for w in words))
     assert not (tmp_path / "o").exists()
+
+
+# -----------------------------------------------------------------------------------------------------
+# Decisions a line can act on (issue 25)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_false_reject_threshold_is_the_conformal_quantile(seed):
+    """Against a brute-force search, in exact arithmetic: the smallest k whose conformal bound on a new good
+    part's rejection, (n + 1 - k) / (n + 1), is within the budget; the threshold sits just above the k-th
+    smallest good score, so "score >= threshold" rejects exactly the scores above it (ties included)."""
+    from fractions import Fraction
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(20, 300))
+    good = np.round(rng.normal(0.3, 0.05, n), 3)  # rounded: ties
+    ordered = np.sort(good)
+    for p in (0.01, 0.05, 0.1, 0.3):
+        if n < 1 / p - 1:
+            continue
+        t = predict.false_reject_threshold(good, p)
+        k = min(k for k in range(1, n + 1) if Fraction(n + 1 - k, n + 1) <= Fraction(str(p)))
+        assert t == np.nextafter(ordered[k - 1], np.inf)
+        assert np.sum(good >= t) == np.sum(good > ordered[k - 1]) <= n - k
+        # the guarantee, checked by simulation: a new good part from the same distribution is rejected <= p
+        if seed == 0 and p == 0.1:
+            trials = [predict.false_reject_threshold(rng.normal(0, 1, 29), p) for _ in range(4000)]
+            rejected = np.mean([rng.normal(0, 1) >= t for t in trials])
+            assert rejected <= p + 0.015, rejected
+
+
+def test_too_few_good_images_names_the_smallest_budget_they_support():
+    with pytest.raises(ValueError, match=r"--max-false-reject 0.01: 49 good images support a budget of at least "
+                                         r"0.02 \(1 / \(n \+ 1\)\).*at least 99"):
+        predict.false_reject_threshold(np.arange(49.0), 0.01)
+    assert predict.false_reject_threshold(np.arange(99.0), 0.01) == np.nextafter(98.0, np.inf)
+
+
+def test_regions_of_a_map_against_a_hand_made_mask():
+    amap = np.zeros((40, 60), np.float32)
+    amap[5:10, 5:15] = 0.9          # 50 px
+    amap[20, 30] = amap[21, 31] = 0.7  # corner-touching: one region of 2 px
+    amap[30:38, 50:52] = 0.6        # 16 px
+    mask, regions = predict.find_regions(amap, 0.5)
+    assert [(r.area, r.box) for r in regions] == [(50, (5, 5, 15, 10)), (2, (30, 20, 32, 22)), (16, (50, 30, 52, 38))]
+    assert regions[0].max_score == pytest.approx(0.9) and regions[2].mean_score == pytest.approx(0.6)
+    assert np.array_equal(mask, amap >= 0.5)
+    mask, regions = predict.find_regions(amap, 0.5, min_area=10)
+    assert [r.area for r in regions] == [50, 16] and [r.id for r in regions] == [1, 2] and mask.sum() == 66
+
+
+def test_budget_calibration_regions_and_the_region_rule_through_the_command_line(ckpt, demo, tmp_path):
+    path = tmp_path / "model.safetensors"
+    shutil.copy(ckpt, path)
+    r = run_cli("--ckpt", path, "--calibrate", "--max-false-reject", 0.2, "--max-false-pixels", 0.02, "--workers", 0)
+    assert r.returncode == 0, r.stdout + r.stderr
+    cal = inpformer.read_metadata(path).calibration
+    model = inpformer.load_model(path)
+    good, bad = {}, {}
+    for cls in ("fabric", "tiles"):
+        ds = data.test_set("folder", demo, cls, GEOMETRY)
+        scores = model.predict(torch.stack([ds[i]["image"] for i in range(len(ds))]))[1].numpy()
+        labels = np.array([s.label for s in ds.samples], bool)
+        good[cls], bad[cls] = scores[~labels], scores[labels]
+    pooled = np.concatenate(list(good.values()))
+    assert cal["image_threshold"] == pytest.approx(predict.false_reject_threshold(pooled, 0.2))
+    for cls in ("fabric", "tiles"):  # 4 good images a class support a budget of 0.2
+        assert cal["classes"][cls] == pytest.approx(predict.false_reject_threshold(good[cls], 0.2))
+        assert cal["miss_rate"]["classes"][cls] == pytest.approx(np.mean(bad[cls] < cal["classes"][cls]))
+    assert cal["rule"]["image"] == "false-reject budget 0.2 (conformal)" and "labelled defects missed" in r.stdout
+    good_pixels = [model.predict(data.test_set("folder", demo, c, GEOMETRY)[i]["image"][None])[0]
+                   for c in ("fabric", "tiles") for i in range(4)]  # the first four of each class are the good ones
+    flagged = float(torch.mean((torch.cat(good_pixels) >= cal["pixel_threshold"]).float()))
+    assert flagged <= 0.02 and flagged > 0.015  # the budget, up to the histogram's resolution
+    # --images: regions, masks and the region rule
+    r = run_cli("--ckpt", path, "--images", f"{demo}/tiles/test", f"{demo}/fabric/test", "--min-area", 20,
+                "--save-masks", "--decide-by", "regions", "--out", tmp_path / "pred", "--workers", 0)
+    assert r.returncode == 0, r.stdout + r.stderr
+    with open(tmp_path / "pred" / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    with open(tmp_path / "pred" / "regions.csv") as f:
+        regions = list(csv.DictReader(f))
+    for row in rows:
+        mine = [g for g in regions if g["image"] == row["path"]]
+        assert int(row["regions"]) == len(mine) and all(int(g["area"]) >= 20 for g in mine)
+        assert row["decision"] == ("anomalous" if mine else "normal")
+        with Image.open(tmp_path / "pred" / "masks" / row["heatmap"]) as m, Image.open(row["path"]) as im:
+            assert m.size == im.size and int((np.asarray(m) > 0).sum()) == sum(int(g["area"]) for g in mine)
+        amap = predict.native_map(model.predict(data.load_image(row["path"], GEOMETRY)[None])[0][0], row["path"],
+                                  GEOMETRY)
+        assert len(predict.find_regions(amap, cal["pixel_threshold"], 20)[1]) == len(mine)
+    assert any(int(r["regions"]) for r in rows)
+
+
+def test_calibrating_on_training_images_warns_and_too_few_images_refuse(ckpt, demo, tmp_path):
+    path = tmp_path / "model.safetensors"
+    shutil.copy(ckpt, path)
+    r = run_cli("--ckpt", path, "--calibrate", "--images", f"{demo}/tiles/train/good", "--classes", "tiles",
+                "--max-false-reject", 0.2, "--workers", 0)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "warning: 8 of the calibration images are training images" in r.stdout
+    assert list(inpformer.read_metadata(path).calibration["classes"]) == ["tiles"]
+    r = run_cli("--ckpt", path, "--calibrate", "--images", f"{demo}/tiles/train/good", "--max-false-reject", 0.01)
+    assert r.returncode == 2 and "support a budget of at least 0.1111" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_the_exported_graph_fed_raw_frames_decides_as_predict_does(ckpt, demo, tmp_path):
+    """Raw uint8 frames in: the graph's scores within 1 % of predict.py --images on the same files, the same
+    decisions on at least 98 % of them, and normalised_score and decision equal to predictions.csv's for the
+    class named at export."""
+    import onnxruntime
+
+    path = tmp_path / "model.safetensors"
+    shutil.copy(ckpt, path)
+    assert run_cli("--ckpt", path, "--calibrate", "--workers", 0).returncode == 0
+    r = run_cli("--ckpt", path, "--export", tmp_path / "line.onnx", "--classes", "tiles", "--images",
+                f"{demo}/tiles/test/spot")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "the graph's scores against the Python path's" in r.stdout
+    r = run_cli("--ckpt", path, "--images", f"{demo}/tiles/test", "--classes", "tiles", "--out", tmp_path / "pred",
+                "--workers", 0)
+    with open(tmp_path / "pred" / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    session = onnxruntime.InferenceSession(str(tmp_path / "line.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["frames"]
+    assert [o.name for o in session.get_outputs()] == ["anomaly_map", "score", "normalised_score", "decision"]
+    agree = 0
+    for row in rows:
+        maps, score, normalised, decision = session.run(None, {"frames": predict.raw_frame(row["path"])[None]})
+        want = float(row["score"])
+        assert abs(float(score[0]) - want) <= 0.01 * abs(want), row["path"]
+        assert maps.shape == (1, 256, 256) and decision.dtype == bool
+        cal = inpformer.read_metadata(path).calibration
+        assert float(normalised[0]) == pytest.approx(scoring.normalise(float(score[0]), cal, cal["classes"]["tiles"]),
+                                                     abs=1e-6)
+        agree += bool(decision[0]) == (row["decision"] == "anomalous")
+    assert agree >= 0.98 * len(rows)

@@ -37,7 +37,8 @@ def commands(text):
 
 def table(text):
     """{class: [seven numbers]} of the Markdown metrics table in `text`."""
-    return {m[0]: [float(v) for v in m[1:]] for m in re.findall(r"^\| (\w+) \|" + r" ([0-9.]+) \|" * 7 + "$", text, re.M)}
+    rows = re.findall(r"^\| (\w+) \|" + r" ([0-9.]+) \|" * 7 + "$", text, re.M)
+    return {m[0]: [float(v) for v in m[1:]] for m in rows}
 
 
 def assert_the_readmes_table(stdout, kernel):
@@ -46,7 +47,8 @@ def assert_the_readmes_table(stdout, kernel):
     want, got = table(section("The main job, with nothing downloaded")), table(stdout)
     assert set(want) == {"fabric", "tiles", "mean"} and set(got) == set(want), stdout
     for cls in want:
-        for name, g, w in zip(("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO"), got[cls], want[cls]):
+        names = ("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO")
+        for name, g, w in zip(names, got[cls], want[cls]):
             limit = 1.5 if cls == "mean" and name in ("I-AUROC", "P-AUROC") else 4.0
             assert abs(g - w) <= limit, f"{kernel}: {cls} {name} {g} vs the README's {w}\n{stdout}"
 

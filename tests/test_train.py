@@ -1,5 +1,6 @@
 """train.py: the optimiser and schedule against the official formulas, loss going down, exact resume, torchrun
 DDP, the safety stops, and the end-to-end run on real photos with a real DINOv2 ViT-S/14."""
+import csv
 import gc
 import json
 import math
@@ -251,7 +252,8 @@ def test_an_occupied_run_folder_is_never_replaced(demo_root, tmp_path):
     r = run_train(*tiny_args(demo_root, out, "--iters", 2, "--no-eval"), check=False)
     err = r.stderr.strip()
     assert r.returncode == 2 and "\n" not in err and "Traceback" not in err, err
-    assert str(out / "model.safetensors") in err and "finished run" in err and "--resume" in err and "--overwrite" in err
+    assert str(out / "model.safetensors") in err and "finished run" in err
+    assert "--resume" in err and "--overwrite" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     run_train(*tiny_args(demo_root, out, "--iters", 2, "--no-eval", "--overwrite"))
     assert inpformer.read_checkpoint_metadata(out / "model.safetensors")["total_iters"] == 2
@@ -272,9 +274,14 @@ def test_loader_workers_never_exceed_the_cpus_this_process_may_use():
 
 
 def test_end_to_end_texture_ad_with_real_vit_small(tmp_path):
-    """One multi-class model on both texture_ad classes, real DINOv2 ViT-S/14, 224 px, on the CPU."""
+    """One multi-class model on both texture_ad classes, real DINOv2 ViT-S/14, 224 px, on the CPU; then its
+    export fed raw frames decides on texture_ad as predict.py --images does (issue 25)."""
+    import onnxruntime
+    import predict
+
     out = tmp_path / "e2e"
-    r = run_train("--data", "folder", "--data-root", shared("fixtures", "texture_ad"),
+    root = shared("fixtures", "texture_ad")
+    r = run_train("--data", "folder", "--data-root", root,
                   "--weights", shared("weights", "dinov2_vits14_imgfocus", "model.safetensors"),
                   "--image-size", 224, "--crop-size", 224, "--batch-size", 8, "--epochs", 2, "--lr", 2e-3,
                   "--cache-features", "--workers", 0, "--out", out)
@@ -284,6 +291,24 @@ def test_end_to_end_texture_ad_with_real_vit_small(tmp_path):
     assert set(results["classes"]) == {"brick", "grass"}
     assert mean["I-AUROC"] >= 0.85 and mean["P-AUROC"] >= 0.93, mean
     assert "| mean |" in r.stdout.replace("**", "")
+
+    ckpt = out / "model.safetensors"
+    script = [sys.executable, str(ROOT / "predict.py"), "--ckpt", str(ckpt), "--workers", "0"]
+    subprocess.run([*script, "--calibrate"], check=True, capture_output=True)
+    subprocess.run([*script, "--export", str(tmp_path / "e2e.onnx"), "--classes", "brick"], check=True,
+                   capture_output=True)
+    images = [str(root / "brick" / "test" / folder) for folder in ("good", "scratch")]  # 20 good, 10 scratched
+    subprocess.run([*script, "--images", *images, "--classes", "brick", "--out", str(tmp_path / "pred")], check=True,
+                   capture_output=True)
+    with open(tmp_path / "pred" / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    session = onnxruntime.InferenceSession(str(tmp_path / "e2e.onnx"), providers=["CPUExecutionProvider"])
+    agree = 0
+    for row in rows:
+        _, score, _, decision = session.run(None, {"frames": predict.raw_frame(row["path"])[None]})
+        assert abs(float(score[0]) - float(row["score"])) <= 0.01 * abs(float(row["score"])), row["path"]
+        agree += bool(decision[0]) == (row["decision"] == "anomalous")
+    assert len(rows) == 30 and agree >= 0.98 * len(rows)
 
 
 def test_single_class_few_shot_and_super_multi_class_settings(demo_root, tmp_path):
@@ -454,7 +479,8 @@ def test_the_feature_cache_records_what_it_was_made_from(demo_root, tmp_path):
     r = run_train(*base, "--iters", 2, "--cache-features", "bf16", "--keep-cache")
     assert "feature cache: encoded" in r.stdout and str(out / "feature_cache") in r.stdout
     recipe = json.loads((out / "feature_cache" / "cache.json").read_text())
-    assert recipe["dtype"] == "bf16" and recipe["classes"] == [["fabric", "tiles"]] and recipe["crop_size"] == 112
+    assert recipe["dtype"] == "bf16" and recipe["classes"] == [["fabric", "tiles"]]
+    assert recipe["geometry"]["crop_size"] == [112, 112]
     assert recipe["backbone"] == train.fingerprint(inpformer.load_backbone(shared(*TINY_WEIGHTS)))
     r = run_train(*base, "--iters", 2, "--cache-features", "bf16", "--keep-cache", "--overwrite")
     assert "feature cache: reusing" in r.stdout  # the same images, sizes, backbone and schedule

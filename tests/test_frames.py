@@ -1,0 +1,255 @@
+"""Every pixel of a real frame (issue 24): rectangular whole frames, tiles, defects in the band the paper's crop
+removes, frames of mixed sizes, 16-bit and other pixel formats, and the MVTec AD 2 layout."""
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import inpformer
+import predict
+from conftest import GEOMETRY, ROOT, expect_one_line_error, shared
+from inpformer import Geometry
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+TINY_WEIGHTS = shared("fixtures", "official_tiny", "backbone_hub.safetensors")
+
+
+def write(path, array, mode=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array, mode).save(path)
+    return path
+
+
+# -----------------------------------------------------------------------------------------------------
+# Geometry, tiles and stitching
+
+
+def test_geometry_sizes_and_tile_positions():
+    g = Geometry((350, 140), None)
+    assert g.whole_frame and g.map_padding == "reflect" and g.input_size() == (350, 140)
+    assert g.frame_size(999, 77) == (350, 140) and g.crop_box(350, 140) == (0, 0, 350, 140)
+    assert Geometry(448, 392) == Geometry((448, 448), (392, 392)) and Geometry().map_padding == "zeros"
+    tiled = Geometry((126, 300), None, tile=112, tile_overlap=0.25)
+    positions = tiled.tile_positions(126, 300)
+    assert positions == [(t, l) for t in (0, 14) for l in (0, 84, 168, 188)]  # 84 apart, the last flush
+    covered = np.zeros((126, 300), bool)
+    for top, left in positions:
+        covered[top:top + 112, left:left + 112] = True
+    assert covered.all()
+    native = Geometry(None, None, tile=112)
+    assert native.frame_size(300, 100) == (112, 336)  # too short for a tile: enlarged, aspect kept
+    for bad, words in [(Geometry((350, 141), None), "--image-size 350x141"), (Geometry(None, None), "--tile"),
+                       (Geometry(448, None, tile=100), "--tile 100"), (Geometry(448, 392, tile=112), "none"),
+                       (Geometry(112, None, tile=112, tile_overlap=1.0), "--tile-overlap")]:
+        with pytest.raises(ValueError, match=words):
+            bad.check(14)
+
+
+def test_a_single_tile_covering_the_frame_is_the_whole_frame_pass(model):
+    x = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(0))
+    whole = model.predict_frames(x, Geometry(112, None))
+    tiled = model.predict_frames(list(x), Geometry(112, None, tile=112))
+    assert torch.equal(whole[0], tiled[0]) and torch.equal(whole[1], tiled[1])
+
+
+def test_overlapping_tiles_stitch_without_seams_and_borders_keep_their_level(model, monkeypatch):
+    """A constant raw map stays constant through overlapping tiles, the resample and the reflect-padded Gaussian;
+    the paper's zero padding (its crop) darkens the border."""
+    monkeypatch.setattr(model, "raw_maps", lambda x, zero_shot=False: torch.full((len(x), 1, *x.shape[-2:]), 0.3))
+    frame = torch.zeros(3, 154, 266)
+    maps, scores = model.predict_tiled(frame, tile=56, overlap=0.4)
+    assert torch.allclose(maps, torch.full_like(maps, 0.3), atol=1e-6) and abs(float(scores[0]) - 0.3) < 1e-6
+    paper, _ = model.predict(torch.zeros(1, 3, 112, 112))
+    assert float(paper[0, 0, 0]) < 0.3 * 0.6 and abs(float(paper[0, 128, 128]) - 0.3) < 1e-6
+
+
+def band_defects(demo):
+    """Good demo test images, each with a copy whose defect lies wholly in the band the centre crop removes."""
+    pairs = []
+    for cls in ("tiles", "fabric"):
+        for i in range(3):
+            clean = np.asarray(Image.open(f"{demo}/{cls}/test/good/{i:03d}.png").convert("RGB")).copy()
+            bad = clean.copy()
+            bad[1:8, 40:120] = 255 - bad[1:8, 40:120]  # a scratch along the top edge, inside the outer 10 px
+            pairs.append((Image.fromarray(clean), Image.fromarray(bad)))
+    return pairs
+
+
+def test_a_defect_in_the_outer_band_is_found_whole_frame_and_missed_by_the_crop(model, demo):
+    whole = Geometry(154, None)
+    for clean, bad in band_defects(demo):
+        # the paper's crop: the model's input is the same pixels with or without the defect; no model can see it
+        assert torch.equal(data.load_image(clean, GEOMETRY), data.load_image(bad, GEOMETRY))
+        (m_clean, s_clean), (m_bad, s_bad) = (model.predict_frames(data.load_image(im, whole)[None], whole)
+                                              for im in (clean, bad))
+        rise = (m_bad - m_clean)[0]
+        assert s_bad > s_clean
+        assert rise[:16, 64:192].mean() > 3 * rise[40:].abs().mean()  # where the scratch is, not elsewhere
+
+
+# -----------------------------------------------------------------------------------------------------
+# Whole frames and tiles through train.py, evaluate.py and predict.py
+
+
+def run(script, *argv):
+    r = subprocess.run([sys.executable, str(ROOT / script), *map(str, argv)], capture_output=True, text=True,
+                       cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+def test_a_rectangular_whole_frame_run_trains_evaluates_and_predicts(demo, tmp_path):
+    out = tmp_path / "run"
+    r = run("train.py", "--data", "folder", "--data-root", demo, "--weights", TINY_WEIGHTS, "--image-size", "112x168",
+            "--crop-size", "none", "--batch-size", 4, "--iters", 3, "--workers", 0, "--out", out)
+    assert "images: 112x168 px, the whole frame" in r.stdout  # the size it parsed: 112 rows high, 168 wide
+    model = inpformer.load_model(out / "model.safetensors")
+    assert model.config.geometry == Geometry((112, 168), None)
+    results = json.loads((out / "eval" / "metrics.json").read_text())
+    assert results["protocol"]["gaussian_padding"] == "reflect" and set(results["classes"]) == {"fabric", "tiles"}
+    image = Path(demo, "tiles", "test", "spot", "000.png")
+    run("predict.py", "--ckpt", out / "model.safetensors", "--images", image, "--out", tmp_path / "pred",
+        "--workers", 0)
+    with open(tmp_path / "pred" / "predictions.csv") as f:
+        [row] = list(csv.DictReader(f))
+    x = data.load_image(image, model.config.geometry)
+    assert x.shape == (3, 112, 168)
+    assert abs(float(row["score"]) - float(model.predict_frames(x[None])[1][0])) < 1e-5
+
+
+def mixed_sizes(root, demo):
+    """The demo's tiles class with every image cut to its own size (wider, taller, smaller than a tile)."""
+    sizes = [(160, 160), (100, 150), (160, 90), (130, 120), (70, 160), (150, 100)]
+    for split in ("train/good", "test/good", "test/spot", "ground_truth/spot"):
+        for k, p in enumerate(sorted(Path(demo, "tiles", split).glob("*.png"))):
+            h, w = sizes[k % len(sizes)]
+            target = root / "tiles" / split / p.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            Image.open(p).crop((0, 0, w, h)).save(target)
+    return root
+
+
+def test_a_class_of_mixed_sizes_trains_tiled_at_each_frames_own_scale(demo, tmp_path):
+    root = mixed_sizes(tmp_path / "mixed", demo)
+    out = tmp_path / "run"
+    r = run("train.py", "--data", "folder", "--data-root", root, "--weights", TINY_WEIGHTS, "--image-size", "native",
+            "--tile", 56, "--tile-overlap", 0.5, "--batch-size", 4, "--iters", 3, "--workers", 0, "--out", out,
+            "--cache-features")
+    assert "each frame's own size, tiles of 56 px overlapping 0.5" in r.stdout
+    results = json.loads((out / "eval" / "metrics.json").read_text())
+    assert results["counts"]["tiles"] == {"normal": 4, "anomalous": 2}
+    assert all(0 <= results["classes"]["tiles"][k] <= 1 for k in ("I-AUROC", "P-AUROC"))
+    # each tile of each training frame is a training sample
+    g = inpformer.load_model(out / "model.safetensors").config.geometry
+    frames = [g.frame_size(*data.image_size(s.image)) for s in data.list_samples("folder", root, "tiles", "train")]
+    assert len(data.train_set("folder", root, "all", g)) == sum(len(g.tile_positions(*f)) for f in frames)
+    # --full-res scores each frame's own pixels, the whole frame
+    r = run("evaluate.py", "--ckpt", out / "model.safetensors", "--full-res", "--streaming", "--workers", 0)
+    assert "pixels at original resolution" in r.stdout
+
+
+def test_full_res_whole_frame_masks_cover_every_pixel(demo):
+    ds = data.test_set("folder", demo, "tiles", Geometry(126, None), native=True)
+    item = next(ds[i] for i in range(len(ds)) if ds.samples[i].mask)
+    with Image.open(ds.samples[[s.image for s in ds.samples].index(item["path"])].mask) as m:
+        assert item["native_mask"].shape == (m.height, m.width)
+        assert torch.equal(item["native_mask"], torch.from_numpy(np.asarray(m) > 127))
+
+
+# -----------------------------------------------------------------------------------------------------
+# Pixel formats
+
+
+def test_a_16_bit_png_keeps_its_contrast(tmp_path):
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    path = write(tmp_path / "frame16.png", ramp)
+    assert Image.open(path).mode.startswith("I;16")
+    g = Geometry(56, None)
+    x = data.load_image(path, g)
+    grey = x[0] * data.IMAGENET_STD[0] + data.IMAGENET_MEAN[0]
+    assert float(grey.min()) < 0.05 and float(grey.max()) > 0.95  # the whole range, not near-white
+    level = 3 / 255 / min(data.IMAGENET_STD)  # three 8-bit grey levels, ImageNet-normalised
+    eight = write(tmp_path / "frame8.png", (ramp // 257).astype(np.uint8))
+    assert torch.allclose(x, data.load_image(eight, g), atol=level)  # the same picture as in 8 bits
+    # 12-bit data in 16-bit files: --bit-depth 12 stretches it to the range; values above 4095 are refused
+    twelve = write(tmp_path / "frame12.png", (ramp // 16).astype(np.uint16))
+    assert torch.allclose(data.load_image(twelve, Geometry(56, None, bit_depth=12)), x, atol=level)
+    with pytest.raises(data.DataError, match=r"frame16.png: I;16.* 12-bit data lies in \[0, 4095\]"):
+        data.load_image(path, Geometry(56, None, bit_depth=12))
+
+
+def test_float_palette_alpha_and_unsupported_formats(tmp_path):
+    g = Geometry(28, None)
+    ramp = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)
+    path = tmp_path / "f.tif"
+    Image.fromarray(ramp, "F").save(path)
+    assert float(data.load_image(path, g)[0].max()) > 2.0  # 1.0, ImageNet-normalised
+    Image.fromarray(ramp * 4, "F").save(tmp_path / "loud.tif")
+    with pytest.raises(data.DataError, match="loud.tif: F values from 0 to 4.*float images must hold values in"):
+        data.load_image(tmp_path / "loud.tif", g)
+    rgb = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(rgb).convert("P").save(tmp_path / "p.png")
+    Image.fromarray(rgb).convert("RGBA").save(tmp_path / "a.png")
+    assert data.load_image(tmp_path / "p.png", g).shape == data.load_image(tmp_path / "a.png", g).shape == (3, 28, 28)
+    Image.fromarray(rgb, "RGB").convert("LAB").save(tmp_path / "lab.tif")
+    with pytest.raises(data.DataError, match="lab.tif: pixel format 'LAB' is not supported"):
+        data.load_image(tmp_path / "lab.tif", g)
+
+
+# -----------------------------------------------------------------------------------------------------
+# MVTec AD 2
+
+
+def mvtec2_tree(root, demo):
+    """Two objects in MVTec AD 2's layout, from demo images."""
+    for obj, cls in (("can", "tiles"), ("vial", "fabric")):
+        src = Path(demo, cls)
+        for i, p in enumerate(sorted((src / "train" / "good").glob("*.png"))):
+            target = root / obj / ("train" if i < 6 else "validation") / "good" / p.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(p.read_bytes())
+        for p in sorted((src / "test" / "good").glob("*.png")):
+            (root / obj / "test_public" / "good").mkdir(parents=True, exist_ok=True)
+            (root / obj / "test_public" / "good" / p.name).write_bytes(p.read_bytes())
+        for k, p in enumerate(sorted((src / "test").glob("*/*.png"))):
+            if p.parent.name == "good":
+                continue
+            mask = src / "ground_truth" / p.parent.name / f"{p.stem}_mask.png"
+            for folder, file, name in (("test_public/bad", p, f"{k:03d}.png"),
+                                       ("test_public/ground_truth/bad", mask, f"{k:03d}_mask.png")):
+                (root / obj / folder).mkdir(parents=True, exist_ok=True)
+                (root / obj / folder / name).write_bytes(file.read_bytes())
+        (root / obj / "test_private").mkdir()
+        (root / obj / "test_private" / "000.png").write_bytes(p.read_bytes())
+    return root
+
+
+def test_the_mvtec_ad_2_layout(demo, tmp_path, capsys):
+    root = mvtec2_tree(tmp_path / "mvtec_ad_2", demo)
+    assert data.list_classes("mvtec2", root) == ["can", "vial"]  # the official order
+    assert len(data.list_samples("mvtec2", root, "can", "train")) == 6
+    validation = data.list_samples("mvtec2", root, "can", "validation")
+    assert len(validation) == 2 and all(s.label == 0 for s in validation)
+    test = data.list_samples("mvtec2", root, "can", "test")
+    bad = [s for s in test if s.label]
+    assert len(test) == 10 and len(bad) == 6 and all(s.mask.endswith("_mask.png") for s in bad)
+    assert all("/test_public/" in s.image for s in test)
+    with pytest.raises(data.DataError, match="has no validation split"):
+        data.list_samples("mvtec", root, "can", "validation")
+    # --calibrate on MVTec AD 2 learns from the validation images (good only: the normal-score rule)
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(Path(shared("fixtures", "official_tiny", "inpformer_official.safetensors")).read_bytes())
+    predict.main(["--ckpt", str(path), "--calibrate", "--data", "mvtec2", "--data-root", str(root), "--image-size",
+                  "126", "--crop-size", "none", "--workers", "0"])
+    cal = inpformer.read_metadata(path).calibration
+    assert cal["rule"]["image"] == "normal mean + 3 std" and cal["normal"]["images"] == 4
+    assert cal["class_names"] == ["can", "vial"]
+    expect_one_line_error(capsys, lambda: data.main(["--check", "mvtec2", str(tmp_path / "nowhere")]), "nowhere")
