@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import cli
 import data
 import inpformer
 import metrics
@@ -471,3 +472,33 @@ def test_the_exported_graph_fed_raw_frames_decides_as_predict_does(ckpt, demo, t
                                                      abs=1e-6)
         agree += bool(decision[0]) == (row["decision"] == "anomalous")
     assert agree >= 0.98 * len(rows)
+
+
+@pytest.mark.parametrize("flags, frame", [
+    (["--image-size", "112x168", "--crop-size", "none"], (150, 200)),                      # the whole frame
+    (["--image-size", "native", "--tile", "56", "--tile-overlap", "0.25", "--frame-size", "120x180"], (120, 180)),
+])
+def test_whole_frame_and_tiled_geometries_export(ckpt, demo, tmp_path, flags, frame):
+    """Each geometry exports from raw frames and its graph scores as the Python path does on them."""
+    import onnxruntime
+
+    image = Path(demo, "tiles", "test", "spot", "000.png")
+    out = tmp_path / "g.onnx"
+    r = run_cli("--ckpt", ckpt, "--export", out, *flags, "--images", image)
+    assert r.returncode == 0, r.stdout + r.stderr
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    frames = np.stack([predict.raw_frame(image, frame), predict.raw_frame(image, frame)[:, ::-1]])
+    _, scores = session.run(None, {"frames": np.ascontiguousarray(frames)})
+    args = predict.parse_args(["--ckpt", str(ckpt), "--export", str(out), *flags])
+    model = inpformer.load_model(ckpt)
+    geometry = cli.geometry(args, model.config.geometry)
+    for f, got in zip(frames, scores):
+        x = data.load_image(Image.fromarray(np.ascontiguousarray(f)), geometry)
+        want = float(model.predict_frames([x] if geometry.tile else x[None], geometry)[1][0])
+        assert abs(float(got) - want) <= 0.01 * abs(want)
+
+
+def test_tiles_at_each_frames_own_size_need_a_frame_size_to_export(ckpt, tmp_path, capsys):
+    expect_one_line_error(capsys, lambda: predict.main(["--ckpt", str(ckpt), "--export", str(tmp_path / "t.onnx"),
+                                                        "--image-size", "native", "--tile", "56"]), "--frame-size")
+    assert not (tmp_path / "t.onnx").exists()
