@@ -34,15 +34,19 @@ class KNNBaseline:
 
     @torch.no_grad()
     def fit(self, dataset, workers=0):
-        """The bank from every training sample of `dataset` (images, or tiles of a tiled geometry)."""
+        """The bank from every training sample of `dataset` (images, or tiles of a tiled geometry): a uniform
+        random subset of at most bank_size of their tokens, drawn as they come (each token a seeded random
+        priority, the lowest bank_size kept), so memory stays at the bank's size."""
         p = self.model.prototype_token
-        tokens = []
+        generator = torch.Generator().manual_seed(self.seed)
+        bank, priority = None, None
         for batch in torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, num_workers=workers):
-            tokens.append(token_features(self.model, batch["image"].to(p.device, p.dtype)).flatten(0, 1).cpu())
-        bank = torch.cat(tokens)
-        if len(bank) > self.bank_size:
-            keep = torch.randperm(len(bank), generator=torch.Generator().manual_seed(self.seed))[:self.bank_size]
-            bank = bank[keep]
+            tokens = token_features(self.model, batch["image"].to(p.device, p.dtype)).flatten(0, 1).cpu()
+            drawn = torch.rand(len(tokens), generator=generator)
+            if bank is not None:
+                tokens, drawn = torch.cat([bank, tokens]), torch.cat([priority, drawn])
+            keep = drawn.argsort()[:self.bank_size] if len(tokens) > self.bank_size else slice(None)
+            bank, priority = tokens[keep], drawn[keep]
         self.bank = bank.to(p.device)
         return self
 
@@ -58,12 +62,13 @@ class KNNBaseline:
 
     @torch.no_grad()
     def predict(self, frames, geometry):
-        """(B, 256, 256) maps and (B,) scores, the map's maximum, for frames prepared with `geometry`."""
+        """(B, 256, 256) maps and (B,) scores, the map's maximum, for frames prepared with `geometry` (a batch,
+        or for tiles a list of frames, stitched as the model stitches its tiles)."""
         if geometry.tile is None:
             return inpformer.score_maps(self.raw_maps(frames), max_ratio=0, padding=geometry.map_padding)
         maps, scores = [], []
         for frame in frames:
-            frame_map = inpformer.stitch_tiles(frame, geometry.tile, geometry.tile_overlap, self.raw_maps,
+            frame_map = inpformer.stitch_tiles(frame[None], geometry.tile, geometry.tile_overlap, self.raw_maps,
                                                self.batch_size)
             m, s = inpformer.score_maps(frame_map, max_ratio=0, padding="reflect")
             maps.append(m)

@@ -61,6 +61,13 @@ def size(word):
     return parse
 
 
+def tile_size(text):
+    """An argparse type: a whole number of at least 1, or none."""
+    if text.strip().lower() == "none":
+        return "none"
+    return number()(text)
+
+
 def fraction(text):
     """An argparse type: a number from 0 up to (not including) 1."""
     with contextlib.suppress(ValueError):
@@ -105,9 +112,10 @@ def add_data_args(parser, datasets, required=False, defaults=None):
     g.add_argument("--crop-size", type=size("none"), metavar="N|HxW|none",
                    help="the centre crop of the resized frame fed to the model, a multiple of the patch size 14 (the "
                         "paper's protocol); none: the whole frame " + default("crop-size"))
-    g.add_argument("--tile", type=number(), metavar="N",
+    g.add_argument("--tile", type=tile_size, metavar="N|none",
                    help="cover each resized frame with N x N tiles (a multiple of 14; --crop-size none is implied), "
-                        "each scored on its own, their maps averaged where they overlap " + default("tile"))
+                        "each scored on its own, their maps averaged where they overlap; none: no tiles "
+                        + default("tile"))
     g.add_argument("--tile-overlap", type=fraction, metavar="F",
                    help="the fraction of a tile neighbouring tiles share, 0 <= F < 1 " + default("tile-overlap"))
     g.add_argument("--bit-depth", type=number(), metavar="N",
@@ -140,14 +148,19 @@ def geometry(args, base: inpformer.Geometry) -> inpformer.Geometry:
         changes["image_size"] = None if args.image_size == "native" else args.image_size
     if args.crop_size is not None:
         changes["crop_size"] = None if args.crop_size == "none" else args.crop_size
-    if args.tile is not None:
+    if args.tile == "none":
+        changes["tile"] = None
+    elif args.tile is not None:
         changes["tile"] = args.tile
         changes.setdefault("crop_size", None)
     if args.tile_overlap is not None:
         changes["tile_overlap"] = args.tile_overlap
     if args.bit_depth is not None:
         changes["bit_depth"] = args.bit_depth
-    return dataclasses.replace(base, **changes)
+    geometry = dataclasses.replace(base, **changes)
+    if args.tile_overlap is not None and geometry.tile is None:
+        raise ValueError(f"--tile-overlap {args.tile_overlap}: the overlap of tiles, with --tile N")
+    return geometry
 
 
 def check_picture_args(args):

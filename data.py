@@ -9,8 +9,11 @@ Data sets (`data` name -> what `root` points at):
 The demo set is written by demo.py; "folder" is any data set in MVTec layout.
 
 Preprocessing (luow23/INP-Former `dataset.py`, sizes from an inpformer.Geometry): RGB, a bilinear resize to
-image_size x image_size (the aspect not kept), the central crop_size x crop_size, ImageNet mean/std. Masks take
-the same geometry and are then binarised at 0.5.
+the geometry's frame size (the paper's 448 x 448, the aspect not kept; any H x W; or the frame's own size for
+tiles), its centre crop (the paper's 392 x 392) or the whole frame, ImageNet mean/std. 16-bit, 32-bit and float
+grey images are scaled to [0, 1] first (Geometry.bit_depth), never clipped. Masks take the same geometry and are
+then binarised at 0.5. Tiles are cut later, from the preprocessed frame (TileDataset for training,
+INPFormer.predict_frames for scoring).
 
 Every problem with the files on disk raises DataError, whose message is one line, "<path>: <problem>".
 
@@ -315,6 +318,8 @@ def _reading(path):
     """Any failure to read one image file becomes a one-line DataError naming that file."""
     try:
         yield
+    except DataError:  # already one line naming the file
+        raise
     except FileNotFoundError:
         raise _error(path, "file not found") from None
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error... for broken files
@@ -369,13 +374,18 @@ def _open(path, bit_depth=None) -> Image.Image:
     """An image file decoded to "RGB" or "L" (8-bit), or to "F" (grey in [0, 1]) from a wider grey format."""
     with _reading(path), Image.open(path) as im:
         im.load()
-        if im.mode in ("RGB", "L"):
-            # Grey stays grey until after the resize: the same pixels as .convert('RGB') first, at a third of the work.
-            return im
-        if im.mode in _CONVERTED:
-            return im.convert("RGB")
-        if im.mode in _WIDE_GREY:
-            return _wide_grey(path, im, bit_depth)
+        return _model_mode(im, path, bit_depth)
+
+
+def _model_mode(im, path, bit_depth=None) -> Image.Image:
+    """A decoded image in a mode the preprocessing takes (see _open); `path` names it in errors."""
+    if im.mode in ("RGB", "L"):
+        # Grey stays grey until after the resize: the same pixels as .convert('RGB') first, at a third of the work.
+        return im
+    if im.mode in _CONVERTED:
+        return im.convert("RGB")
+    if im.mode in _WIDE_GREY:
+        return _wide_grey(path, im, bit_depth)
     raise _error(path, f"pixel format {im.mode!r} is not supported (RGB, grey, palette, alpha, 16-bit or float grey)")
 
 
@@ -388,7 +398,10 @@ def _wide_grey(path, im, bit_depth):
     else:
         bits = bit_depth or 16
         top, rule = 2.0**bits - 1, f"{bits}-bit data lies in [0, {2**bits - 1}]"
-    if not np.isfinite(values).all() or values.min() < 0 or values.max() > top:
+    if not np.isfinite(values).all() or values.min() < 0:
+        raise _error(path, f"{im.mode} values from {values.min():g} to {values.max():g}: negative or not finite, "
+                           "no pixel data this reads")
+    if values.max() > top:
         raise _error(path, f"{im.mode} values from {values.min():g} to {values.max():g}, but {rule}: pass "
                            "--bit-depth N for N-bit data")
     return Image.fromarray((values / top).astype(np.float32), "F")
@@ -404,7 +417,7 @@ def _open_mask(path) -> Image.Image:
 def crop_box(width, height, geometry: Geometry) -> tuple[int, int, int, int]:
     """(left, top, right, bottom) of the model's input in an original width x height image's pixels, rounded:
     the centre crop of the resized frame (the resize need not keep the aspect), or the whole image."""
-    frame_h, frame_w = geometry.frame_size(width, height)
+    frame_h, frame_w = geometry.frame_size(height, width)
     top, left, h, w = geometry.crop_box(frame_h, frame_w)
     sx, sy = width / frame_w, height / frame_h
     return round(left * sx), round(top * sy), round((left + w) * sx), round((top + h) * sy)
@@ -412,7 +425,7 @@ def crop_box(width, height, geometry: Geometry) -> tuple[int, int, int, int]:
 
 def _resize_and_crop(im: Image.Image, geometry: Geometry) -> Image.Image:
     """The frame at the geometry's size, then its crop (the whole frame without one)."""
-    height, width = geometry.frame_size(*im.size)
+    height, width = geometry.frame_size(im.height, im.width)
     # PIL's bilinear resize (antialiased when shrinking) is what torchvision's Resize runs on PIL images.
     if (width, height) != im.size:
         im = im.resize((width, height), Image.BILINEAR)
@@ -436,7 +449,10 @@ def load_image(path, geometry: Geometry) -> torch.Tensor:
     of the model that will score it: model.config.geometry. Tiled geometries give the whole resized frame (the
     model cuts the tiles: INPFormer.predict_frames)."""
     geometry.check(patch_size=1)  # any sizes here; the model checks the multiple of its patch
-    image = path if isinstance(path, Image.Image) else _open(path, geometry.bit_depth)
+    if isinstance(path, Image.Image):
+        image = _model_mode(path, "the image given", geometry.bit_depth)
+    else:
+        image = _open(path, geometry.bit_depth)
     return _to_tensor(image, geometry)
 
 
@@ -505,7 +521,8 @@ class TileDataset(torch.utils.data.Dataset):
     def __init__(self, samples, geometry: Geometry):
         self.frames, self.tile, self.index = ImageDataset(samples, geometry), geometry.tile, []
         for i, s in enumerate(self.frames.samples):
-            frame = geometry.frame_size(*image_size(s.image))
+            width, height = image_size(s.image)
+            frame = geometry.frame_size(height, width)
             self.index += [(i, top, left) for top, left in geometry.tile_positions(*frame)]
 
     def __len__(self):

@@ -20,7 +20,8 @@ predict.py's.
 Protocol (the official `evaluation_batch(max_ratio=0.01, resize_mask=256)`, constants in inpformer.py): maps at
 the crop size, resized bilinearly to 256x256, 5x5 Gaussian with sigma 4 and zero padding; image score = mean of
 the top 1% (655) of the smoothed pixels; ground truth = the crop-size mask resized to 256 with `nearest`, then
-> 0.5. Each class is scored on its own; "mean" is the plain average over classes. Metrics come from metrics.py
+> 0.5. Whole-frame and tiled checkpoints (inpformer.Geometry) score the whole frame the same way, with an
+antialiased resize and a reflect-padded Gaussian, so that the border counts like the inside. Each class is scored on its own; "mean" is the plain average over classes. Metrics come from metrics.py
 and are exact, not the 200-bin approximations of the authors' GPU code (expect pixel AP a little off the
 paper's numbers). --full-res (the MVTec AD protocol) scores pixels at each image's own resolution over the part
 the centre crop saw. --zero-shot (paper Table S8): the map is the INP distance. Memory: one class at a time;
@@ -163,6 +164,9 @@ def evaluate(model, data, root, classes, opts=Options(), out_dir=None, log=print
     classes = datasets.resolve_classes(data, root, classes)
     # Build every test set first: their pre-flight file checks fail now, not an hour into the run.
     test_sets = {c: datasets.test_set(data, root, c, geometry, native=opts.full_res) for c in classes}
+    train_sets = {}
+    if opts.baseline == "knn":  # the baseline's banks, from each class's training images: checked now too
+        train_sets = {c: datasets.train_set(data, root, c, geometry) for c in classes}
     total = sum(len(ds) for ds in test_sets.values())
     precision = inpformer.resolve_precision(opts.precision, model.prototype_token.device)
     maps_kind = "INP distance (zero-shot)" if opts.zero_shot else "reconstruction error"
@@ -192,7 +196,7 @@ def evaluate(model, data, root, classes, opts=Options(), out_dir=None, log=print
         if out_dir and opts.save_maps:
             save_maps(model, ds, acc.scores.tolist(), opts, Path(out_dir) / "maps" / cls, cls)
         if opts.baseline == "knn":
-            knn_per_class[cls] = knn_baseline(model, data, root, cls, ds, opts, log)
+            knn_per_class[cls] = knn_baseline(model, train_sets[cls], ds, opts, log)
     log(f"{data}: {total} images, {progress.rate():.1f} img/s")
     if opts.streaming:
         metric_kind = f"streaming ({metrics.PixelHistogram().bins} bins over [0, 2])"
@@ -237,11 +241,11 @@ def score_class(model, ds, opts, progress=None, predictor=None):
     return acc, rows
 
 
-def knn_baseline(model, data, root, cls, ds, opts, log):
-    """The seven metrics of the kNN baseline (baseline.py) on one class: its bank from the class's training
-    images, prepared as the model's."""
+def knn_baseline(model, train, ds, opts, log):
+    """The seven metrics of the kNN baseline (baseline.py) on one class's test set `ds`: its bank from the class's
+    training set `train`, prepared as the model's images."""
     t0 = time.monotonic()
-    train = datasets.train_set(data, root, cls, ds.geometry, check=False)
+    cls = ds.samples[0].cls
     knn = baseline.KNNBaseline(model, opts.bank_size, batch_size=opts.batch_size).fit(train, opts.workers)
     acc, _ = score_class(model, ds, opts, predictor=knn.predict)
     m = acc.compute(warn=lambda msg: log(f"  note: {cls} (knn baseline): {msg}"))

@@ -78,9 +78,9 @@ class Geometry:
       enlarged, aspect kept, until a tile fits).
     - crop_size: the centre crop of the resized frame the model sees, the paper's protocol (448 -> 392); or None:
       the whole frame, every pixel of it.
-    - tile, tile_overlap: the resized frame is covered by tile x tile squares, `tile_overlap` of a tile apart
-      less, the last row and column aligned to the frame's edges; the model scores each tile on its own (its
-      own INPs) and the tiles' maps are averaged where they overlap. None: the whole input at once.
+    - tile, tile_overlap: the resized frame is covered by tile x tile squares, neighbours sharing the fraction
+      tile_overlap of a tile, the last row and column flush with the frame's edges; the model scores each tile
+      on its own (its own INPs) and the tiles' maps are averaged where they overlap. None: the whole input.
     - bit_depth: the significant bits of 16-bit, 32-bit integer and float grey images (e.g. 12 for a 12-bit
       sensor in 16-bit files), scaled to the model's range by 2^bit_depth - 1; None: 16 for integer images,
       and float images must hold values in [0, 1]. 8-bit images are read as they are.
@@ -123,7 +123,8 @@ class Geometry:
         if self.tile is not None:
             multiple("--tile", (self.tile, self.tile))
             if self.crop_size is not None:
-                raise ValueError("--tile covers the whole frame: pass --crop-size none")
+                raise ValueError(f"tiles (--tile {self.tile}, given or the checkpoint's) cover the whole frame: pass "
+                                 "--crop-size none, or --tile none")
             if not 0.0 <= self.tile_overlap < 1.0:
                 raise ValueError(f"--tile-overlap {self.tile_overlap} must be at least 0 and below 1")
             if self.image_size is not None and min(self.image_size) < self.tile:
@@ -139,8 +140,8 @@ class Geometry:
             raise ValueError(f"--bit-depth {self.bit_depth} must be between 1 and 32")
         return self
 
-    def frame_size(self, width, height) -> tuple:
-        """(height, width) of the resized frame of an original width x height image."""
+    def frame_size(self, height, width) -> tuple:
+        """(height, width) of the resized frame of an original height x width image."""
         if self.image_size is not None:
             return self.image_size
         scale = max(1.0, self.tile / width, self.tile / height)  # a frame smaller than a tile is enlarged
@@ -187,6 +188,8 @@ def _hw(size) -> str:
 
 def _tile_starts(length, tile, overlap):
     """Where tiles start along one side: `tile * (1 - overlap)` apart, the last one flush with the far edge."""
+    if length < tile:
+        raise ValueError(f"a side of {length} px is shorter than a {tile} px tile")
     stride = max(1, round(tile * (1 - overlap)))
     starts = list(range(0, length - tile + 1, stride))
     if starts[-1] + tile < length:
@@ -498,10 +501,7 @@ class INPFormer(nn.Module):
         """One preprocessed frame (3, H, W) covered by tiles (see stitch_tiles), each tile scored on its own (its
         own INPs), the frame's map then resampled, smoothed (reflect padding) and scored as predict() does.
         A single tile covering the frame gives exactly the whole-frame pass. (1, out_size, out_size), (1,)."""
-        def tile_maps(tiles):
-            return self.raw_maps(tiles, zero_shot)
-
-        frame_map = stitch_tiles(frame, tile, overlap, tile_maps, batch_size)
+        frame_map = stitch_tiles(frame[None], tile, overlap, lambda t: self.raw_maps(t, zero_shot), batch_size)
         return score_maps(frame_map, out_size, max_ratio, padding="reflect")
 
     @torch.no_grad()
@@ -520,20 +520,26 @@ class INPFormer(nn.Module):
 # Losses and the anomaly map
 
 
-def stitch_tiles(frame, tile, overlap, tile_maps, batch_size=16):
-    """The (1, 1, H, W) raw map of a frame (3, H, W) covered by tile x tile squares (Geometry.tile_positions):
-    tile_maps((b, 3, tile, tile)) -> (b, 1, tile, tile) maps each batch of tiles, and the maps are averaged where
-    tiles overlap (so a constant map stays constant). Memory follows the tile batch, not the frame."""
-    H, W = frame.shape[-2:]
+def stitch_tiles(frames, tile, overlap, tile_maps, batch_size=16):
+    """The (B, 1, H, W) raw maps of frames (B, 3, H, W) covered by tile x tile squares (Geometry.tile_positions):
+    tile_maps((b, 3, tile, tile)) -> (b, 1, tile, tile) maps batches of about batch_size tiles, and the maps
+    are averaged where tiles overlap (so a constant map stays constant). Memory follows the tile batch, not the
+    frame. The ONNX export traces this same function."""
+    B, _, H, W = frames.shape
+    if H < tile or W < tile:
+        raise ValueError(f"a {H}x{W} frame is smaller than a {tile} px tile")
     positions = [(t, l) for t in _tile_starts(H, tile, overlap) for l in _tile_starts(W, tile, overlap)]
-    total = torch.zeros(1, 1, H, W, device=frame.device)
-    count = torch.zeros(1, 1, H, W, device=frame.device)
-    for i in range(0, len(positions), batch_size):
-        chunk = positions[i:i + batch_size]
-        tiles = torch.stack([frame[:, top:top + tile, left:left + tile] for top, left in chunk])
-        for (top, left), m in zip(chunk, tile_maps(tiles)):
-            total[..., top:top + tile, left:left + tile] += m
-            count[..., top:top + tile, left:left + tile] += 1
+    # Positions a call, every frame's tile at each; None: all at once (the export, whose batch is symbolic).
+    per_batch = len(positions) if batch_size is None else max(1, batch_size // B)
+    total = torch.zeros(B, 1, H, W, device=frames.device)
+    count = torch.zeros(1, 1, H, W, device=frames.device)
+    for i in range(0, len(positions), per_batch):
+        chunk = positions[i:i + per_batch]
+        tiles = torch.cat([frames[:, :, t:t + tile, l:l + tile] for t, l in chunk])  # position-major
+        maps = tile_maps(tiles).float().view(len(chunk), B, 1, tile, tile)
+        for (t, l), m in zip(chunk, maps):
+            total[:, :, t:t + tile, l:l + tile] += m
+            count[:, :, t:t + tile, l:l + tile] += 1
     return total / count
 
 
@@ -577,13 +583,17 @@ def gaussian_kernel(size=GAUSSIAN_SIZE, sigma=GAUSSIAN_SIGMA):
 
 
 def score_maps(maps, out_size=MAP_SIZE, max_ratio=MAX_RATIO, padding="zeros"):
-    """(B, 1, H, W) maps -> resized (align_corners=False), the 5x5 sigma-4 Gaussian, and the image score = mean
-    of the top max_ratio of pixels (the maximum when max_ratio is 0). In fp32 always. padding: "zeros", the
-    paper's (the outer two pixels darken), or "reflect" (the border scores like the inside)."""
+    """(B, 1, H, W) maps -> resized (bilinear, align_corners=False), the 5x5 sigma-4 Gaussian, and the image
+    score = mean of the top max_ratio of pixels (the maximum when max_ratio is 0). In fp32 always. padding:
+    "zeros", the paper's protocol for its crop (the outer two pixels darken, and the resize is plain bilinear);
+    or "reflect", for whole frames and tiles: the border scores like the inside, and the resize is antialiased,
+    since a frame can be many times the map's size, where plain bilinear would keep or drop a narrow peak
+    depending on where it falls."""
     with torch.autocast(maps.device.type, enabled=False):
         maps = _full(maps)
         if out_size is not None and tuple(maps.shape[-2:]) != (out_size, out_size):
-            maps = F.interpolate(maps, size=(out_size, out_size), mode="bilinear", align_corners=False)
+            maps = F.interpolate(maps, size=(out_size, out_size), mode="bilinear", align_corners=False,
+                                 antialias=padding == "reflect")
         half = GAUSSIAN_SIZE // 2
         if padding == "reflect":
             maps = F.conv2d(F.pad(maps, (half, half, half, half), mode="reflect"), gaussian_kernel().to(maps))[:, 0]

@@ -86,18 +86,24 @@ def heat_range(pixel_threshold, median, std):
 
 def false_reject_threshold(good_scores, max_false_reject):
     """The conformal threshold for a false-reject budget P. With the n good scores sorted, s_(1) <= ... <= s_(n),
-    and k = ceil((n + 1)(1 - P)), a new good part whose score is exchangeable with these scores above s_(k) with
-    probability at most (n + 1 - k) / (n + 1) <= P. The threshold returned is the next float above s_(k), so
-    that "anomalous when score >= threshold" rejects exactly the scores above s_(k). Needs k <= n, i.e.
-    n >= 1/P - 1 good images; else ValueError naming the smallest P these images support, 1 / (n + 1)."""
-    good = np.sort(np.asarray(good_scores, np.float64))
-    n, p = len(good), Fraction(repr(float(max_false_reject)))  # exact arithmetic: no rounding across the ceiling
-    k = math.ceil((n + 1) * (1 - p))
-    if k > n:
+    and k = ceil((n + 1)(1 - P)), a new good part, its score exchangeable with these, scores above s_(k) with
+    probability at most (n + 1 - k) / (n + 1) <= P. The threshold returned is the next float32 above s_(k)
+    (scores are float32, in PyTorch and in the exported graph alike), so that "anomalous when score >=
+    threshold" rejects exactly the scores above s_(k). Needs k <= n, i.e. n >= 1/P - 1 good images; else
+    ValueError naming the smallest P these images support, 1 / (n + 1)."""
+    good = np.sort(np.asarray(good_scores, np.float32))
+    check_budget(len(good), max_false_reject)
+    k = math.ceil((len(good) + 1) * (1 - Fraction(repr(float(max_false_reject)))))  # exact: no rounding at the ceiling
+    return float(np.nextafter(good[k - 1], np.float32(np.inf)))
+
+
+def check_budget(n, max_false_reject):
+    """n good images support a false-reject budget P when n >= 1/P - 1 (see false_reject_threshold)."""
+    p = Fraction(repr(float(max_false_reject)))
+    if math.ceil((n + 1) * (1 - p)) > n:
         raise ValueError(f"--max-false-reject {float(p):g}: {n} good images support a budget of at least "
                          f"{1 / (n + 1):.4g} (1 / (n + 1)); calibrate on more good images (at least "
                          f"{math.ceil(1 / p - 1)}) or ask for a larger budget")
-    return float(np.nextafter(good[k - 1], np.inf))
 
 
 def pixel_budget_threshold(hist, max_false_pixels):
@@ -119,9 +125,9 @@ def budget_calibration(scored, max_false_reject, max_false_pixels=MAX_FALSE_PIXE
     per_class = {}
     for c in dict.fromkeys(c for c in scored.classes if c):  # "": good images of no named class
         good = scores[(classes == c) & ~labels]
-        if len(good) >= 1 / max_false_reject - 1:
+        try:
             per_class[c] = false_reject_threshold(good, max_false_reject)
-        else:
+        except ValueError:
             log(f"note: class {c}: its {len(good)} good images support no budget below {1 / (len(good) + 1):.3g}: "
                 "it takes the pooled threshold")
     pixel_t = pixel_budget_threshold(scored.good_pixels, max_false_pixels)
@@ -143,9 +149,8 @@ def budget_calibration(scored, max_false_reject, max_false_pixels=MAX_FALSE_PIXE
 
 @dataclass
 class CalibrationSet:
-    """A calibration set scored: per image its path, class, label and score; a histogram of the maps' pixels
-    (the normal ones, and the anomalous ones where masks say so), and one of the good images' pixels alone."""
-    paths: list
+    """A calibration set scored: per image its class, label and score; a histogram of the maps' pixels (the
+    normal ones, and the anomalous ones where masks say so), and one of the good images' pixels alone."""
     classes: list
     labels: np.ndarray
     scores: np.ndarray
@@ -153,33 +158,32 @@ class CalibrationSet:
     good_pixels: metrics.PixelHistogram
 
 
-def calibration_images(data_set: scoring.DataSet, geometry) -> dict:
-    """{class: ImageDataset} of the images of `data_set` to calibrate on (its test images, or the validation
-    split of a data set that has one, data.CALIBRATION_SPLIT); at least one must be normal."""
+def calibration_samples(data_set: scoring.DataSet) -> dict:
+    """{class: [Sample]} of the images of `data_set` to calibrate on (its test images, or the validation split of
+    a data set that has one, data.CALIBRATION_SPLIT), every file checked; at least one must be good."""
     classes = datasets.resolve_classes(data_set.data, data_set.root, data_set.classes)
     split = datasets.CALIBRATION_SPLIT.get(data_set.data, "test")
-    test_sets = {}
+    found = {}
     for c in classes:
-        samples = datasets.list_samples(data_set.data, data_set.root, c, split)
-        datasets.check_samples(samples)
-        test_sets[c] = datasets.ImageDataset(samples, geometry)
-    if not any(s.label == 0 for ds in test_sets.values() for s in ds.samples):
-        raise ValueError(f"{data_set.root}: no normal test image of {data_set.data} to calibrate on")
-    return test_sets
+        found[c] = datasets.list_samples(data_set.data, data_set.root, c, split)
+        datasets.check_samples(found[c])
+    if not any(s.label == 0 for samples in found.values() for s in samples):
+        raise ValueError(f"{data_set.root}: no good image of {data_set.data} ({split} split) to calibrate on")
+    return found
 
 
-def good_images(files, cls, geometry) -> dict:
-    """{class: ImageDataset} of unlabelled images taken as good parts of class `cls` ("" for no class)."""
+def good_samples(files, cls) -> dict:
+    """{class: [Sample]} of unlabelled images taken as good parts of class `cls` ("" for no class), checked."""
     samples = [datasets.Sample(str(f), None, 0, cls or "", "good") for f in files]
     datasets.check_samples(samples)
-    return {cls or "": datasets.ImageDataset(samples, geometry)}
+    return {cls or "": samples}
 
 
 def score_calibration_set(model, test_sets, opts, log=print) -> CalibrationSet:
     """Every image of `test_sets` ({class: ImageDataset}) scored, with a histogram of its maps' pixels."""
     model = scoring.ready_model(model, opts.device, opts.precision)
     progress = scoring.Progress(sum(len(ds) for ds in test_sets.values()), log)
-    paths, classes, labels, scores = [], [], [], []
+    classes, labels, scores = [], [], []
     pixels, good_pixels = metrics.PixelHistogram(), metrics.PixelHistogram()
     for cls, ds in test_sets.items():
         has_masks = not any(s.label and s.mask is None for s in ds.samples)
@@ -191,12 +195,11 @@ def score_calibration_set(model, test_sets, opts, log=print) -> CalibrationSet:
             else:  # no masks for this class's anomalies: only the normal images' pixels have known labels
                 pixels.update(masks[normal], maps[normal])
             good_pixels.update(masks[normal], maps[normal])
-            paths += batch["path"]
             classes += [cls] * len(batch_scores)
             labels += batch["label"].tolist()
             scores += batch_scores.tolist()
             progress.step(len(batch_scores), cls or "images")
-    return CalibrationSet(paths, classes, np.asarray(labels, bool), np.asarray(scores, np.float64), pixels, good_pixels)
+    return CalibrationSet(classes, np.asarray(labels, bool), np.asarray(scores, np.float64), pixels, good_pixels)
 
 
 def calibrate_on(model, test_sets, opts: scoring.Options, max_false_reject=None, max_false_pixels=MAX_FALSE_PIXELS,
@@ -234,13 +237,14 @@ def training_images(meta: inpformer.Metadata) -> set:
 
 
 def calibration_geometry(rule):
-    """The geometry a calibration was learnt at, or None when it does not say."""
+    """The geometry a calibration was learnt at, or None when it does not say (or says it unreadably)."""
     if not rule:
         return None
-    if "geometry" in rule:
-        return inpformer.Geometry(**rule["geometry"])
-    if "image_size" in rule:  # calibrations written before the geometry had tiles
-        return inpformer.Geometry(rule["image_size"], rule["crop_size"])
+    with contextlib.suppress(TypeError, KeyError, ValueError):
+        if "geometry" in rule:
+            return inpformer.Geometry(**rule["geometry"])
+        if "image_size" in rule:  # calibrations written before the geometry had tiles
+            return inpformer.Geometry(rule["image_size"], rule["crop_size"])
     return None
 
 
@@ -325,12 +329,12 @@ class RegionRule:
 
 def native_map(amap, path, geometry) -> np.ndarray:
     """An image's (256, 256) map at the image's own size: resized into the part of it the model saw (the crop
-    box, or the whole image); 0 elsewhere, so that what a crop never saw is never flagged."""
+    box, or the whole image); -inf elsewhere, so that what a crop never saw is never flagged."""
     width, height = datasets.image_size(path)
     left, top, right, bottom = datasets.crop_box(width, height, geometry)
-    full = np.zeros((height, width), np.float32)
-    inner = torch.nn.functional.interpolate(torch.as_tensor(amap, dtype=torch.float32)[None, None],
-                                            size=(bottom - top, right - left), mode="bilinear", align_corners=False)
+    full = np.full((height, width), -np.inf, np.float32)
+    inner = F.interpolate(torch.as_tensor(amap, dtype=torch.float32)[None, None], size=(bottom - top, right - left),
+                          mode="bilinear", align_corners=False)
     full[top:bottom, left:right] = inner[0, 0].numpy()
     return full
 
@@ -341,20 +345,22 @@ def find_regions(amap, threshold, min_area=1) -> tuple:
     labels, n = metrics.label_components(amap >= threshold)
     if n == 0:
         return np.zeros(amap.shape, bool), []
-    flat, values = labels.ravel(), amap.ravel()
-    area = np.bincount(flat, minlength=n + 1)
-    sums = np.bincount(flat, weights=values, minlength=n + 1)
-    rows, cols = np.nonzero(labels)
-    ids = labels[rows, cols]
-    regions, keep = [], np.zeros(n + 1, bool)
-    for k in range(1, n + 1):
-        if area[k] < min_area:
-            continue
-        keep[k] = True
-        r, c = rows[ids == k], cols[ids == k]
-        regions.append(Region(len(regions) + 1, int(area[k]), (int(c.min()), int(r.min()), int(c.max()) + 1,
-                                                               int(r.max()) + 1),
-                              float(values[flat == k].max()), float(sums[k] / area[k])))
+    rows, cols = np.nonzero(labels)  # the flagged pixels, in raster order
+    ids, values = labels[rows, cols], amap[rows, cols].astype(np.float64)
+    area = np.bincount(ids, minlength=n + 1)
+    total = np.bincount(ids, weights=values, minlength=n + 1)
+    top, left = np.full(n + 1, amap.shape[0]), np.full(n + 1, amap.shape[1])
+    bottom, right, peak = np.zeros(n + 1, int), np.zeros(n + 1, int), np.full(n + 1, -np.inf)
+    np.minimum.at(top, ids, rows)
+    np.minimum.at(left, ids, cols)
+    np.maximum.at(bottom, ids, rows + 1)
+    np.maximum.at(right, ids, cols + 1)
+    np.maximum.at(peak, ids, values)
+    kept = [k for k in range(1, n + 1) if area[k] >= min_area]
+    regions = [Region(i, int(area[k]), (int(left[k]), int(top[k]), int(right[k]), int(bottom[k])), float(peak[k]),
+                      float(total[k] / area[k])) for i, k in enumerate(kept, start=1)]
+    keep = np.zeros(n + 1, bool)
+    keep[kept] = True
     return keep[labels], regions
 
 
@@ -395,8 +401,11 @@ def predict_images(model, files, opts=scoring.Options(), out_dir=None, cls=None,
             if out is None:
                 continue
             row["heatmap"] = f"{name}.png"
-            picture = dict(image=scoring.to_rgb(batch["image"][i]), map=maps[i].half(),
-                           title=style.title(path, score, cls), file=out / "heatmaps" / row["heatmap"])
+            title = style.title(path, score, cls)
+            if cal and rule.decide_by == "regions":
+                title = f"{Path(path).name}: score {score:.4g}, {row['regions']} regions {row['decision'].upper()}"
+            picture = dict(image=scoring.to_rgb(batch["image"][i]), map=maps[i].half(), title=title,
+                           file=out / "heatmaps" / row["heatmap"])
             if scale:
                 _draw(picture, scale, style)
             else:  # drawn once every map is known, on their common min..max
@@ -499,12 +508,6 @@ class FrameGraph(torch.nn.Module):
         self.outputs = DecisionOutputs(calibration, cls)
         self.register_buffer("mean", torch.tensor(datasets.IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(datasets.IMAGENET_STD).view(1, 3, 1, 1))
-        height, width = self.frame_size
-        self.positions = geometry.tile_positions(height, width)
-        count = torch.zeros(1, 1, height, width)
-        for top, left in self.positions if geometry.tile else []:
-            count[..., top:top + geometry.tile, left:left + geometry.tile] += 1
-        self.register_buffer("count", count)
 
     def forward(self, frames):
         x = frames.permute(0, 3, 1, 2).float() / 255
@@ -512,16 +515,11 @@ class FrameGraph(torch.nn.Module):
         x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
         top, left, h, w = self.geometry.crop_box(height, width)
         x = (x[:, :, top:top + h, left:left + w] - self.mean) / self.std
-        tile = self.geometry.tile
-        if tile is None:
-            return self.outputs(*self.model.predict(x, padding=self.geometry.map_padding))
-        batch = x.shape[0]
-        tiles = torch.cat([x[:, :, t:t + tile, l:l + tile] for t, l in self.positions])  # position-major
-        raw = self.model.raw_maps(tiles).view(len(self.positions), batch, 1, tile, tile)
-        total = torch.zeros(batch, 1, height, width, dtype=raw.dtype, device=raw.device)
-        for (t, l), m in zip(self.positions, raw):
-            total = total + F.pad(m, (l, width - l - tile, t, height - t - tile))
-        return self.outputs(*inpformer.score_maps(total / self.count, padding="reflect"))
+        g = self.geometry
+        if g.tile is None:
+            return self.outputs(*self.model.predict(x, padding=g.map_padding))
+        frame_maps = inpformer.stitch_tiles(x, g.tile, g.tile_overlap, self.model.raw_maps, batch_size=None)
+        return self.outputs(*inpformer.score_maps(frame_maps, padding="reflect"))
 
 
 def export_onnx(model, path, opts=scoring.Options(), images=None, cls=None, log=print, input_kind="frames",
@@ -556,10 +554,13 @@ def export_onnx(model, path, opts=scoring.Options(), images=None, cls=None, log=
             x[i] = datasets.load_image(f, geometry)
         dynamic = {0: torch.export.Dim("batch", min=1)}
     else:
+        if geometry.bit_depth is not None:
+            raise ValueError(f"--export takes 8-bit RGB frames, and {geometry.describe()} reads wider ones: "
+                             "--export-input normalised")
         if geometry.image_size is None and frame_size is None:
             raise ValueError("--export: tiles at each frame's own size make a graph per frame size: pass "
                              "--frame-size HxW, the size of the camera's frames")
-        fixed = geometry.frame_size(frame_size[1], frame_size[0]) if frame_size else None
+        fixed = geometry.frame_size(*frame_size) if frame_size else None
         graph, name = FrameGraph(fp32, geometry, cal, cls, fixed), "frames"
         h, w = frame_size or geometry.image_size  # the size of the inputs the export traces and checks
         x = torch.randint(0, 256, (3, h, w, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -605,8 +606,11 @@ def export_onnx(model, path, opts=scoring.Options(), images=None, cls=None, log=
 
 
 def raw_frame(path, size=None) -> np.ndarray:
-    """An image file as a camera frame: uint8 (H, W, 3) RGB, resized to `size` (height, width) when given."""
+    """An image file as a camera frame: uint8 (H, W, 3) RGB, resized to `size` (height, width) when given. 16-bit
+    and float images are refused: an 8-bit frame would clip them."""
     with Image.open(path) as im:
+        if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+            raise ValueError(f"{path}: a {im.mode} image is no 8-bit frame: export with --export-input normalised")
         im = im.convert("RGB")
         if size is not None and im.size != (size[1], size[0]):
             im = im.resize((size[1], size[0]), Image.BILINEAR)
@@ -621,7 +625,8 @@ def compare_with_python(session, model, geometry, calibration, cls, files, frame
     for f in files:
         frame = raw_frame(f, frame_size)
         got = session.run(None, {"frames": frame[None]})
-        x = datasets.load_image(Image.fromarray(frame), geometry)
+        # the file as predict.py --images reads it; a frame resized to --frame-size, as the graph gets it
+        x = datasets.load_image(Image.fromarray(frame) if frame_size else f, geometry)
         want = float(model.predict_frames(x[None] if geometry.tile is None else [x], geometry)[1][0])
         worst = max(worst, abs(float(got[1][0]) - want) / max(abs(want), 1e-12))
         if calibration:
@@ -641,9 +646,9 @@ def parse_args(argv=None):
                         "the folder of a run (--calibrate: each model of a single-class run on its own class)")
     what = p.add_argument_group("what to do (one of)")
     what.add_argument("--calibrate", action="store_true",
-                      help="learn the decision rule and store it in the checkpoint, its tensors untouched: on a "
-                           "labelled set (--data/--data-root, default the checkpoint's test set), or on good images "
-                           "alone (--images)")
+                      help="learn the decision rule and store it in the checkpoint, its tensors untouched, replacing "
+                           "any earlier one (every class's thresholds): on a labelled set (--data/--data-root, default "
+                           "the checkpoint's test set), or on good images alone (--images)")
     what.add_argument("--images", nargs="+", metavar="PATH",
                       help="score these images or folders: predictions.csv, regions.csv, heatmaps/*.png (with "
                            "--calibrate: these are good parts to calibrate on)")
@@ -654,9 +659,9 @@ def parse_args(argv=None):
     cal.add_argument("--max-false-reject", type=cli.number(float, 0.0), metavar="P",
                      help="set the image thresholds from the good images alone so that a new good part is rejected "
                           "with probability at most P (the conformal rule; e.g. 0.01)")
-    cal.add_argument("--max-false-pixels", type=cli.number(float, 0.0), default=MAX_FALSE_PIXELS, metavar="Q",
+    cal.add_argument("--max-false-pixels", type=cli.number(float, 0.0), metavar="Q",
                      help=f"with --max-false-reject: the region threshold flags at most this share of the good "
-                          f"images' pixels (default {MAX_FALSE_PIXELS:g})")
+                          f"images' pixels, below 1 (default {MAX_FALSE_PIXELS:g})")
     export = p.add_argument_group("--export")
     export.add_argument("--export-input", choices=["frames", "normalised"], default="frames",
                         help="frames (default): raw uint8 (B, H, W, 3) camera frames in, the resize, crop and "
@@ -664,7 +669,7 @@ def parse_args(argv=None):
     export.add_argument("--frame-size", type=cli.size("none"), metavar="HxW",
                         help="fix the frames' size in the graph (needed for tiles at each frame's own size)")
     line = p.add_argument_group("--images")
-    line.add_argument("--min-area", type=cli.number(), default=1, metavar="N",
+    line.add_argument("--min-area", type=cli.number(), metavar="N",
                       help="regions smaller than N pixels (of the image's own size) are ignored (default 1)")
     line.add_argument("--decide-by", choices=["score", "regions"], default="score",
                       help="score (default): anomalous at or above the image threshold; regions: anomalous when any "
@@ -692,10 +697,19 @@ def parse_args(argv=None):
         raise ValueError("--export writes the reconstruction maps; drop --zero-shot")
     if args.max_false_reject is not None and not (args.calibrate and args.max_false_reject < 1):
         raise ValueError(f"--max-false-reject {args.max_false_reject}: a budget below 1, with --calibrate")
+    if args.max_false_pixels is not None and not (args.max_false_reject is not None and args.max_false_pixels < 1):
+        raise ValueError(f"--max-false-pixels {args.max_false_pixels}: a share below 1, with --max-false-reject")
     if args.calibrate and args.images and args.max_false_reject is None:
         raise ValueError("--calibrate on --images (good parts only) needs --max-false-reject P")
-    if args.decide_by == "regions" and not args.images:
-        raise ValueError("--decide-by regions decides for --images")
+    region_flags = [f for f, given in (("--decide-by regions", args.decide_by == "regions"),
+                                       ("--min-area", args.min_area is not None), ("--save-masks", args.save_masks))
+                    if given]
+    if region_flags and (not args.images or args.export or args.calibrate):
+        raise ValueError(f"{', '.join(region_flags)}: for the regions of --images (the export decides by score)")
+    if args.frame_size is not None and not (args.export and args.export_input == "frames"):
+        raise ValueError("--frame-size fixes the frames of --export (its default input, frames)")
+    args.max_false_pixels = MAX_FALSE_PIXELS if args.max_false_pixels is None else args.max_false_pixels
+    args.min_area = 1 if args.min_area is None else args.min_area
     return args
 
 
@@ -711,8 +725,9 @@ def main(argv=None, log=cli.log):
     model = scoring.load_ready(ckpts[0], device, precision)
     meta = inpformer.read_metadata(ckpts[0])
     cal = None if args.zero_shot else scoring.read_calibration(meta, ckpts[0], log)
-    geometry = scoring.asked_geometry(model, args, ckpts[0], log)
+    # The calibration's geometry is the one its thresholds hold at: prediction starts from it.
     calibrated_at = calibration_geometry(cal)
+    geometry = scoring.asked_geometry(model, args, ckpts[0], log, base=calibrated_at)
     if calibrated_at is not None and calibrated_at != geometry:
         log(f"note: {ckpts[0]} was calibrated at {calibrated_at.describe()}, not {geometry.describe()}: its "
             "thresholds may not hold")
@@ -732,7 +747,10 @@ def main(argv=None, log=cli.log):
         return 0
 
     if args.decide_by == "regions" and not cal:
-        raise ValueError(f"--decide-by regions needs the pixel threshold of a calibration, and {ckpts[0]} has none")
+        why = "--zero-shot maps have none" if args.zero_shot else f"{ckpts[0]} has none"
+        raise ValueError(f"--decide-by regions needs the pixel threshold of a calibration, and {why}")
+    if (args.min_area > 1 or args.save_masks) and not cal:
+        log("note: regions need a calibration's pixel threshold: without one, --min-area and --save-masks do nothing")
     files = image_files(args.images)
     out = args.out or ckpts[0].parent / "predictions"
     log(f"{ckpts[0]}: scoring {len(files)} images at {geometry.describe()} on {device}")
@@ -762,19 +780,22 @@ def calibrate_main(args, ckpts, device, precision, log):
             if len(sets) > 1:
                 raise ValueError("--calibrate learns one rule per model: calibrate it on one data set")
             data_set = sets[0]
-            calibration_images(data_set, inpformer.Geometry())  # lists them, and needs a normal one
+            samples = calibration_samples(data_set)
+        else:
+            samples = good_samples(files, args.classes)
         calibration_target(ckpt)
-        plans.append((ckpt, meta, data_set))
-    for ckpt, meta, data_set in plans:
+        if args.max_false_reject is not None:  # a budget the good images cannot support fails now
+            check_budget(sum(s.label == 0 for found in samples.values() for s in found), args.max_false_reject)
+        plans.append((ckpt, meta, data_set, samples))
+    for ckpt, meta, data_set, samples in plans:
         model = scoring.load_ready(ckpt, device, precision)
         geometry = scoring.asked_geometry(model, args, ckpt, log)
         opts = scoring.Options(batch_size=args.batch_size or scoring.Options.batch_size, device=str(device),
                                precision=precision, workers=cli.workers(args.workers), geometry=geometry)
+        test_sets = {c: datasets.ImageDataset(found, geometry) for c, found in samples.items()}
         if files is not None:
-            test_sets = good_images(files, args.classes, geometry)
             log(f"{ckpt}: calibrating on {len(files)} good images")
         else:
-            test_sets = calibration_images(data_set, geometry)
             log(f"{ckpt}: calibrating on {data_set.data} in {data_set.root}")
         seen = training_images(meta) & {str(Path(s.image).resolve()) for ds in test_sets.values() for s in ds.samples}
         if seen:

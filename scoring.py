@@ -164,10 +164,11 @@ def load_ready(ckpt, device, precision):
     return inpformer.load_model(ckpt, device).to(dtype)
 
 
-def asked_geometry(model, args, ckpt, log=print) -> inpformer.Geometry:
-    """The model's own geometry, with the sizes the command line gives (cli.geometry; a note says it differs)."""
+def asked_geometry(model, args, ckpt, log=print, base=None) -> inpformer.Geometry:
+    """The model's own geometry (or `base`, e.g. a calibration's), with the sizes the command line gives
+    (cli.geometry); a note says when it differs from the model's."""
     own = model.config.geometry
-    geometry = cli.geometry(args, own)
+    geometry = cli.geometry(args, base or own)
     if geometry != own:
         log(f"note: {ckpt} was trained at {own.describe()}; scoring at {geometry.describe()} as asked")
     return geometry.check(model.encoder.config.patch_size)

@@ -1,132 +1,151 @@
-"""Forward throughput and peak memory of a base-size INP-Former (ViT-B/14 with registers) at 392x392.
+"""Speed against the machine's own limits: a base-size INP-Former (ViT-B/14 with registers) at 392 x 392.
 
-    python bench/bench_model.py                                   # this project: CPU fp32 and bf16 (+ CUDA)
-    python bench/bench_model.py --official ~/src/INP-Former       # ... and the official code on the same machine
-    python bench/bench_model.py --batch 8 --iters 5 --size 392
+    python bench/bench_model.py                                   # this project, CPU fp32 and bf16
+    python bench/bench_model.py --official /path/to/INP-Former    # ... beside the official code, same weights
+    python bench/bench_model.py --mode train --official DIR       # training steps (bench_train.py says the same)
 
-Each measurement runs in a fresh process so that its peak memory (CPU: peak resident set size of the
-process, torch and Python included; CUDA: torch.cuda.max_memory_allocated) is its own. Weights are random:
-speed does not depend on them. The forward is the evaluation forward: no_grad, en/de maps for every image.
-CPU bf16 runs as the project runs it: evaluation casts the whole model to bf16 once (maps and scores stay
-fp32), training uses bf16 autocast with the frozen encoder cast once (train.step_encoder).
+In one process and one run, it measures:
+- the machine's matrix-product rates, fp32 and bf16, at the model's own shapes: the four products of an encoder
+  block (qkv, proj, fc1, fc2) at (batch x tokens) rows, timed as a block runs them;
+- the model's FLOPs per image, counted (torch.utils.flop_counter over one forward, or one training step:
+  forward, backward and the optimizer's products), not estimated;
+- each path's images/s: the median of --reps interleaved repetitions (every path once per round, so that a
+  slow spell of a shared machine touches every path alike), its fraction of the roofline (images/s x FLOPs per
+  image / the matrix-product rate of its dtype), and its ratio to the official code.
+Paths: the forward (en and de maps; no_grad) of this project and of the official code in fp32; this project's
+predict (forward, maps and scores) in fp32 and in bf16 (the model cast once, as evaluation runs it). Train mode:
+one training step as each training script runs it, fp32, and this project's in bf16 autocast. Weights are the
+official code's random ones loaded into both where --official is given (speed does not depend on them).
 """
 import argparse
-import contextlib
-import json
 import os
 import resource
-import subprocess
+import statistics
 import sys
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(HERE, ".."), HERE]
+import inpformer  # noqa: E402
+import train  # noqa: E402
 
 
-def build(impl, official):
-    if impl == "ours":
-        import inpformer
+def matmul_rates(rows, width, hidden, reps=5):
+    """{dtype: FLOP/s} of one encoder block's four products at `rows` rows: qkv, proj, fc1, fc2."""
+    shapes = [(width, 3 * width), (width, width), (width, hidden), (hidden, width)]
+    flops = sum(2 * rows * k * n for k, n in shapes)
+    rates = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        inputs = [torch.randn(rows, k, dtype=dtype) for k, _ in shapes]
+        weights = [torch.randn(k, n, dtype=dtype) for k, n in shapes]
+        for a, w in zip(inputs, weights):  # warm-up
+            a @ w
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            for a, w in zip(inputs, weights):
+                a @ w
+            times.append(time.perf_counter() - t)
+        rates[name] = flops / statistics.median(times)
+    return rates
 
-        return inpformer.INPFormer(inpformer.vit_base())
-    import official as off
 
-    return off.build(official)
+def count_flops(fn, x):
+    """FLOPs of one call fn(x), counted by torch's flop counter (matrix products, convolutions, attention)."""
+    with FlopCounterMode(display=False) as counter:
+        fn(x)
+    return counter.get_total_flops()
 
 
-def train_step(impl, model, official, precision):
-    """One full training iteration as each implementation's training script runs it."""
-    if impl == "official":
-        import official as off
-
-        return off.train_step_fn(official, model)
-    import inpformer
-    import train
-
+def ours_train_step(model, precision):
     params = model.trainable_parameters()
     opt = train.StableAdamW(params)
-    scaler = torch.amp.GradScaler(enabled=precision == "fp16")
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
     amp_dtype = None if precision == "fp32" else inpformer.PRECISIONS[precision]
-    loss = train.LossModule(model, train.step_encoder(model, next(model.parameters()).device, amp_dtype))
-    return lambda x: train.optimizer_step(loss(x), opt, scaler, params)
+    amp = torch.autocast("cpu", dtype=amp_dtype, enabled=amp_dtype is not None)
+    loss = train.LossModule(model, train.step_encoder(model, torch.device("cpu"), amp_dtype))
+
+    def step(x):
+        with amp:
+            value = loss(x)
+        value.item()  # as train.py: the non-finite check
+        train.optimizer_step(value, opt, scaler, params)
+    return step
 
 
-def measure(mode, impl, device, precision, batch, iters, size, official):
+def paths(mode, official_dir):
+    """{name: (callable(x), its dtype)} of the paths to time, every model on the same weights."""
     torch.manual_seed(0)
-    device = torch.device(device)
-    model = build(impl, official).to(device)
-    x = torch.randn(batch, 3, size, size, device=device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    ctx = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-    if mode != "train" and impl == "ours" and dtype is not None:  # as evaluate.py: the model cast once
-        model, x, ctx = model.to(dtype), x.to(dtype), contextlib.nullcontext()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    if mode == "train":
-        model.train()
-        step = train_step(impl, model, official, precision)
+    ours = inpformer.INPFormer(inpformer.vit_base()).eval()
+    found = {}
+    if official_dir:
+        import official
+
+        theirs = official.build(official_dir).eval()
+        ours.load_state_dict(theirs.state_dict())  # the official names: the same weights in both
+        if mode == "forward":
+            found["official forward fp32"] = (torch.no_grad()(theirs), "fp32")
+        else:
+            found["official train step fp32"] = (official.train_step_fn(official_dir, theirs.train()), "fp32")
+    if mode == "forward":
+        found["ours forward fp32"] = (torch.no_grad()(ours), "fp32")
+        found["ours predict fp32"] = (ours.predict, "fp32")
+        cast = inpformer.INPFormer(inpformer.vit_base())
+        cast.load_state_dict(ours.state_dict())
+        cast = cast.to(torch.bfloat16).eval()
+        found["ours predict bf16"] = (lambda x: cast.predict(x.to(torch.bfloat16)), "bf16")
     else:
-        model.eval()
-        step = torch.no_grad()(model)
-    with ctx:
-        step(x)  # warm-up: allocator, kernels, optimizer state
-        sync()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        t = time.perf_counter()
-        for _ in range(iters):
-            step(x)
-        sync()
-        dt = time.perf_counter() - t
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return dict(mode=mode, impl=impl, device=device.type, precision=precision, batch=batch, size=size,
-                images_per_s=batch * iters / dt, peak_mib=peak / 2**20)
+        for precision in ("fp32", "bf16"):
+            model = inpformer.INPFormer(inpformer.vit_base())
+            model.load_state_dict(ours.state_dict())
+            found[f"ours train step {precision}"] = (ours_train_step(model.train(), precision), precision)
+    return found
 
 
 def main(mode="forward", doc=__doc__):
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--official", help="a checkout of luow23/INP-Former to compare against")
-    p.add_argument("--batch", type=int, default=None, help="default: 4 on CPU, 32 on CUDA")
-    p.add_argument("--iters", type=int, default=None, help="timed forwards (default: 3 on CPU, 20 on CUDA)")
+    p.add_argument("--mode", choices=["forward", "train"], default=mode)
+    p.add_argument("--batch", type=int, default=4)
     p.add_argument("--size", type=int, default=392)
-    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--reps", type=int, default=7, help="interleaved repetitions of every path (default 7)")
     a = p.parse_args()
-    if a.worker:
-        impl, device, precision = a.worker.split(",")
-        print(json.dumps(measure(mode, impl, device, precision, a.batch, a.iters, a.size, a.official)))
-        return
-    configs = [("cpu", "fp32"), ("cpu", "bf16")]
-    if torch.cuda.is_available():
-        configs += [("cuda", "bf16"), ("cuda", "fp32")]
-    impls = ["ours"] + (["official"] if a.official else [])
-    print(f"{mode}: torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
-          + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"))
-    print("| impl | device | precision | batch | images/s | peak memory (MiB) |")
-    print("|---|---|---|---:|---:|---:|")
-    rows = []
-    for device, precision in configs:
-        for impl in impls if (device, precision) != ("cpu", "bf16") else ["ours"]:
-            batch = a.batch or (4 if device == "cpu" else 32)
-            iters = a.iters or (3 if device == "cpu" else 20)
-            cmd = [sys.executable, sys.argv[0], "--worker", f"{impl},{device},{precision}", "--batch", str(batch),
-                   "--iters", str(iters), "--size", str(a.size)] + (["--official", a.official] if a.official else [])
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode:
-                print(f"| {impl} | {device} | {precision} | failed: {out.stderr.strip().splitlines()[-1]} |")
-                continue
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            rows.append(r)
-            print(f"| {impl} | {device} | {precision} | {batch} | {r['images_per_s']:.2f} | {r['peak_mib']:.0f} |",
-                  flush=True)
-    for device, precision in configs:
-        mine = [r for r in rows if r["impl"] == "ours" and (r["device"], r["precision"]) == (device, precision)]
-        theirs = [r for r in rows if r["impl"] == "official" and (r["device"], r["precision"]) == (device, precision)]
-        if mine and theirs:
-            print(f"speed-up {device} {precision}: {mine[0]['images_per_s'] / theirs[0]['images_per_s']:.2f}x")
-    ours = {(r["device"], r["precision"]): r["images_per_s"] for r in rows if r["impl"] == "ours"}
-    if ("cpu", "bf16") in ours and ("cpu", "fp32") in ours:
-        print(f"ours cpu bf16 / fp32: {ours['cpu', 'bf16'] / ours['cpu', 'fp32']:.2f}x")
+    x = torch.randn(a.batch, 3, a.size, a.size)
+    found = paths(a.mode, a.official)
+    tokens = (a.size // 14) ** 2 + 5  # patches, class token, 4 registers
+    rates = matmul_rates(a.batch * tokens, 768, 3072)
+    print(f"{a.mode}: torch {torch.__version__}, {torch.get_num_threads()} threads, batch {a.batch}, {a.size} px; "
+          f"matrix products at the model's shapes: fp32 {rates['fp32'] / 1e9:.1f} GFLOP/s, bf16 "
+          f"{rates['bf16'] / 1e9:.1f} GFLOP/s (bf16/fp32 x{rates['bf16'] / rates['fp32']:.2f})", flush=True)
+    flops = {}
+    for name, (fn, _) in found.items():
+        fn(x)  # warm-up: allocator, kernels, the optimizer's state
+        flops[name] = count_flops(fn, x) / a.batch
+    times = {name: [] for name in found}
+    for _ in range(a.reps):
+        for name, (fn, _) in found.items():
+            t = time.perf_counter()
+            fn(x)
+            times[name].append(time.perf_counter() - t)
+    speed = {name: a.batch / statistics.median(t) for name, t in times.items()}
+    spread = {name: (max(t) - min(t)) / statistics.median(t) for name, t in times.items()}
+    reference = next((speed[n] for n in speed if n.startswith("official")), None)
+    print("| path | GFLOP/image | images/s | of the roofline | x official | spread of the reps |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, (_, dtype) in found.items():
+        roofline = rates[dtype] / flops[name]
+        ratio = f"x{speed[name] / reference:.2f}" if reference else "-"
+        print(f"| {name} | {flops[name] / 1e9:.1f} | {speed[name]:.3f} | {100 * speed[name] / roofline:.0f} % | "
+              f"{ratio} | {100 * spread[name]:.0f} % |")
+    fp32 = next(n for n in speed if n.startswith("ours") and n.endswith("fp32") and "forward" not in n)
+    bf16 = next(n for n in speed if n.startswith("ours") and n.endswith("bf16"))
+    target = rates["bf16"] / rates["fp32"]
+    print(f"\nbf16 / fp32 ({bf16} / {fp32}): x{speed[bf16] / speed[fp32]:.2f}, against the matrix products' "
+          f"x{target:.2f}: {speed[bf16] / speed[fp32] / target:.2f} of it")
+    print(f"peak resident memory of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
-"""Training throughput and peak memory of the base configuration (ViT-B/14 with registers, 392x392):
-forward, soft-mining + coherence loss, backward, clipping and a StableAdamW step, as train.py runs them.
+"""Training steps against the machine's own limits: the base configuration (ViT-B/14 with registers, 392 x 392),
+forward, soft-mining + coherence loss, backward, clipping and a StableAdamW step, as each training script runs
+them; this project's in fp32 and in bf16 autocast, the official code's in fp32 (--official DIR).
 
-    python bench/bench_train.py                                   # this project: CPU fp32 and bf16 (+ CUDA)
-    python bench/bench_train.py --official ~/src/INP-Former       # ... and the official training step, same machine
-    python bench/bench_train.py --batch 16 --iters 10             # on a GPU
+    python bench/bench_train.py                                   # this project: fp32 and bf16 on the CPU
+    python bench/bench_train.py --official /path/to/INP-Former    # ... beside the official training step
 
-Same harness as bench_model.py: one fresh process per measurement, random weights, peak memory of that
-process (CPU: peak resident set size; CUDA: torch.cuda.max_memory_allocated).
+The same harness as bench_model.py (its docstring says what is measured): the matrix-product rates at the
+model's shapes, counted FLOPs per step, interleaved repetitions, the fraction of the roofline, and the ratio to
+the official code.
 """
 from bench_model import main
 

@@ -1,8 +1,11 @@
 """Shared test helpers: where the read-only fixtures live, and one small demo set with a checkpoint trained on it
 that the evaluate and predict tests share (trained once per session)."""
+import contextlib
+import io
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,6 +22,18 @@ import inpformer  # noqa: E402
 IMAGE, CROP, BATCH = 128, 112, 4
 GEOMETRY = inpformer.Geometry(IMAGE, CROP)
 DEMO_SIZE = 160  # demo images larger than IMAGE, so that --full-res has a real resize to undo
+
+
+def run_main(main, *argv):
+    """A script's main(argv) in this process, as its command line runs it (through cli.guard): the exit status
+    and what it printed, as subprocess.run reports them, without a new interpreter for every call."""
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            cli.guard(lambda: main([str(a) for a in argv]))
+        except SystemExit as e:
+            code = e.code or 0
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def expect_one_line_error(capsys, main, *words):

@@ -5,7 +5,6 @@ import csv
 import dataclasses
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import evaluate
 import inpformer
 import metrics
 import scoring
-from conftest import BATCH, CROP, DEMO_SIZE, GEOMETRY, IMAGE, ROOT, expect_one_line_error, shared
+from conftest import BATCH, CROP, DEMO_SIZE, GEOMETRY, IMAGE, ROOT, expect_one_line_error, run_main, shared
 
 TINY = "fixtures", "official_tiny"
 
@@ -66,8 +65,7 @@ def assert_metrics_equal(got, want, tol=1e-9):
 
 
 def run_cli(*argv):
-    return subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *map(str, argv)], capture_output=True,
-                          text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return run_main(evaluate.main, *argv)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -289,7 +287,8 @@ def test_bad_input_fails_with_one_line(argv, words, ckpt, bad_files, tmp_path, c
 
 
 def test_bad_checkpoint_exit_status_from_the_shell(bad_files):
-    r = run_cli("--ckpt", bad_files / "truncated.safetensors")
+    r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--ckpt", str(bad_files / "truncated.safetensors")],
+                       capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and str(bad_files / "truncated.safetensors") in r.stderr, r.stderr
 
@@ -385,7 +384,8 @@ def test_the_knn_baseline_is_within_a_few_points_of_the_texture_ad_patchcore_num
     try:
         for cls, (i_auroc, p_auroc) in reference.items():
             ds = data.test_set("folder", root, cls, model.config.geometry)
-            got = evaluate.knn_baseline(model, "folder", root, cls, ds, opts, log=lambda m: None)
+            train = data.train_set("folder", root, cls, model.config.geometry)
+            got = evaluate.knn_baseline(model, train, ds, opts, log=lambda m: None)
             assert abs(got["I-AUROC"] - i_auroc) <= 0.03 and abs(got["P-AUROC"] - p_auroc) <= 0.02, (cls, got)
     finally:
         torch.set_num_threads(1)

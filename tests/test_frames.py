@@ -2,9 +2,6 @@
 removes, frames of mixed sizes, 16-bit and other pixel formats, and the MVTec AD 2 layout."""
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +10,15 @@ import torch
 from PIL import Image
 
 import data
+import evaluate
 import inpformer
 import predict
-from conftest import GEOMETRY, ROOT, expect_one_line_error, shared
+import train
+from conftest import GEOMETRY, expect_one_line_error, run_main, shared
 from inpformer import Geometry
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+SCRIPTS = {"train.py": train.main, "evaluate.py": evaluate.main, "predict.py": predict.main}
 TINY_WEIGHTS = shared("fixtures", "official_tiny", "backbone_hub.safetensors")
 
 
@@ -35,7 +35,7 @@ def write(path, array, mode=None):
 def test_geometry_sizes_and_tile_positions():
     g = Geometry((350, 140), None)
     assert g.whole_frame and g.map_padding == "reflect" and g.input_size() == (350, 140)
-    assert g.frame_size(999, 77) == (350, 140) and g.crop_box(350, 140) == (0, 0, 350, 140)
+    assert g.frame_size(77, 999) == (350, 140) and g.crop_box(350, 140) == (0, 0, 350, 140)
     assert Geometry(448, 392) == Geometry((448, 448), (392, 392)) and Geometry().map_padding == "zeros"
     tiled = Geometry((126, 300), None, tile=112, tile_overlap=0.25)
     positions = tiled.tile_positions(126, 300)
@@ -45,7 +45,7 @@ def test_geometry_sizes_and_tile_positions():
         covered[top:top + 112, left:left + 112] = True
     assert covered.all()
     native = Geometry(None, None, tile=112)
-    assert native.frame_size(300, 100) == (112, 336)  # too short for a tile: enlarged, aspect kept
+    assert native.frame_size(100, 300) == (112, 336)  # too short for a tile: enlarged, aspect kept
     for bad, words in [(Geometry((350, 141), None), "--image-size 350x141"), (Geometry(None, None), "--tile"),
                        (Geometry(448, None, tile=100), "--tile 100"), (Geometry(448, 392, tile=112), "none"),
                        (Geometry(112, None, tile=112, tile_overlap=1.0), "--tile-overlap")]:
@@ -100,8 +100,7 @@ def test_a_defect_in_the_outer_band_is_found_whole_frame_and_missed_by_the_crop(
 
 
 def run(script, *argv):
-    r = subprocess.run([sys.executable, str(ROOT / script), *map(str, argv)], capture_output=True, text=True,
-                       cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    r = run_main(SCRIPTS[script], *argv)
     assert r.returncode == 0, r.stdout + r.stderr
     return r
 
@@ -149,7 +148,8 @@ def test_a_class_of_mixed_sizes_trains_tiled_at_each_frames_own_scale(demo, tmp_
     assert all(0 <= results["classes"]["tiles"][k] <= 1 for k in ("I-AUROC", "P-AUROC"))
     # each tile of each training frame is a training sample
     g = inpformer.load_model(out / "model.safetensors").config.geometry
-    frames = [g.frame_size(*data.image_size(s.image)) for s in data.list_samples("folder", root, "tiles", "train")]
+    frames = [g.frame_size(*reversed(data.image_size(s.image)))
+              for s in data.list_samples("folder", root, "tiles", "train")]
     assert len(data.train_set("folder", root, "all", g)) == sum(len(g.tile_positions(*f)) for f in frames)
     # --full-res scores each frame's own pixels, the whole frame
     r = run("evaluate.py", "--ckpt", out / "model.safetensors", "--full-res", "--streaming", "--workers", 0)

@@ -7,8 +7,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
-import sys
 import weakref
 
 import pytest
@@ -20,7 +18,7 @@ import data
 import demo
 import inpformer
 import train
-from conftest import ROOT, expect_one_line_error, shared
+from conftest import expect_one_line_error, run_main, shared
 
 TINY_WEIGHTS = ("fixtures", "official_tiny", "backbone_hub.safetensors")
 
@@ -80,9 +78,9 @@ def demo_root(tmp_path_factory):
     return str(demo.make_demo(tmp_path_factory.mktemp("demo") / "demo", seed=0))
 
 
-def run_train(*argv, env=None, check=True):
-    cmd = [sys.executable, str(ROOT / "train.py"), *map(str, argv)]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+def run_train(*argv, check=True):
+    """train.py's command line, run in this process (see conftest.run_main)."""
+    r = run_main(train.main, *argv)
     if check:
         assert r.returncode == 0, r.stdout + r.stderr
     return r
@@ -293,13 +291,11 @@ def test_end_to_end_texture_ad_with_real_vit_small(tmp_path):
     assert "| mean |" in r.stdout.replace("**", "")
 
     ckpt = out / "model.safetensors"
-    script = [sys.executable, str(ROOT / "predict.py"), "--ckpt", str(ckpt), "--workers", "0"]
-    subprocess.run([*script, "--calibrate"], check=True, capture_output=True)
-    subprocess.run([*script, "--export", str(tmp_path / "e2e.onnx"), "--classes", "brick"], check=True,
-                   capture_output=True)
-    images = [str(root / "brick" / "test" / folder) for folder in ("good", "scratch")]  # 20 good, 10 scratched
-    subprocess.run([*script, "--images", *images, "--classes", "brick", "--out", str(tmp_path / "pred")], check=True,
-                   capture_output=True)
+    for argv in (["--calibrate", "--classes", "brick"], ["--export", tmp_path / "e2e.onnx", "--classes", "brick"],
+                 ["--images", root / "brick" / "test" / "good", root / "brick" / "test" / "scratch", "--classes",
+                  "brick", "--out", tmp_path / "pred"]):  # 20 good and 10 scratched images
+        r = run_main(predict.main, "--ckpt", ckpt, "--workers", 0, *argv)
+        assert r.returncode == 0, r.stdout + r.stderr
     with open(tmp_path / "pred" / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
     session = onnxruntime.InferenceSession(str(tmp_path / "e2e.onnx"), providers=["CPUExecutionProvider"])
