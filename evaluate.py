@@ -274,7 +274,7 @@ def save_maps(model, ds, scores, opts, folder, cls):
         title = style.title(item["path"], float(scores[i]), cls)
         image = scoring.picture(scoring.to_rgb(item["image"]), amap, scale, title, mask.numpy(),
                                 style.outline_threshold())
-        image.save(folder / f"{name}_{scoring.file_stem(item['path'])}.png")
+        image.save(folder / f"{name}_{scoring.file_stem(item['path'])}.png", compress_level=scoring.PNG_LEVEL)
 
 
 def class_mean(per_class):

@@ -27,6 +27,7 @@ import pickle
 import re
 import urllib.request
 import warnings
+import zipfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -221,6 +222,30 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
+def attention(q, k, v):
+    """Softmax attention of (B, h, N, d) queries, keys and values, returned as (B, N, h * d), the heads side by
+    side. On a CPU in bf16 or fp16 it runs as plain products, 128 query rows at a time, written straight into
+    that layout: the CPU flash kernel computes half precision no faster than fp32, while products use the bf16
+    matrix units, and 128 rows of scores stay in cache. Elsewhere (fp32, CUDA, training), the fused kernel."""
+    B, h, N, d = q.shape
+    if q.device.type != "cpu" or q.dtype == torch.float32 or torch.is_grad_enabled():
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, h * d)
+    out = torch.empty(B, N, h, d, dtype=q.dtype)
+    q = q * d ** -0.5
+    kt = k.transpose(-2, -1)
+    for i in range(0, N, 128):
+        out[:, i:i + 128] = (torch.softmax(q[:, :, i:i + 128] @ kt, dim=-1) @ v).transpose(1, 2)
+    return out.view(B, N, h * d)
+
+
+def average(tensors):
+    """The mean of same-shaped tensors, added one by one: the mean of a stack, without the stack's copy."""
+    total = tensors[0] + tensors[1] if len(tensors) > 1 else tensors[0].clone()
+    for t in tensors[2:]:
+        total += t
+    return total.div_(len(tensors))
+
+
 class Block(nn.Module):
     def __init__(self, dim, num_heads, mlp_ratio):
         super().__init__()
@@ -237,7 +262,7 @@ class Block(nn.Module):
         B, N, C = x.shape
         qkv = self.attn.qkv(self.norm1(x)).view(B, N, 3, self.num_heads, C // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+        a = attention(q, k, v)
         x = x + self.ls1.gamma * self.attn.proj(a)
         return x + self.ls2.gamma * self.mlp(self.norm2(x))
 
@@ -400,6 +425,12 @@ def tokens_to_map(tokens, grid):
     return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *grid)
 
 
+# On a CPU, inference runs a few images at a time, so that no activation outgrows glibc's 32 MiB ceiling for
+# reusing freed memory: a larger block comes fresh from the kernel on every allocation, zeroed page by page,
+# and at 16 images of 392 px that cost ViT-B a quarter of its fp32 speed and a third of its bf16 speed.
+CPU_PASS_BYTES = 24 * 2**20
+
+
 class INPFormer(nn.Module):
     """A frozen encoder, one INP Extractor block, a bottleneck MLP and the INP-Guided Decoder. INPFormer(encoder,
     **options): options are INPFormerConfig's fields, whose defaults are the paper's. forward(x) -> (en, de,
@@ -438,8 +469,8 @@ class INPFormer(nn.Module):
         encoder = self.encoder if encoder is None else encoder
         with torch.no_grad():
             layers = encoder(x, self.config.target_layers)
-        groups = [torch.stack([layers[i] for i in g], dim=1).mean(dim=1) for g in self.config.fuse_groups]
-        return groups, torch.stack(layers, dim=1).mean(dim=1)
+            groups = [average([layers[i] for i in g]) for g in self.config.fuse_groups]
+            return groups, average(layers)
 
     def extract_inps(self, fused):
         return self.aggregation[0](self.prototype_token.expand(fused.shape[0], -1, -1), fused)
@@ -458,7 +489,7 @@ class INPFormer(nn.Module):
         for blk in self.decoder:
             de.append(blk(de[-1], inps))
         de = de[:0:-1]  # the decoder blocks' outputs, the last one matched with the first encoder group
-        de = [torch.stack([de[i] for i in g], dim=1).mean(dim=1) for g in self.config.fuse_groups]
+        de = [average([de[i] for i in g]) for g in self.config.fuse_groups]
         return [tokens_to_map(e, grid) for e in en], [tokens_to_map(d, grid) for d in de], coherence
 
     def loss(self, x, coherence_weight=0.2):
@@ -484,10 +515,25 @@ class INPFormer(nn.Module):
         """Zero-shot maps: per token, the cosine distance to its nearest INP (no decoder involved)."""
         return score_maps(self.raw_maps(x, zero_shot=True), out_size, max_ratio, padding)
 
+    def images_per_pass(self, x):
+        """How many images of x the network runs at once: all of them, except on a CPU, where as many as keep its
+        largest activation (the MLP's hidden layer) within CPU_PASS_BYTES in fp32 (in bf16 too: half the bytes,
+        but measured no faster with more images)."""
+        if x.device.type != "cpu":
+            return len(x)
+        h, w = self.token_grid(x)
+        tokens = h * w + 1 + self.encoder.config.num_register_tokens
+        hidden = int(self.encoder.config.embed_dim * self.encoder.config.mlp_ratio)
+        return max(1, CPU_PASS_BYTES // (tokens * hidden * 4))
+
     @torch.no_grad()
     def raw_maps(self, x, zero_shot=False):
         """(B, 3, h, w) inputs -> (B, 1, h, w) fp32 maps at the input's size, before resampling and smoothing: the
-        reconstruction error, or with zero_shot the INP distance."""
+        reconstruction error, or with zero_shot the INP distance. On a CPU the network sees a few images a pass
+        (images_per_pass): the maps are the same, the memory reused."""
+        per_pass = self.images_per_pass(x)
+        if not torch.onnx.is_in_onnx_export() and len(x) > per_pass:  # an export keeps its batch symbolic
+            return torch.cat([self.raw_maps(part, zero_shot) for part in x.split(per_pass)])
         if zero_shot:
             _, fused = self.encode(x)
             d = inp_distance(fused, self.extract_inps(fused)).view(-1, 1, *self.token_grid(x))
@@ -628,7 +674,8 @@ def first_line(e) -> str:
 
 def read_state_dict(path, tensors=True):
     """(tensors, metadata) from a .safetensors file or a torch .pth/.pt state dict, wrapper prefixes (DDP's
-    module.) removed. tensors=False reads only a .safetensors file's header (no tensors)."""
+    module.) removed. tensors=False reads only a .safetensors file's header (no tensors), and maps a zip-format
+    torch file instead of reading it (its tensors come back, unread until used)."""
     path, meta = os.fspath(path), {}
     if not os.path.isfile(path):
         raise WeightsError(f"{path}: no such file")
@@ -643,7 +690,8 @@ def read_state_dict(path, tensors=True):
         else:
             with warnings.catch_warnings():  # torch's multi-line pickle-protocol warnings would break the one line
                 warnings.simplefilter("ignore")
-                sd = torch.load(path, map_location="cpu", weights_only=True)
+                mapped = not tensors and zipfile.is_zipfile(path)
+                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
     except Exception as e:
         # torch's own message suggests weights_only=False, i.e. running code from the file: never.
         refused = isinstance(e, pickle.UnpicklingError) and "weights_only" in str(e)
@@ -720,7 +768,9 @@ def vit_config_from_state_dict(sd, num_heads=None):
 
 
 def load_strict(module, sd, path):
-    """Copy `sd` into `module`, failing with one line on any missing or unexpected key or wrong shape."""
+    """Load `sd` into `module`, failing with one line on any missing or unexpected key or wrong shape. The
+    module may be built on the meta device (no memory, no random initialisation): the tensors are then
+    assigned, not copied."""
     own = module.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -731,7 +781,7 @@ def load_strict(module, sd, path):
     for k, v in own.items():
         if tuple(sd[k].shape) != tuple(v.shape):
             raise WeightsError(f"{path}: {k!r} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)}")
-    module.load_state_dict({k: v.float() for k, v in sd.items()})
+    module.load_state_dict({k: v.float() for k, v in sd.items()}, assign=True)
     return module
 
 
@@ -749,7 +799,9 @@ def load_backbone(path, num_heads=None) -> ViT:
         config = vit_config_from_state_dict(sd, num_heads)
     except KeyError as e:
         raise WeightsError(f"{path}: not a DINOv2 ViT state dict (no {e.args[0]!r})") from None
-    vit = load_strict(ViT(config), sd, path)
+    with torch.device("meta"):  # every parameter is loaded: no random initialisation to throw away
+        vit = ViT(config)
+    vit = load_strict(vit, sd, path)
     vit.source = source
     return vit
 
@@ -904,7 +956,8 @@ def load_model(path, device="cpu") -> INPFormer:
     except (TypeError, ValueError) as e:
         raise WeightsError(f"{path}: unreadable inpformer_config metadata ({first_line(e)})") from None
     options = {k: getattr(config, k) for k in ("inp_num", "decoder_depth", "target_layers", "fuse_groups", "geometry")}
-    model = INPFormer(ViT(config.vit), **options)
+    with torch.device("meta"):  # every parameter is loaded: no random initialisation to throw away
+        model = INPFormer(ViT(config.vit), **options)
     return load_strict(model, sd, path).to(device).eval()
 
 

@@ -441,8 +441,8 @@ def predict_images(model, files, opts=scoring.Options(), out_dir=None, cls=None,
 
 def _draw(waiting, scale, style):
     amap = waiting["map"].float().numpy()
-    scoring.picture(waiting["image"], amap, scale, waiting["title"], outline=style.outline_threshold()).save(
-        waiting["file"])
+    picture = scoring.picture(waiting["image"], amap, scale, waiting["title"], outline=style.outline_threshold())
+    picture.save(waiting["file"], compress_level=scoring.PNG_LEVEL)
 
 # -----------------------------------------------------------------------------------------------------
 # ONNX export

@@ -101,6 +101,10 @@ def to_rgb(x, size=inpformer.MAP_SIZE):
     return (img.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
 
 
+# Pictures are written at zlib level 1: a sixth larger than at the default level 6, written twice as fast.
+PNG_LEVEL = 1
+
+
 def picture(image, amap, scale, title="", mask=None, outline=None) -> Image.Image:
     """image | [ground truth |] heat-map overlay | colour bar, under a title line. scale = (lo, hi, source):
     the map is coloured on this fixed range, so that pictures sharing it compare, and the source is stated on

@@ -9,9 +9,10 @@ In one process and one run, it measures:
   block (qkv, proj, fc1, fc2) at (batch x tokens) rows, timed as a block runs them;
 - the model's FLOPs per image, counted (torch.utils.flop_counter over one forward, or one training step:
   forward, backward and the optimizer's products), not estimated;
-- each path's images/s: the median of --reps interleaved repetitions (every path once per round, so that a
-  slow spell of a shared machine touches every path alike), its fraction of the roofline (images/s x FLOPs per
-  image / the matrix-product rate of its dtype), and its ratio to the official code.
+- each path's images/s, and the matrix-product rates: the best of --reps interleaved rounds (every path and the
+  products once a round, so that a slow spell of a shared machine touches them alike, and the best round, since
+  noise only ever slows one down); the fraction of the roofline (images/s x FLOPs per image / the matrix-product
+  rate of the path's dtype), and the ratio to the official code.
 Paths: the forward (en and de maps; no_grad) of this project and of the official code in fp32; this project's
 predict (forward, maps and scores) in fp32 and in bf16 (the model cast once, as evaluation runs it). Train mode:
 one training step as each training script runs it, fp32, and this project's in bf16 autocast. Weights are the
@@ -25,7 +26,9 @@ import sys
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(HERE, ".."), HERE]
@@ -33,31 +36,61 @@ import inpformer  # noqa: E402
 import train  # noqa: E402
 
 
-def matmul_rates(rows, width, hidden, reps=5):
-    """{dtype: FLOP/s} of one encoder block's four products at `rows` rows: qkv, proj, fc1, fc2."""
+def matmul_probes(rows, width, hidden):
+    """{"matrix products fp32": fn, "... bf16": fn}: one encoder block's four products at `rows` rows as the model
+    runs them (F.linear with a bias, (out, in) weights): qkv, proj, fc1, fc2; and their FLOPs."""
     shapes = [(width, 3 * width), (width, width), (width, hidden), (hidden, width)]
-    flops = sum(2 * rows * k * n for k, n in shapes)
-    rates = {}
+    probes = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        inputs = [torch.randn(rows, k, dtype=dtype) for k, _ in shapes]
-        weights = [torch.randn(k, n, dtype=dtype) for k, n in shapes]
-        for a, w in zip(inputs, weights):  # warm-up
-            a @ w
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            for a, w in zip(inputs, weights):
-                a @ w
-            times.append(time.perf_counter() - t)
-        rates[name] = flops / statistics.median(times)
-    return rates
+        operands = [(torch.randn(rows, k, dtype=dtype), torch.randn(n, k, dtype=dtype), torch.randn(n, dtype=dtype))
+                    for k, n in shapes]
+
+        def run(_, operands=operands):
+            for x, w, b in operands:
+                F.linear(x, w, b)
+        probes[name] = run
+    return probes, sum(2 * rows * k * n for k, n in shapes)
+
+
+def cpu_attention_flops(name, args):
+    """FLOPs of the CPU's fused attention, which torch's registry leaves out (its formulas cover the CUDA
+    kernels): the forward is two products over (B, h, N, d) queries and (B, h, M, d) keys, 4 B h N M d; the
+    backward four (the gradients of the values, the scores, the queries and the keys). 0 for other ops."""
+    if name == "aten._scaled_dot_product_flash_attention_for_cpu":
+        q, k, products = args[0], args[1], 2
+    elif name == "aten._scaled_dot_product_flash_attention_for_cpu_backward":
+        q, k, products = args[1], args[2], 4
+    else:
+        return 0
+    B, h, N, d = q.shape
+    return products * 2 * B * h * N * k.shape[2] * d
+
+
+class FlopCount(TorchDispatchMode):
+    """The FLOPs of every operation run inside it, by torch's own formulas (torch.utils.flop_counter's
+    registry: matrix products, convolutions, attention, forward and backward), without its module tracking;
+    and the CPU's fused attention, which the registry does not know (cpu_attention_flops)."""
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        count = flop_registry.get(func._overloadpacket)
+        if count is not None:
+            self.flops += count(*args, **kwargs, out_val=out)
+        else:
+            self.flops += cpu_attention_flops(str(func._overloadpacket), args)
+        return out
 
 
 def count_flops(fn, x):
-    """FLOPs of one call fn(x), counted by torch's flop counter (matrix products, convolutions, attention)."""
-    with FlopCounterMode(display=False) as counter:
+    """FLOPs of one call fn(x)."""
+    with FlopCount() as counter:
         fn(x)
-    return counter.get_total_flops()
+    return counter.flops
 
 
 def ours_train_step(model, precision):
@@ -77,7 +110,8 @@ def ours_train_step(model, precision):
 
 
 def paths(mode, official_dir):
-    """{name: (callable(x), its dtype)} of the paths to time, every model on the same weights."""
+    """{name: (callable(x), its dtype, the callable whose FLOPs are counted)} of the paths to time, every model on
+    the same weights. A model's FLOPs are counted once, in fp32: its bf16 path does the same arithmetic."""
     torch.manual_seed(0)
     ours = inpformer.INPFormer(inpformer.vit_base()).eval()
     found = {}
@@ -87,21 +121,30 @@ def paths(mode, official_dir):
         theirs = official.build(official_dir).eval()
         ours.load_state_dict(theirs.state_dict())  # the official names: the same weights in both
         if mode == "forward":
-            found["official forward fp32"] = (torch.no_grad()(theirs), "fp32")
+            forward = torch.no_grad()(theirs)
+            found["official forward fp32"] = (forward, "fp32", forward)
         else:
-            found["official train step fp32"] = (official.train_step_fn(official_dir, theirs.train()), "fp32")
+            step = official.train_step_fn(official_dir, theirs.train())
+            found["official train step fp32"] = (step, "fp32", step)
     if mode == "forward":
-        found["ours forward fp32"] = (torch.no_grad()(ours), "fp32")
-        found["ours predict fp32"] = (ours.predict, "fp32")
+        forward = torch.no_grad()(ours)
+        found["ours forward fp32"] = (forward, "fp32", forward)
+        found["ours predict fp32"] = (ours.predict, "fp32", ours.predict)
         cast = inpformer.INPFormer(inpformer.vit_base())
         cast.load_state_dict(ours.state_dict())
         cast = cast.to(torch.bfloat16).eval()
-        found["ours predict bf16"] = (lambda x: cast.predict(x.to(torch.bfloat16)), "bf16")
+        found["ours predict bf16"] = (lambda x: cast.predict(x.to(torch.bfloat16)), "bf16", ours.predict)
     else:
+        steps = {}
         for precision in ("fp32", "bf16"):
             model = inpformer.INPFormer(inpformer.vit_base())
             model.load_state_dict(ours.state_dict())
-            found[f"ours train step {precision}"] = (ours_train_step(model.train(), precision), precision)
+            steps[precision] = ours_train_step(model.train(), precision)
+        found["ours train step fp32"] = (steps["fp32"], "fp32", steps["fp32"])
+        # counted on a third copy: counting runs a step, which must not move the timed models' weights
+        spare = inpformer.INPFormer(inpformer.vit_base())
+        spare.load_state_dict(ours.state_dict())
+        found["ours train step bf16"] = (steps["bf16"], "bf16", ours_train_step(spare.train(), "fp32"))
     return found
 
 
@@ -116,26 +159,30 @@ def main(mode="forward", doc=__doc__):
     x = torch.randn(a.batch, 3, a.size, a.size)
     found = paths(a.mode, a.official)
     tokens = (a.size // 14) ** 2 + 5  # patches, class token, 4 registers
-    rates = matmul_rates(a.batch * tokens, 768, 3072)
-    print(f"{a.mode}: torch {torch.__version__}, {torch.get_num_threads()} threads, batch {a.batch}, {a.size} px; "
-          f"matrix products at the model's shapes: fp32 {rates['fp32'] / 1e9:.1f} GFLOP/s, bf16 "
-          f"{rates['bf16'] / 1e9:.1f} GFLOP/s (bf16/fp32 x{rates['bf16'] / rates['fp32']:.2f})", flush=True)
+    probes, probe_flops = matmul_probes(a.batch * tokens, 768, 3072)
     flops = {}
-    for name, (fn, _) in found.items():
+    for name, (fn, _, counted) in found.items():
         fn(x)  # warm-up: allocator, kernels, the optimizer's state
-        flops[name] = count_flops(fn, x) / a.batch
-    times = {name: [] for name in found}
-    for _ in range(a.reps):
-        for name, (fn, _) in found.items():
+        flops[name] = count_flops(counted, x) / a.batch
+    timed = {**{f"matrix products {k}": v for k, v in probes.items()}, **{k: v[0] for k, v in found.items()}}
+    times = {name: [] for name in timed}
+    for _ in range(a.reps):  # every path once a round: a slow spell of a shared machine touches all alike
+        for name, fn in timed.items():
             t = time.perf_counter()
             fn(x)
             times[name].append(time.perf_counter() - t)
-    speed = {name: a.batch / statistics.median(t) for name, t in times.items()}
-    spread = {name: (max(t) - min(t)) / statistics.median(t) for name, t in times.items()}
+    # Each path's best round: noise only ever slows a round down, so the best is the machine's own speed.
+    rates = {k: probe_flops / min(times[f"matrix products {k}"]) for k in probes}
+    speed = {name: a.batch / min(times[name]) for name in found}
+    spread = {name: statistics.median(t) / min(t) - 1 for name, t in times.items()}
+    print(f"{a.mode}: torch {torch.__version__}, {torch.get_num_threads()} threads, batch {a.batch}, {a.size} px; "
+          f"matrix products at the model's shapes: fp32 {rates['fp32'] / 1e9:.1f} GFLOP/s, bf16 "
+          f"{rates['bf16'] / 1e9:.1f} GFLOP/s (bf16/fp32 x{rates['bf16'] / rates['fp32']:.2f}); the best of "
+          f"{a.reps} interleaved rounds", flush=True)
     reference = next((speed[n] for n in speed if n.startswith("official")), None)
-    print("| path | GFLOP/image | images/s | of the roofline | x official | spread of the reps |")
+    print("| path | GFLOP/image | images/s | of the roofline | x official | median round slower by |")
     print("|---|---:|---:|---:|---:|---:|")
-    for name, (_, dtype) in found.items():
+    for name, (_, dtype, _) in found.items():
         roofline = rates[dtype] / flops[name]
         ratio = f"x{speed[name] / reference:.2f}" if reference else "-"
         print(f"| {name} | {flops[name] / 1e9:.1f} | {speed[name]:.3f} | {100 * speed[name] / roofline:.0f} % | "

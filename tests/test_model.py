@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import inpformer
@@ -314,3 +315,39 @@ def test_a_model_cast_to_bf16_still_predicts(io):
     maps, scores = model.predict(io["x_224"].to(torch.bfloat16))
     assert maps.dtype == scores.dtype == torch.float32
     assert (scores - io["score256_224"]).abs().max() <= 0.005 * io["score256_224"].abs().max()
+
+
+def test_cpu_half_precision_attention_equals_the_fused_kernel_and_average_equals_a_stacked_mean():
+    """inpformer.attention runs bf16 inference on a CPU as products 128 query rows at a time (the tokens here are
+    not a multiple of 128, so the last chunk is short); fp32 and anything with gradients take the fused kernel."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 4, 300, 16).unbind(0)
+    fused = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 300, 64)
+    assert torch.equal(inpformer.attention(q, k, v), fused)
+    with torch.no_grad():
+        chunked = inpformer.attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert chunked.dtype == torch.bfloat16 and chunked.shape == (2, 300, 64)
+    assert (chunked.float() - fused).abs().max() < 0.02 * fused.abs().max()
+    layers = list(torch.randn(4, 2, 300, 16).unbind(0))
+    assert torch.equal(inpformer.average(layers), torch.stack(layers, dim=1).mean(dim=1))
+    assert torch.equal(inpformer.average(layers[:1]), layers[0]) and inpformer.average(layers[:1]) is not layers[0]
+
+
+def test_on_a_cpu_inference_runs_a_few_images_a_pass_with_the_same_maps(io):
+    """raw_maps splits a CPU batch into passes of images_per_pass images (memory the allocator can reuse); the
+    maps and scores are those of one pass over the whole batch, to round-off."""
+    model = model_from("official")
+    x = io["x_224"].repeat(3, 1, 1, 1)  # 6 images
+    assert model.images_per_pass(x) >= 6  # a tiny model: one pass
+    base = inpformer.INPFormer(inpformer.vit_base())
+    assert base.images_per_pass(torch.zeros(16, 3, 392, 392)) == 2  # ViT-B at the paper's 392 px: 789 tokens
+    assert base.images_per_pass(torch.zeros(16, 3, 392, 392, device="meta")) == 16  # not a CPU: one pass
+    whole = model.predict(x)
+    inpformer.CPU_PASS_BYTES, saved = 1, inpformer.CPU_PASS_BYTES  # one image a pass
+    try:
+        assert model.images_per_pass(x) == 1
+        one_by_one = model.predict(x)
+    finally:
+        inpformer.CPU_PASS_BYTES = saved
+    assert_close("maps", one_by_one[0], whole[0], 1e-5)
+    assert_close("scores", one_by_one[1], whole[1], 1e-5)

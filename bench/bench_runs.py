@@ -1,0 +1,121 @@
+"""Whole runs against the model: does evaluate.py (and predict.py --images) keep the model's own bf16 gain?
+
+    python bench/bench_runs.py                 # 60 test images, a base-size model at the paper's 448 -> 392
+    python bench/bench_runs.py --images 120 --rounds 2
+
+It writes, in a temporary folder, an official-format checkpoint (a ViT-B/14-with-registers INP-Former with
+seeded random weights, saved as a plain state dict `model.pth`, the form the authors publish) and one
+MVTec-layout class of --images test images (512 x 512 RGB photos of smooth noise; half carry a bright ellipse
+and its mask). Then, alone in one run, it measures:
+- the model's own gain: `predict` on --batch-size images, fp32, and bf16 with the model cast once (as the runs
+  cast it), the best of 3 interleaved rounds; speed does not depend on the weights or the pixels;
+- the whole runs, each a fresh process started as a user starts it, so that imports, loading the checkpoint,
+  decoding and resizing the images, the metrics or the decisions, and the files written all count:
+  `evaluate.py --precision fp32|bf16` and `predict.py --images DIR --precision fp32|bf16`, wall-clock, the
+  best of --rounds interleaved rounds.
+It prints each run's seconds and images/s, its bf16/fp32 ratio, and the share of the model's own ratio it keeps.
+"""
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import inpformer  # noqa: E402
+
+
+def write_class(folder: Path, n: int, size=512, seed=0):
+    """An MVTec-layout class `part`: n test images, the odd ones with a bright ellipse and its mask; one train
+    image (the layout asks for train/good; the runs do not read it)."""
+    rng = np.random.default_rng(seed)
+    for sub in ("train/good", "test/good", "test/spot", "ground_truth/spot"):
+        (folder / "part" / sub).mkdir(parents=True)
+    yy, xx = np.mgrid[:size, :size]
+    for i in range(n + 1):
+        coarse = rng.random((size // 32, size // 32, 3))
+        photo = np.kron(coarse, np.ones((32, 32, 1))) * 0.6 + rng.random((size, size, 3)) * 0.2
+        if i == n:
+            Image.fromarray((photo * 255).astype(np.uint8)).save(folder / "part/train/good/000.png")
+        elif i % 2 == 0:
+            Image.fromarray((photo * 255).astype(np.uint8)).save(folder / f"part/test/good/{i:03d}.png")
+        else:
+            cy, cx, ry, rx = rng.integers(100, 412), rng.integers(100, 412), rng.integers(10, 60), rng.integers(10, 60)
+            mask = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+            photo[mask] = 0.95
+            Image.fromarray((photo * 255).astype(np.uint8)).save(folder / f"part/test/spot/{i:03d}.png")
+            Image.fromarray((mask * 255).astype(np.uint8)).save(folder / f"part/ground_truth/spot/{i:03d}_mask.png")
+
+
+def model_gain(model, batch, rounds=3):
+    """{precision: images/s} of model.predict on a batch at the paper's 392 x 392, the best of interleaved rounds."""
+    x = torch.randn(batch, 3, 392, 392)
+    cast = inpformer.INPFormer(inpformer.vit_base())
+    cast.load_state_dict(model.state_dict())
+    cast = cast.to(torch.bfloat16).eval()
+    paths = {"fp32": lambda: model.predict(x), "bf16": lambda: cast.predict(x.to(torch.bfloat16))}
+    best = {}
+    for name, fn in paths.items():
+        fn()  # warm-up
+    for _ in range(rounds):
+        for name, fn in paths.items():
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best.get(name, float("inf")), time.perf_counter() - t)
+    return {name: batch / seconds for name, seconds in best.items()}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", type=int, default=60, help="test images (default 60)")
+    p.add_argument("--rounds", type=int, default=1, help="interleaved rounds of the four runs (default 1)")
+    p.add_argument("--batch-size", type=int, default=16, help="the runs' batch size, and the model's (default 16)")
+    a = p.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench_runs_"))
+    write_class(work / "data", a.images)
+    torch.manual_seed(0)
+    model = inpformer.INPFormer(inpformer.vit_base()).eval()
+    torch.save(model.state_dict(), work / "model.pth")  # the authors' format: names only, no metadata
+
+    own = model_gain(model, a.batch_size)
+    del model
+    common = ["--ckpt", str(work / "model.pth"), "--batch-size", str(a.batch_size)]
+    runs = {
+        "evaluate.py": ["evaluate.py", *common, "--data", "mvtec", "--data-root", str(work / "data"),
+                        "--classes", "part"],
+        "predict.py --images": ["predict.py", *common, "--images", str(work / "data/part/test")],
+    }
+    seconds = {}
+    for r in range(a.rounds):
+        for name, argv in runs.items():
+            for precision in ("fp32", "bf16"):
+                out = work / f"out-{name.split('.')[0]}-{precision}-{r}"
+                t = time.perf_counter()
+                subprocess.run([sys.executable, *argv, "--precision", precision, "--out", str(out)], cwd=ROOT,
+                               check=True, stdout=subprocess.DEVNULL)
+                key = (name, precision)
+                seconds[key] = min(seconds.get(key, float("inf")), time.perf_counter() - t)
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; ViT-B/14 with "
+          f"registers, 448 -> 392, batch {a.batch_size}, {a.images} images; the best of {a.rounds} round(s)")
+    print(f"the model's own: predict fp32 {own['fp32']:.3f} images/s, bf16 {own['bf16']:.3f} images/s, "
+          f"bf16/fp32 x{own['bf16'] / own['fp32']:.2f}")
+    print("| run | fp32 s | bf16 s | fp32 images/s | bf16 images/s | bf16/fp32 | of the model's own ratio |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name in runs:
+        fp32, bf16 = seconds[(name, "fp32")], seconds[(name, "bf16")]
+        kept = (fp32 / bf16) / (own["bf16"] / own["fp32"])
+        print(f"| {name} | {fp32:.1f} | {bf16:.1f} | {a.images / fp32:.3f} | {a.images / bf16:.3f} | "
+              f"x{fp32 / bf16:.2f} | {kept:.2f} |")
+    print(f"(files in {work})")
+
+
+if __name__ == "__main__":
+    main()
