@@ -226,20 +226,26 @@ def attention(q, k, v):
     """Softmax attention of (B, h, N, d) queries, keys and values, returned as (B, N, h * d), the heads side by
     side. On a CPU in bf16 or fp16 it runs as plain products, 128 query rows at a time, written straight into
     that layout: the CPU flash kernel computes half precision no faster than fp32, while products use the bf16
-    matrix units, and 128 rows of scores stay in cache. Elsewhere (fp32, CUDA, training), the fused kernel."""
+    matrix units, and 128 rows of scores stay in cache. The keys and values are made contiguous once: as views of
+    the qkv product, every chunk's product would copy them again. Elsewhere (fp32, CUDA, or when autograd
+    records), the fused kernel."""
     B, h, N, d = q.shape
     if q.device.type != "cpu" or q.dtype == torch.float32 or torch.is_grad_enabled():
         return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, h * d)
-    out = torch.empty(B, N, h, d, dtype=q.dtype)
+    out = q.new_empty(B, N, h, d)
     q = q * d ** -0.5
-    kt = k.transpose(-2, -1)
+    kt, v = k.transpose(-2, -1).contiguous(), v.contiguous()
     for i in range(0, N, 128):
         out[:, i:i + 128] = (torch.softmax(q[:, :, i:i + 128] @ kt, dim=-1) @ v).transpose(1, 2)
     return out.view(B, N, h * d)
 
 
 def average(tensors):
-    """The mean of same-shaped tensors, added one by one: the mean of a stack, without the stack's copy."""
+    """The mean of same-shaped tensors, added one by one: the mean of a stack, without the stack's copy. Half
+    precision is summed in fp32 and rounded once, as a stack's mean is."""
+    dtype = tensors[0].dtype
+    if dtype in (torch.bfloat16, torch.float16):
+        return average([t.float() for t in tensors]).to(dtype)
     total = tensors[0] + tensors[1] if len(tensors) > 1 else tensors[0].clone()
     for t in tensors[2:]:
         total += t
@@ -425,9 +431,10 @@ def tokens_to_map(tokens, grid):
     return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *grid)
 
 
-# On a CPU, inference runs a few images at a time, so that no activation outgrows glibc's 32 MiB ceiling for
-# reusing freed memory: a larger block comes fresh from the kernel on every allocation, zeroed page by page,
-# and at 16 images of 392 px that cost ViT-B a quarter of its fp32 speed and a third of its bf16 speed.
+# On a CPU, inference runs a few images at a time, so that the activations stay below glibc's 32 MiB ceiling for
+# reusing freed memory (a pass holds at least one image, so a large frame may still exceed it): a larger block
+# comes fresh from the kernel on every allocation, zeroed page by page, and at 16 images of 392 px that cost
+# ViT-B a quarter of its fp32 speed and a third of its bf16 speed. Other allocators are merely not hurt.
 CPU_PASS_BYTES = 24 * 2**20
 
 
@@ -530,7 +537,7 @@ class INPFormer(nn.Module):
     def raw_maps(self, x, zero_shot=False):
         """(B, 3, h, w) inputs -> (B, 1, h, w) fp32 maps at the input's size, before resampling and smoothing: the
         reconstruction error, or with zero_shot the INP distance. On a CPU the network sees a few images a pass
-        (images_per_pass): the maps are the same, the memory reused."""
+        (images_per_pass): the maps are the same to round-off, the memory reused."""
         per_pass = self.images_per_pass(x)
         if not torch.onnx.is_in_onnx_export() and len(x) > per_pass:  # an export keeps its batch symbolic
             return torch.cat([self.raw_maps(part, zero_shot) for part in x.split(per_pass)])
@@ -685,7 +692,8 @@ def read_state_dict(path, tensors=True):
             from safetensors import safe_open
 
             with safe_open(path, framework="pt") as f:
-                sd = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
+                # cloned: get_tensor gives views of the mapped file, which a later write to it would change
+                sd = {k: f.get_tensor(k).clone() for k in f.keys()} if tensors else {}
                 meta = f.metadata() or {}
         else:
             with warnings.catch_warnings():  # torch's multi-line pickle-protocol warnings would break the one line
@@ -769,8 +777,8 @@ def vit_config_from_state_dict(sd, num_heads=None):
 
 def load_strict(module, sd, path):
     """Load `sd` into `module`, failing with one line on any missing or unexpected key or wrong shape. The
-    module may be built on the meta device (no memory, no random initialisation): the tensors are then
-    assigned, not copied."""
+    module may be built on the meta device (no memory, no random initialisation): the tensors (in fp32)
+    become its parameters."""
     own = module.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]

@@ -6,7 +6,7 @@
 
 In one process and one run, it measures:
 - the machine's matrix-product rates, fp32 and bf16, at the model's own shapes: the four products of an encoder
-  block (qkv, proj, fc1, fc2) at (batch x tokens) rows, timed as a block runs them;
+  block (qkv, proj, fc1, fc2) at the rows the model multiplies at once, ten blocks of weights, as a forward runs them;
 - the model's FLOPs per image, counted (torch.utils.flop_counter over one forward, or one training step:
   forward, backward and the optimizer's products), not estimated;
 - each path's images/s, and the matrix-product rates: the best of --reps interleaved rounds (every path and the
@@ -28,7 +28,7 @@ import time
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry
+from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(HERE, ".."), HERE]
@@ -36,34 +36,37 @@ import inpformer  # noqa: E402
 import train  # noqa: E402
 
 
-def matmul_probes(rows, width, hidden):
-    """{"matrix products fp32": fn, "... bf16": fn}: one encoder block's four products at `rows` rows as the model
-    runs them (F.linear with a bias, (out, in) weights): qkv, proj, fc1, fc2; and their FLOPs."""
+def matmul_probes(rows, width, hidden, blocks=10):
+    """{"fp32": fn, "bf16": fn}: the four products of `blocks` encoder blocks (the ten up to the last target
+    layer), each block with weights of its own, at `rows` rows, as the model runs them (F.linear with a bias,
+    (out, in) weights: qkv, proj, fc1, fc2); and the FLOPs of one call. Distinct weights, since a weight read
+    again straight away would come from the cache, as the model's never does."""
     shapes = [(width, 3 * width), (width, width), (width, hidden), (hidden, width)]
     probes = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        operands = [(torch.randn(rows, k, dtype=dtype), torch.randn(n, k, dtype=dtype), torch.randn(n, dtype=dtype))
-                    for k, n in shapes]
+        inputs = {k: torch.randn(rows, k, dtype=dtype) for k, _ in shapes}
+        weights = [[(torch.randn(n, k, dtype=dtype), torch.randn(n, dtype=dtype)) for k, n in shapes]
+                   for _ in range(blocks)]
 
-        def run(_, operands=operands):
-            for x, w, b in operands:
-                F.linear(x, w, b)
+        def run(_, inputs=inputs, weights=weights):
+            for block in weights:
+                for w, b in block:
+                    F.linear(inputs[w.shape[1]], w, b)
         probes[name] = run
-    return probes, sum(2 * rows * k * n for k, n in shapes)
+    return probes, blocks * sum(2 * rows * k * n for k, n in shapes)
 
 
 def cpu_attention_flops(name, args):
-    """FLOPs of the CPU's fused attention, which torch's registry leaves out (its formulas cover the CUDA
-    kernels): the forward is two products over (B, h, N, d) queries and (B, h, M, d) keys, 4 B h N M d; the
-    backward four (the gradients of the values, the scores, the queries and the keys). 0 for other ops."""
+    """FLOPs of the CPU's fused attention, which torch's registry leaves out (it lists the CUDA kernels), by
+    the registry's own formulas for the others: the forward's two products, the backward's five (the scores
+    recomputed, then the gradients of the scores, values, queries and keys). 0 for any other operation."""
     if name == "aten._scaled_dot_product_flash_attention_for_cpu":
-        q, k, products = args[0], args[1], 2
-    elif name == "aten._scaled_dot_product_flash_attention_for_cpu_backward":
-        q, k, products = args[1], args[2], 4
-    else:
-        return 0
-    B, h, N, d = q.shape
-    return products * 2 * B * h * N * k.shape[2] * d
+        query, key, value = args[:3]
+        return sdpa_flop_count(query.shape, key.shape, value.shape)
+    if name == "aten._scaled_dot_product_flash_attention_for_cpu_backward":
+        grad_out, query, key, value = args[:4]
+        return sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
+    return 0
 
 
 class FlopCount(TorchDispatchMode):
@@ -141,7 +144,8 @@ def paths(mode, official_dir):
             model.load_state_dict(ours.state_dict())
             steps[precision] = ours_train_step(model.train(), precision)
         found["ours train step fp32"] = (steps["fp32"], "fp32", steps["fp32"])
-        # counted on a third copy: counting runs a step, which must not move the timed models' weights
+        # FLOPs are counted in fp32 (the bf16 step does the same arithmetic), on a fp32 step of a third copy of
+        # the weights: the bf16 path has no fp32 step of its own, and counting runs a step
         spare = inpformer.INPFormer(inpformer.vit_base())
         spare.load_state_dict(ours.state_dict())
         found["ours train step bf16"] = (steps["bf16"], "bf16", ours_train_step(spare.train(), "fp32"))
@@ -159,7 +163,11 @@ def main(mode="forward", doc=__doc__):
     x = torch.randn(a.batch, 3, a.size, a.size)
     found = paths(a.mode, a.official)
     tokens = (a.size // 14) ** 2 + 5  # patches, class token, 4 registers
-    probes, probe_flops = matmul_probes(a.batch * tokens, 768, 3072)
+    # The rows the model multiplies at once: a training step's whole batch; in inference on a CPU, the images
+    # of one pass (inpformer.CPU_PASS_BYTES), as predict runs them (the plain forward takes the batch at once).
+    with torch.device("meta"):
+        images = a.batch if a.mode == "train" else inpformer.INPFormer(inpformer.vit_base()).images_per_pass(x)
+    probes, probe_flops = matmul_probes(images * tokens, 768, 3072)
     flops = {}
     for name, (fn, _, counted) in found.items():
         fn(x)  # warm-up: allocator, kernels, the optimizer's state
@@ -176,9 +184,9 @@ def main(mode="forward", doc=__doc__):
     speed = {name: a.batch / min(times[name]) for name in found}
     spread = {name: statistics.median(t) / min(t) - 1 for name, t in times.items()}
     print(f"{a.mode}: torch {torch.__version__}, {torch.get_num_threads()} threads, batch {a.batch}, {a.size} px; "
-          f"matrix products at the model's shapes: fp32 {rates['fp32'] / 1e9:.1f} GFLOP/s, bf16 "
-          f"{rates['bf16'] / 1e9:.1f} GFLOP/s (bf16/fp32 x{rates['bf16'] / rates['fp32']:.2f}); the best of "
-          f"{a.reps} interleaved rounds", flush=True)
+          f"matrix products at the model's shapes ({images * tokens} rows): fp32 {rates['fp32'] / 1e9:.1f} "
+          f"GFLOP/s, bf16 {rates['bf16'] / 1e9:.1f} GFLOP/s (bf16/fp32 x{rates['bf16'] / rates['fp32']:.2f}); "
+          f"the best of {a.reps} interleaved rounds", flush=True)
     reference = next((speed[n] for n in speed if n.startswith("official")), None)
     print("| path | GFLOP/image | images/s | of the roofline | x official | median round slower by |")
     print("|---|---:|---:|---:|---:|---:|")

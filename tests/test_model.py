@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import inpformer
@@ -319,35 +318,61 @@ def test_a_model_cast_to_bf16_still_predicts(io):
 
 def test_cpu_half_precision_attention_equals_the_fused_kernel_and_average_equals_a_stacked_mean():
     """inpformer.attention runs bf16 inference on a CPU as products 128 query rows at a time (the tokens here are
-    not a multiple of 128, so the last chunk is short); fp32 and anything with gradients take the fused kernel."""
+    not a multiple of 128, so the last chunk is short); fp32 and anything autograd records take the fused kernel.
+    Both against softmax attention written out in float64."""
     torch.manual_seed(0)
     q, k, v = torch.randn(3, 2, 4, 300, 16).unbind(0)
-    fused = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 300, 64)
-    assert torch.equal(inpformer.attention(q, k, v), fused)
+    weights = torch.softmax(q.double() @ k.double().transpose(-2, -1) / 4, dim=-1)
+    exact = (weights @ v.double()).transpose(1, 2).reshape(2, 300, 64)
+    assert_close("fp32", inpformer.attention(q, k, v), exact, 1e-5)
+    half = [t.bfloat16() for t in (q, k, v)]
     with torch.no_grad():
-        chunked = inpformer.attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+        chunked = inpformer.attention(*half)
     assert chunked.dtype == torch.bfloat16 and chunked.shape == (2, 300, 64)
-    assert (chunked.float() - fused).abs().max() < 0.02 * fused.abs().max()
+    assert_close("bf16, chunked", chunked, exact, 0.02)
+    recorded = inpformer.attention(*[t.clone().requires_grad_() for t in half])
+    assert recorded.grad_fn is not None and not torch.equal(recorded.detach(), chunked)  # the fused kernel
+    assert_close("bf16, fused", recorded, exact, 0.02)
     layers = list(torch.randn(4, 2, 300, 16).unbind(0))
     assert torch.equal(inpformer.average(layers), torch.stack(layers, dim=1).mean(dim=1))
     assert torch.equal(inpformer.average(layers[:1]), layers[0]) and inpformer.average(layers[:1]) is not layers[0]
+    half_layers = [t.bfloat16() for t in layers]
+    mean = inpformer.average(half_layers)
+    assert mean.dtype == torch.bfloat16
+    assert_close("bf16 mean", mean, torch.stack(half_layers, dim=1).mean(dim=1), 2 ** -8)
 
 
 def test_on_a_cpu_inference_runs_a_few_images_a_pass_with_the_same_maps(io):
-    """raw_maps splits a CPU batch into passes of images_per_pass images (memory the allocator can reuse); the
-    maps and scores are those of one pass over the whole batch, to round-off."""
-    model = model_from("official")
-    x = io["x_224"].repeat(3, 1, 1, 1)  # 6 images
-    assert model.images_per_pass(x) >= 6  # a tiny model: one pass
-    base = inpformer.INPFormer(inpformer.vit_base())
+    """raw_maps splits a CPU batch into passes of images_per_pass images (memory the allocator can reuse); maps
+    and scores, reconstruction and zero-shot, are those of one pass over the whole batch, to round-off, in order."""
+    with torch.device("meta"):  # only the arithmetic of images_per_pass: no weights needed
+        base = inpformer.INPFormer(inpformer.vit_base())
     assert base.images_per_pass(torch.zeros(16, 3, 392, 392)) == 2  # ViT-B at the paper's 392 px: 789 tokens
     assert base.images_per_pass(torch.zeros(16, 3, 392, 392, device="meta")) == 16  # not a CPU: one pass
-    whole = model.predict(x)
-    inpformer.CPU_PASS_BYTES, saved = 1, inpformer.CPU_PASS_BYTES  # one image a pass
-    try:
-        assert model.images_per_pass(x) == 1
-        one_by_one = model.predict(x)
-    finally:
-        inpformer.CPU_PASS_BYTES = saved
-    assert_close("maps", one_by_one[0], whole[0], 1e-5)
-    assert_close("scores", one_by_one[1], whole[1], 1e-5)
+    model = model_from("official")
+    x = torch.cat([io["x_224"], io["x_224"].flip(-1), io["x_224"].flip(-2)])  # 6 different images
+    assert model.images_per_pass(x) >= 6  # a tiny model: one pass
+    whole = model.predict(x), model.predict_zero_shot(x)
+    model.images_per_pass = lambda x: 4  # passes of 4 and 2
+    split = model.predict(x), model.predict_zero_shot(x)
+    for kind, (maps, scores), (ref_maps, ref_scores) in zip(("reconstruction", "zero-shot"), split, whole):
+        assert_close(f"{kind} maps", maps, ref_maps, 1e-5)
+        assert_close(f"{kind} scores", scores, ref_scores, 1e-5)
+    assert (whole[0][1][:2] - whole[0][1][2:4]).abs().max() > 1e-3  # the images differ: order would show
+
+
+def test_a_loaded_model_owns_its_weights_when_its_file_is_rewritten_in_place(tmp_path):
+    """load_model builds on the meta device and takes the file's tensors as its parameters: they must be copies,
+    not views of the mapped file, or a checkpoint rewritten in place (cp, rsync --inplace) would change them."""
+    model = model_from("official")
+    inpformer.save_checkpoint(model, tmp_path / "a.safetensors")
+    loaded = inpformer.load_model(tmp_path / "a.safetensors")
+    before = loaded.prototype_token.detach().clone()
+    with torch.no_grad():
+        model.prototype_token.mul_(-1)
+    inpformer.save_checkpoint(model, tmp_path / "b.safetensors")
+    with open(tmp_path / "a.safetensors", "r+b") as dst:
+        dst.write((tmp_path / "b.safetensors").read_bytes())
+    assert torch.equal(inpformer.load_model(tmp_path / "a.safetensors").prototype_token, -before)  # rewritten
+    assert torch.equal(loaded.prototype_token, before) and not loaded.prototype_token.is_meta
+    assert not loaded.encoder.pos_embed.requires_grad and loaded.prototype_token.requires_grad
