@@ -21,10 +21,11 @@ Protocol (the official `evaluation_batch(max_ratio=0.01, resize_mask=256)`, cons
 the crop size, resized bilinearly to 256x256, 5x5 Gaussian with sigma 4 and zero padding; image score = mean of
 the top 1% (655) of the smoothed pixels; ground truth = the crop-size mask resized to 256 with `nearest`, then
 > 0.5. Whole-frame and tiled checkpoints (inpformer.Geometry) score the whole frame the same way, with an
-antialiased resize and a reflect-padded Gaussian, so that the border counts like the inside. Each class is scored on its own; "mean" is the plain average over classes. Metrics come from metrics.py
-and are exact, not the 200-bin approximations of the authors' GPU code (expect pixel AP a little off the
-paper's numbers). --full-res (the MVTec AD protocol) scores pixels at each image's own resolution over the part
-the centre crop saw. --zero-shot (paper Table S8): the map is the INP distance. Memory: one class at a time;
+antialiased resize and a reflect-padded Gaussian, so that the border counts like the inside. Each class is
+scored on its own; "mean" is the plain average over classes. Metrics come from metrics.py and are exact,
+not the 200-bin approximations of the authors' GPU code (expect pixel AP a little off the paper's numbers).
+--full-res (the MVTec AD protocol) scores pixels at each image's own resolution over the part the centre crop
+saw. --zero-shot (paper Table S8): the map is the INP distance. Memory: one class at a time;
 exact metrics peak at about 2.4x the float32 maps; --map-dtype float16 halves that and moves the metrics
 (~0.015 points); --streaming keeps 65536-bin histograms (~0.1 GB) and writes its largest possible error
 ("error_bounds"). --precision bf16 runs the model in bf16, also on CPUs with bf16 units; maps, scores and

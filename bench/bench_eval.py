@@ -10,10 +10,10 @@ into the class's buffers, or into metrics.PixelHistogram with --streaming), and 
 timed: smooth noise, plus on 2/3 of the images 1-3 soft-edged ellipses whose exact silhouettes are the masks.
 
 Three modes, each in a child process of its own (one torch thread): exact with float32 maps (evaluate.py's
-default), exact with float16 maps (--map-dtype float16) and --streaming. Peak memory is the growth of the child's resident set
-from just before the first batch to its peak (VmHWM in /proc/self/status, reset first; where there is no
-/proc, resource.getrusage's ru_maxrss, which then includes the imports). tracemalloc is not used: it does
-not see torch's allocations. The metrics of each mode are printed as differences from exact float32.
+default), exact with float16 maps (--map-dtype float16) and --streaming. Peak memory is the growth of the
+child's resident set from just before the first batch to its peak (VmHWM in /proc/self/status, reset first;
+where there is no /proc, resource.getrusage's ru_maxrss, which then includes the imports). tracemalloc is not
+used: it does not see torch's allocations. The metrics of each mode are printed as differences from exact float32.
 """
 import argparse
 import json

@@ -19,6 +19,7 @@ one training step as each training script runs it, fp32, and this project's in b
 official code's random ones loaded into both where --official is given (speed does not depend on them).
 """
 import argparse
+import copy
 import os
 import resource
 import statistics
@@ -133,22 +134,17 @@ def paths(mode, official_dir):
         forward = torch.no_grad()(ours)
         found["ours forward fp32"] = (forward, "fp32", forward)
         found["ours predict fp32"] = (ours.predict, "fp32", ours.predict)
-        cast = inpformer.INPFormer(inpformer.vit_base())
-        cast.load_state_dict(ours.state_dict())
-        cast = cast.to(torch.bfloat16).eval()
+        cast = copy.deepcopy(ours).to(torch.bfloat16)
         found["ours predict bf16"] = (lambda x: cast.predict(x.to(torch.bfloat16)), "bf16", ours.predict)
     else:
         steps = {}
         for precision in ("fp32", "bf16"):
-            model = inpformer.INPFormer(inpformer.vit_base())
-            model.load_state_dict(ours.state_dict())
-            steps[precision] = ours_train_step(model.train(), precision)
+            steps[precision] = ours_train_step(copy.deepcopy(ours).train(), precision)
         found["ours train step fp32"] = (steps["fp32"], "fp32", steps["fp32"])
         # FLOPs are counted in fp32 (the bf16 step does the same arithmetic), on a fp32 step of a third copy of
         # the weights: the bf16 path has no fp32 step of its own, and counting runs a step
-        spare = inpformer.INPFormer(inpformer.vit_base())
-        spare.load_state_dict(ours.state_dict())
-        found["ours train step bf16"] = (steps["bf16"], "bf16", ours_train_step(spare.train(), "fp32"))
+        spare = copy.deepcopy(ours).train()
+        found["ours train step bf16"] = (steps["bf16"], "bf16", ours_train_step(spare, "fp32"))
     return found
 
 

@@ -18,6 +18,7 @@ It prints each run's seconds and images/s, its bf16/fp32 ratio, and that ratio o
 of the model's gain the whole run keeps (1.00: all of it).
 """
 import argparse
+import copy
 import os
 import subprocess
 import sys
@@ -59,9 +60,7 @@ def write_class(folder: Path, n: int, size=512, seed=0):
 def model_gain(model, batch, rounds=3):
     """{precision: images/s} of model.predict on a batch at the paper's 392 x 392, the best of interleaved rounds."""
     x = torch.randn(batch, 3, 392, 392)
-    cast = inpformer.INPFormer(inpformer.vit_base())
-    cast.load_state_dict(model.state_dict())
-    cast = cast.to(torch.bfloat16).eval()
+    cast = copy.deepcopy(model).to(torch.bfloat16)
     paths = {"fp32": lambda: model.predict(x), "bf16": lambda: cast.predict(x.to(torch.bfloat16))}
     best = {}
     for name, fn in paths.items():
