@@ -30,7 +30,7 @@ exact metrics peak at about 2.4x the float32 maps; --map-dtype float16 halves th
 (~0.015 points); --streaming keeps 65536-bin histograms (~0.1 GB) and writes its largest possible error
 ("error_bounds"). --precision bf16 runs the model in bf16, also on CPUs with bf16 units; maps, scores and
 metrics stay fp32. --metrics adeval reports what the official code reports, to compare with the paper's
-tables: P-AUROC, P-AP and AUPRO from ADEval 1.1.0's 200 bins per class (metrics.adeval_pixel_metrics), the
+tables: P-AUROC, P-AP and AUPRO from ADEval 1.1.0's 200 bins per class (line/adeval.py), the
 other four as here; written to `eval-adeval/`, recorded in metrics.json's "protocol".
 """
 import json
@@ -45,7 +45,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import baseline
 import cli
 import data as datasets  # the module; `data` is the name of a data set in the functions below
 import inpformer
@@ -64,8 +63,8 @@ class Options(scoring.Options):
     streaming: bool = False   # pixel metrics from histograms, in constant memory
     map_dtype: str = "float32"
     metrics: str = "exact"    # or "adeval": P-AUROC, P-AP and AUPRO binned as the official code's ADEval 1.1.0
-    bank_size: int = baseline.BANK_SIZE  # the kNN baseline's memory bank, tokens a class at most
-    baseline: str = None      # "knn": also score the kNN baseline (baseline.py) on every class
+    bank_size: int = None     # the kNN baseline's memory bank, tokens a class at most (None: line.knn.BANK_SIZE)
+    baseline: str = None      # "knn": also score the kNN baseline (line/knn.py) on every class
     save_maps: int = 0        # pictures of the N most and N least anomalous images of each class
 
 # -----------------------------------------------------------------------------------------------------
@@ -119,7 +118,9 @@ class ClassScores:
             if self.pixels and self.hist is None:
                 result = metrics.compute_all(self.labels, self.scores, self.masks, self.maps, FPR_LIMIT, True)
                 if self.adeval:  # the official code's binned P-AUROC, P-AP and AUPRO; the other four are exact there
-                    result.update(metrics.adeval_pixel_metrics(self.masks, self.maps, fpr_limit=FPR_LIMIT))
+                    from line.adeval import adeval_pixel_metrics
+
+                    result.update(adeval_pixel_metrics(self.masks, self.maps, fpr_limit=FPR_LIMIT))
             else:
                 f1, t = metrics.f1_threshold(self.labels, self.scores)
                 result = {"I-AUROC": metrics.auroc(self.labels, self.scores),
@@ -167,7 +168,10 @@ def evaluate(model, data, root, classes, opts=Options(), out_dir=None, log=print
     test_sets = {c: datasets.test_set(data, root, c, geometry, native=opts.full_res) for c in classes}
     train_sets = {}
     if opts.baseline == "knn":  # the baseline's banks, from each class's training images: checked now too
+        from line import knn as nearest
+
         train_sets = {c: datasets.train_set(data, root, c, geometry) for c in classes}
+        opts = replace(opts, bank_size=opts.bank_size or nearest.BANK_SIZE)
     total = sum(len(ds) for ds in test_sets.values())
     precision = inpformer.resolve_precision(opts.precision, model.prototype_token.device)
     maps_kind = "INP distance (zero-shot)" if opts.zero_shot else "reconstruction error"
@@ -243,11 +247,13 @@ def score_class(model, ds, opts, progress=None, predictor=None):
 
 
 def knn_baseline(model, train, ds, opts, log):
-    """The seven metrics of the kNN baseline (baseline.py) on one class's test set `ds`: its bank from the class's
+    """The seven metrics of the kNN baseline (line/knn.py) on one class's test set `ds`: its bank from the class's
     training set `train`, prepared as the model's images."""
     t0 = time.monotonic()
     cls = ds.samples[0].cls
-    knn = baseline.KNNBaseline(model, opts.bank_size, batch_size=opts.batch_size).fit(train, opts.workers)
+    from line import knn as nearest
+
+    knn = nearest.KNNBaseline(model, opts.bank_size, batch_size=opts.batch_size).fit(train, opts.workers)
     acc, _ = score_class(model, ds, opts, predictor=knn.predict)
     m = acc.compute(warn=lambda msg: log(f"  note: {cls} (knn baseline): {msg}"))
     log(f"  {cls} (knn baseline, {len(knn.bank)} tokens in its bank) in {time.monotonic() - t0:.1f}s; "
@@ -370,11 +376,11 @@ def parse_args(argv=None):
                    help="exact (default): every threshold, scikit-learn's step-wise AP; adeval: P-AUROC, P-AP and "
                         "AUPRO from 200-bin histograms per class, as the official code reports them (ADEval 1.1.0)")
     p.add_argument("--baseline", choices=["knn"], help="also score a PatchCore-style nearest-neighbour baseline on "
-                   "the same encoder (baseline.py): its rows print under the table, metrics.json has them in "
+                   "the same encoder (line/knn.py): its rows print under the table, metrics.json has them in "
                    "baselines.knn")
-    p.add_argument("--bank-size", type=cli.number(), default=baseline.BANK_SIZE, metavar="N",
-                   help=f"the baseline's memory bank: at most N tokens per class, a seeded random subset (default "
-                        f"{baseline.BANK_SIZE})")
+    p.add_argument("--bank-size", type=cli.number(), metavar="N",
+                   help="the baseline's memory bank: at most N tokens per class, a seeded random subset (default "
+                        "line.knn.BANK_SIZE)")
     p.add_argument("--streaming", action="store_true",
                    help="pixel metrics from 65536-bin histograms (constant memory; error bounds in metrics.json)")
     p.add_argument("--map-dtype", choices=["float32", "float16"], default="float32",

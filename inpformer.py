@@ -25,7 +25,6 @@ import math
 import os
 import pickle
 import re
-import urllib.request
 import warnings
 import zipfile
 from dataclasses import asdict, dataclass, field, fields
@@ -795,15 +794,12 @@ def load_strict(module, sd, path):
 
 def load_backbone(path, num_heads=None) -> ViT:
     """A DINOv2 ViT from .safetensors or .pth in torch-hub, Hugging Face or timm names; size detected, the
-    naming kept in vit.source. The head count is num_heads, else that of a Hugging Face config.json beside
-    the file, else embed_dim / 64 (every released DINOv2)."""
+    naming kept in vit.source. The head count is num_heads, else embed_dim / 64 (every released DINOv2)."""
     sd, _ = read_state_dict(path)
     if any(k.startswith("encoder.blocks.") for k in sd):  # an INP-Former checkpoint: take its encoder
         sd = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
     try:
         sd, source = to_hub_names(sd)
-        if num_heads is None:
-            num_heads = _heads_from_config_json(path, sd["pos_embed"].shape[-1])
         config = vit_config_from_state_dict(sd, num_heads)
     except KeyError as e:
         raise WeightsError(f"{path}: not a DINOv2 ViT state dict (no {e.args[0]!r})") from None
@@ -813,49 +809,6 @@ def load_backbone(path, num_heads=None) -> ViT:
     vit.source = source
     return vit
 
-
-def _heads_from_config_json(path, width):
-    """The head count of a Hugging Face config.json (or <stem>_config.json) beside the weights, if it describes
-    a ViT of this width; else None."""
-    stem = os.path.splitext(os.fspath(path))[0]
-    for candidate in (os.path.join(os.path.dirname(stem), "config.json"), f"{stem}_config.json"):
-        with contextlib.suppress(OSError, ValueError, KeyError, AttributeError):
-            with open(candidate) as f:
-                config = json.load(f)
-            if config.get("hidden_size") == width:
-                return int(config["num_attention_heads"])
-    return None
-
-
-# The DINOv2-with-registers weights train.py uses by default, by size (their widths: 384, 768, 1024).
-HF_WEIGHTS = "https://huggingface.co/facebook/dinov2-with-registers-{size}/resolve/main/model.safetensors"
-BACKBONE_WIDTHS = {"small": 384, "base": 768, "large": 1024}
-
-
-def download_backbone(size="base", log=print) -> Path:
-    """The Hugging Face DINOv2-with-registers file of `size`, downloaded once into ~/.cache/inpformer (or
-    $INPFORMER_CACHE); offline, a one-line error says what to download and where to put it."""
-    if size not in BACKBONE_WIDTHS:
-        raise WeightsError(f"backbone size {size!r}: use {', '.join(BACKBONE_WIDTHS)}")
-    cache = Path(os.environ.get("INPFORMER_CACHE", Path.home() / ".cache" / "inpformer"))
-    path, url = cache / f"dinov2-with-registers-{size}.safetensors", HF_WEIGHTS.format(size=size)
-    if path.is_file():
-        return path
-    log(f"downloading {url} to {path}")
-    cache.mkdir(parents=True, exist_ok=True)
-    try:
-        with urllib.request.urlopen(url, timeout=30) as response, atomic_write(path) as tmp, open(tmp, "wb") as f:
-            total, done = int(response.headers.get("Content-Length") or 0), 0
-            while True:
-                chunk = response.read(1 << 24)
-                if not chunk:
-                    break
-                done += f.write(chunk)
-                log(f"  {done >> 20} / {total >> 20} MiB")
-    except OSError as e:
-        raise WeightsError(f"could not download the DINOv2 weights ({getattr(e, 'reason', e)}): download {url} and "
-                           f"save it as {path}, or pass --weights PATH") from None
-    return path
 
 # -----------------------------------------------------------------------------------------------------
 # Checkpoints: one .safetensors file, the whole model with its config and what the run records

@@ -45,6 +45,7 @@ import inpformer
 # The official multi-class recipe's geometry (448 -> 392), batch and length; --data demo has its own (demo.RECIPE).
 RECIPE = dict(geometry=inpformer.Geometry(), batch_size=16, epochs=200, workers=4)
 DEFAULT_BACKBONE = "base"  # the DINOv2-with-registers size downloaded when --weights is not given
+BACKBONE_WIDTHS = {"small": 384, "base": 768, "large": 1024}  # the sizes --backbone names
 
 # -----------------------------------------------------------------------------------------------------
 # Optimiser and schedule
@@ -126,17 +127,19 @@ class EpochBatches(torch.utils.data.Sampler):
 
 def load_encoder(weights=None, backbone=None, is_demo=False, log=print) -> inpformer.ViT:
     """The frozen encoder: --weights, else the demo's random ViT, else the DINOv2-with-registers file of
-    --backbone (downloaded once by inpformer.download_backbone). Logs what it found."""
+    --backbone (downloaded once by line.weights). Logs what it found."""
     if weights:
         vit = inpformer.load_backbone(weights)
-        if backbone and inpformer.BACKBONE_WIDTHS[backbone] != vit.config.embed_dim:
+        if backbone and BACKBONE_WIDTHS[backbone] != vit.config.embed_dim:
             raise ValueError(f"--backbone {backbone} contradicts --weights {weights} (a {vit.config.embed_dim}"
                              "-wide ViT): drop --backbone, it only picks the file to download")
     elif is_demo:
         log("no --weights: using a small randomly initialised ViT (pass --weights for real DINOv2 features)")
         vit = demo.backbone()
     else:
-        vit = inpformer.load_backbone(inpformer.download_backbone(backbone or DEFAULT_BACKBONE, log))
+        from line.weights import download_backbone
+
+        vit = inpformer.load_backbone(download_backbone(backbone or DEFAULT_BACKBONE, log))
     c = vit.config
     log(f"backbone: ViT {c.embed_dim} wide, {c.depth} blocks, {c.num_heads} heads, {c.num_register_tokens} "
         f"registers, patch {c.patch_size}, from {getattr(vit, 'source', 'code')} weights")
@@ -523,7 +526,7 @@ def parse_args(argv=None):
     p.add_argument("--setting", choices=["multi", "single", "few-shot"], default="multi",
                    help="one model for all classes (default), one per class, or one on k shots per class")
     p.add_argument("--shots", type=count, help="few-shot: training images per class")
-    p.add_argument("--backbone", choices=list(inpformer.BACKBONE_WIDTHS),
+    p.add_argument("--backbone", choices=list(BACKBONE_WIDTHS),
                    help=f"the DINOv2-with-registers size to download when --weights is not given (default "
                         f"{DEFAULT_BACKBONE})")
     p.add_argument("--weights", help="DINOv2 weights (.safetensors or .pth; torch hub, Hugging Face or timm names)")

@@ -1,4 +1,4 @@
-"""metrics.adeval_pixel_metrics against numbers ADEval 1.1.0 itself reported (tests/golden/adeval_1.1.0.*, made
+"""line/adeval.py against numbers ADEval 1.1.0 itself reported (tests/golden/adeval_1.1.0.*, made
 by running ADEval's EvalAccumulatorCuda on the CPU exactly as the official INP-Former evaluation calls it; ADEval
 is not needed here), next to the exact metrics, and on the cases where it is undefined."""
 import json
@@ -13,7 +13,9 @@ from safetensors.numpy import load_file
 
 from conftest import ROOT
 import metrics
-from metrics import UndefinedMetricWarning, adeval_pixel_metrics, compute_all
+import line.adeval
+from line.adeval import adeval_pixel_metrics
+from metrics import UndefinedMetricWarning, compute_all
 
 GOLDEN = ROOT / "tests" / "golden"
 FIXTURE = json.loads((GOLDEN / "adeval_1.1.0.json").read_text())
@@ -164,7 +166,7 @@ def test_aupro_cut_is_the_linear_interpolation():
     maps = (rng.random(masks.shape) + 0.6 * masks).astype(np.float32)
     whole = adeval_pixel_metrics(masks, maps, fpr_limit=1.0)
     assert whole["AUPRO"] == pytest.approx(whole["P-AUROC"], abs=1e-15)
-    c = metrics._adeval_curve(masks.astype(bool), maps, 200)
+    c = line.adeval._adeval_curve(masks.astype(bool), maps, 200)
     fpr, tpr = (c["fp"] / c["n"])[::-1], (c["tp"] / c["p"])[::-1]
     for limit in (0.3, 0.05):
         expected = metrics._area_up_to(fpr, tpr, limit) / limit

@@ -21,6 +21,7 @@ import evaluate
 import inpformer
 import metrics
 import scoring
+from line.adeval import adeval_pixel_metrics
 from conftest import BATCH, CROP, DEMO_SIZE, GEOMETRY, IMAGE, ROOT, expect_one_line_error, run_main, shared
 
 TINY = "fixtures", "official_tiny"
@@ -345,7 +346,7 @@ def test_evaluate_leaves_the_callers_model_as_it_was(model, demo):
 
 
 def test_adeval_metrics_are_the_official_codes(ckpt, model, demo, tmp_path, capsys):
-    """--metrics adeval: P-AUROC, P-AP and AUPRO from ADEval's 200 bins per class (metrics.adeval_pixel_metrics
+    """--metrics adeval: P-AUROC, P-AP and AUPRO from ADEval's 200 bins per class (line.adeval
     on the protocol's maps), the other four exact; recorded in metrics.json, written apart from the exact run."""
     evaluate.main(["--ckpt", str(ckpt), "--metrics", "adeval", "--workers", "0", "--batch-size", str(BATCH)])
     results = json.loads((ckpt.parent / "eval-adeval" / "metrics.json").read_text())
@@ -353,7 +354,7 @@ def test_adeval_metrics_are_the_official_codes(ckpt, model, demo, tmp_path, caps
     for cls in ("fabric", "tiles"):
         labels, scores, masks, maps, _ = reference_maps(model, demo, cls)
         exact = metrics.compute_all(labels, scores, masks, maps)
-        binned = metrics.adeval_pixel_metrics(masks, maps)
+        binned = adeval_pixel_metrics(masks, maps)
         want = {k: binned.get(k, exact[k]) for k in evaluate.METRICS}
         assert_metrics_equal(results["classes"][cls], want)
         assert results["classes"][cls]["P-AP"] != exact["P-AP"]  # the trapezoid on 200 bins is not the exact AP

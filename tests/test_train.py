@@ -18,6 +18,7 @@ import data
 import demo
 import inpformer
 import train
+from line import weights
 from conftest import expect_one_line_error, run_main, shared
 
 TINY_WEIGHTS = ("fixtures", "official_tiny", "backbone_hub.safetensors")
@@ -194,19 +195,19 @@ def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(demo_root, tmp_path)
 
 def test_default_weights_download_and_offline_message(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("INPFORMER_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(inpformer, "HF_WEIGHTS", "file://" + str(tmp_path / "nowhere" / "{size}.safetensors"))
+    monkeypatch.setattr(weights, "HF_WEIGHTS", "file://" + str(tmp_path / "nowhere" / "{size}.safetensors"))
     with pytest.raises(ValueError) as e:
-        inpformer.download_backbone("small", print)
+        weights.download_backbone("small", print)
     msg = str(e.value)
     assert "\n" not in msg and "nowhere/small.safetensors" in msg and str(tmp_path / "cache") in msg
     (tmp_path / "hub").mkdir()
     (tmp_path / "hub" / "small.safetensors").write_bytes(shared(*TINY_WEIGHTS).read_bytes())
-    monkeypatch.setattr(inpformer, "HF_WEIGHTS", "file://" + str(tmp_path / "hub" / "{size}.safetensors"))
-    path = inpformer.download_backbone("small", print)
+    monkeypatch.setattr(weights, "HF_WEIGHTS", "file://" + str(tmp_path / "hub" / "{size}.safetensors"))
+    path = weights.download_backbone("small", print)
     assert path == tmp_path / "cache" / "dinov2-with-registers-small.safetensors"
     assert "downloading" in capsys.readouterr().out
     assert inpformer.load_backbone(path).config.embed_dim == 128
-    assert inpformer.download_backbone("small", lambda m: pytest.fail("must not download twice")) == path
+    assert weights.download_backbone("small", lambda m: pytest.fail("must not download twice")) == path
 
 
 @pytest.mark.parametrize("argv, words", [

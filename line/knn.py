@@ -1,6 +1,6 @@
 """A PatchCore-style nearest-neighbour baseline on the same frozen encoder: a reference point beside
 INP-Former's table (`evaluate.py --baseline knn`), so that a user sees on their own data whether INP-Former is
-the right tool. Short on purpose: a sanity baseline, not a second method to tune. A library module.
+the right tool. Short on purpose: a sanity baseline, not a second method to tune.
 
 Per class, a memory bank of the patch tokens of the class's training images (the same images, geometry and
 tiles as the model's): each token's feature is the mean over the model's target layers of that layer's token
@@ -28,8 +28,8 @@ def token_features(model, x):
 class KNNBaseline:
     """The baseline for one class: fit(images) builds the bank, predict(frames) scores like the model does."""
 
-    def __init__(self, model, bank_size=BANK_SIZE, seed=0, batch_size=16):
-        self.model, self.bank_size, self.seed, self.batch_size = model, bank_size, seed, batch_size
+    def __init__(self, model, bank_size=None, seed=0, batch_size=16):
+        self.model, self.bank_size, self.seed, self.batch_size = model, bank_size or BANK_SIZE, seed, batch_size
         self.bank = None
 
     @torch.no_grad()
