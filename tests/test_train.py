@@ -1,5 +1,6 @@
 """train.py: the optimiser and schedule against the official formulas, loss going down, exact resume, torchrun
 DDP, the safety stops, and the end-to-end run on real photos with a real DINOv2 ViT-S/14."""
+import copy
 import csv
 import gc
 import json
@@ -9,8 +10,11 @@ import re
 import shutil
 import weakref
 
+import numpy as np
+
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import cli
@@ -112,6 +116,74 @@ def interrupt_in_epoch_2(msg):
     epoch 1 and a few more iterations)."""
     if msg.startswith("epoch 2/"):
         raise KeyboardInterrupt
+
+
+def official_soft_mining_loss(en, de, y=3):
+    """The official global_cosine_hm_adaptive as the reference states it (section 4.1): the gradient reaching
+    each decoder pixel scaled by (d / mean d)^y through a tensor hook."""
+    loss = 0.0
+    for e, d in zip(en, de):
+        e = e.detach()
+        with torch.no_grad():
+            distance = 1 - F.cosine_similarity(e, d).unsqueeze(1)
+            factor = (distance / distance.mean()) ** y
+        loss = loss + (1 - F.cosine_similarity(e.reshape(len(e), -1), d.reshape(len(d), -1))).mean()
+        d.register_hook(lambda grad, factor=factor: grad * factor)
+    return loss / len(en)
+
+
+def test_a_whole_run_is_the_official_loop_in_float64(demo, tmp_path):
+    """train.py's loop over a whole short run (warm-up, cosine, six epochs and their boundaries) equals the official
+    script's loop restated from ../shared/reference/inpformer.md section 5, from the same initial weights and
+    batches: forward, soft-mining loss through a hook + 0.2 x coherence, zero_grad, backward, clip 0.1, StableAdamW,
+    the scheduler's next learning rate. In float64, so that any other computation shows: every iteration's loss
+    and the final weights to 1e-10. (bench/whole_run.py runs the official code itself, on real data.)"""
+    argv = tiny_args(demo, tmp_path / "run", "--iters", 24, "--warmup", 2, "--no-eval", "--save-every", "1e9")
+    args = train.parse_args([str(a) for a in argv])
+    (tmp_path / "run").mkdir()
+    encoder = train.load_encoder(args.weights, log=lambda m: None)
+    run = train.setup(args, encoder, data.resolve_sets("folder", demo, "all"), tmp_path / "run", torch.device("cpu"),
+                      log=lambda m: None)
+    assert (run.total, run.warmup, len(run.batches)) == (24, 2, 4)
+    reference = copy.deepcopy(run.model).double().train()
+    run.model.double()  # in place: the optimizer keeps its parameters
+    ours, loss_module = [], run.net
+
+    class Float64(torch.nn.Module):
+        def forward(self, x):
+            loss = loss_module(x.double())
+            ours.append(loss.item())
+            return loss
+
+    run.net = Float64()
+    train.train(run, log=lambda m: None)
+
+    total, warm, base, final = 24, 2, 1e-3, 1e-4
+    cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * np.arange(total - warm) / (total - warm)))
+    lr_table = np.concatenate([np.linspace(0, base, warm), cosine])  # WarmCosineScheduler's table
+    params = reference.trainable_parameters()
+    moments = [[torch.zeros_like(p) for _ in range(3)] for p in params]
+    theirs, batches = [], train.EpochBatches(len(run.dataset), 4, seed=1)
+    for epoch in range(6):
+        batches.epoch = epoch
+        for idx in batches:
+            x = torch.stack([run.dataset[i]["image"] for i in idx]).double()
+            en, de, coherence = reference(x)
+            loss = official_soft_mining_loss(en, de) + 0.2 * coherence
+            for p in params:
+                p.grad = None
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, max_norm=0.1)
+            step = len(theirs) + 1
+            with torch.no_grad():
+                for p, state in zip(params, moments):
+                    new, *state[:] = reference_stable_adamw_step(p, p.grad, *state, step, lr=lr_table[step - 1])
+                    p.copy_(new)
+            theirs.append(loss.item())
+    assert np.allclose(ours, theirs, rtol=1e-10, atol=0), np.abs(np.array(ours) / np.array(theirs) - 1).max()
+    for (name, a), b in zip(run.model.named_parameters(), reference.parameters()):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12), name
+    assert ours[-1] < 0.8 * ours[0]  # it trained
 
 
 def test_resumed_run_ends_with_identical_weights(demo_root, tmp_path):
