@@ -13,7 +13,7 @@ the geometry's frame size (the paper's 448 x 448, the aspect not kept; any H x W
 tiles), its centre crop (the paper's 392 x 392) or the whole frame, ImageNet mean/std. 16-bit, 32-bit and float
 grey images are scaled to [0, 1] first (Geometry.bit_depth), never clipped. Masks take the same geometry and are
 then binarised at 0.5. Tiles are cut later, from the preprocessed frame (TileDataset for training,
-INPFormer.predict_frames for scoring).
+line.frames.predict_frames for scoring).
 
 Every problem with the files on disk raises DataError, whose message is one line, "<path>: <problem>".
 
@@ -447,7 +447,7 @@ def _to_tensor(im: Image.Image, geometry: Geometry) -> torch.Tensor:
 def load_image(path, geometry: Geometry) -> torch.Tensor:
     """One preprocessed image (3, h, w) from a file or a PIL image; DataError on a bad file. Pass the geometry
     of the model that will score it: model.config.geometry. Tiled geometries give the whole resized frame (the
-    model cuts the tiles: INPFormer.predict_frames)."""
+    model cuts the tiles: line.frames.predict_frames)."""
     geometry.check(patch_size=1)  # any sizes here; the model checks the multiple of its patch
     if isinstance(path, Image.Image):
         image = _model_mode(path, "the image given", geometry.bit_depth)

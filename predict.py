@@ -34,6 +34,7 @@ import data as datasets  # the module; `data` is the name of a data set in the f
 import inpformer
 import metrics
 import scoring
+import line.frames
 
 # -----------------------------------------------------------------------------------------------------
 # Calibration: a decision rule learnt on labelled images
@@ -497,7 +498,7 @@ class FrameGraph(torch.nn.Module):
     """The default export: raw frames as a camera delivers them, uint8 (B, H, W, 3), to maps, scores and
     decisions, with everything evaluation does in between: the resize to the geometry's frame size (bilinear,
     antialiased when shrinking, as PIL's resize is, but in float32 where PIL rounds to 8 bits), the crop,
-    ImageNet normalisation, the model (over tiles for a tiled geometry, stitched as INPFormer.predict_tiled
+    ImageNet normalisation, the model (over tiles for a tiled geometry, stitched as line.frames.predict_tiled
     stitches them), and the decision outputs. frame_size: the resized frame's (height, width); None for a
     geometry that sets it (the frame's own size needs a fixed input, --frame-size)."""
 
@@ -518,7 +519,7 @@ class FrameGraph(torch.nn.Module):
         g = self.geometry
         if g.tile is None:
             return self.outputs(*self.model.predict(x, padding=g.map_padding))
-        frame_maps = inpformer.stitch_tiles(x, g.tile, g.tile_overlap, self.model.raw_maps, batch_size=None)
+        frame_maps = line.frames.stitch_tiles(x, g.tile, g.tile_overlap, self.model.raw_maps, batch_size=None)
         return self.outputs(*inpformer.score_maps(frame_maps, padding="reflect"))
 
 
@@ -627,7 +628,7 @@ def compare_with_python(session, model, geometry, calibration, cls, files, frame
         got = session.run(None, {"frames": frame[None]})
         # the file as predict.py --images reads it; a frame resized to --frame-size, as the graph gets it
         x = datasets.load_image(Image.fromarray(frame) if frame_size else f, geometry)
-        want = float(model.predict_frames(x[None] if geometry.tile is None else [x], geometry)[1][0])
+        want = float(line.frames.predict_frames(model, x[None] if geometry.tile is None else [x], geometry)[1][0])
         worst = max(worst, abs(float(got[1][0]) - want) / max(abs(want), 1e-12))
         if calibration:
             agree += bool(got[3][0]) == (want >= scoring.class_threshold(calibration, cls))

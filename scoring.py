@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 import cli
 import data
 import inpformer
+import line.frames
 
 # -----------------------------------------------------------------------------------------------------
 # The decision rule a calibration stores (predict.py --calibrate writes it; see predict.calibration)
@@ -193,14 +194,14 @@ def ready_model(model, device="auto", precision="auto"):
 
 def predict_maps(model, x, zero_shot=False, geometry=None, tile_batch=Options.batch_size, predictor=None):
     """Preprocessed images -> (B, 256, 256) smoothed float32 maps and (B,) image scores, on the protocol of
-    `geometry` (default: the model's; see INPFormer.predict_frames): reconstruction error, or with zero_shot the
+    `geometry` (default: the model's; see line.frames.predict_frames): reconstruction error, or with zero_shot the
     INP distance; or predictor(x, geometry) -> (maps, scores) instead (the kNN baseline). x: a (B, 3, h, w)
     batch, or a list of frames (tiles); cast to the model's dtype and device."""
     p = model.prototype_token
     x = [f.to(p.device, p.dtype) for f in x] if isinstance(x, list) else x.to(p.device, p.dtype)
     with torch.inference_mode():
         if predictor is None:
-            maps, scores = model.predict_frames(x, geometry, zero_shot, tile_batch)
+            maps, scores = line.frames.predict_frames(model, x, geometry, zero_shot, tile_batch)
         else:
             maps, scores = predictor(x, geometry or model.config.geometry)
     return maps.float(), scores.float()

@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import inpformer  # noqa: E402
+import line.frames  # noqa: E402
 import predict  # noqa: E402
 import scoring  # noqa: E402
 
@@ -111,7 +112,7 @@ def export_row(ckpt, root, classes, tmp):
             eager = float(graph(torch.from_numpy(frame.copy()))[1][0])
         t2 = time.perf_counter()
         x = data.load_image(f, model.config.geometry)
-        python = float(model.predict_frames(x[None])[1][0])
+        python = float(line.frames.predict_frames(model, x[None])[1][0])
         eager_diff = max(eager_diff, abs(got - eager) / abs(eager))
         python_diff = max(python_diff, abs(got - python) / abs(python))
         t_onnx, t_eager = t_onnx + t1 - t0, t_eager + t2 - t1

@@ -20,8 +20,8 @@ def _import(path):
     sys.path.insert(0, os.fspath(path))
     for name in ("sklearn", "sklearn.metrics", "cv2", "matplotlib", "matplotlib.pyplot", "skimage",
                  "skimage.measure", "pandas", "kornia", "kornia.geometry", "kornia.augmentation", "adeval",
-                 "tqdm", "scipy", "scipy.ndimage", "aug_funcs", "timm", "timm.data", "timm.models", "timm.models.layers",
-                 "timm.models.vision_transformer", "scipy.interpolate"):
+                 "tqdm", "scipy", "scipy.ndimage", "scipy.interpolate", "aug_funcs", "timm", "timm.data",
+                 "timm.models", "timm.models.layers", "timm.models.vision_transformer"):
         try:
             importlib.import_module(name)
         except Exception:

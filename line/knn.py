@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import inpformer
+import line.frames
 
 BANK_SIZE = 65536  # tokens kept per class: 192 MiB at ViT-B's 768 dimensions
 
@@ -68,7 +69,7 @@ class KNNBaseline:
             return inpformer.score_maps(self.raw_maps(frames), max_ratio=0, padding=geometry.map_padding)
         maps, scores = [], []
         for frame in frames:
-            frame_map = inpformer.stitch_tiles(frame[None], geometry.tile, geometry.tile_overlap, self.raw_maps,
+            frame_map = line.frames.stitch_tiles(frame[None], geometry.tile, geometry.tile_overlap, self.raw_maps,
                                                self.batch_size)
             m, s = inpformer.score_maps(frame_map, max_ratio=0, padding="reflect")
             maps.append(m)

@@ -12,6 +12,7 @@ from PIL import Image
 import data
 import evaluate
 import inpformer
+import line.frames
 import predict
 import train
 from conftest import GEOMETRY, expect_one_line_error, run_main, shared
@@ -55,8 +56,8 @@ def test_geometry_sizes_and_tile_positions():
 
 def test_a_single_tile_covering_the_frame_is_the_whole_frame_pass(model):
     x = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(0))
-    whole = model.predict_frames(x, Geometry(112, None))
-    tiled = model.predict_frames(list(x), Geometry(112, None, tile=112))
+    whole = line.frames.predict_frames(model, x, Geometry(112, None))
+    tiled = line.frames.predict_frames(model, list(x), Geometry(112, None, tile=112))
     assert torch.equal(whole[0], tiled[0]) and torch.equal(whole[1], tiled[1])
 
 
@@ -65,7 +66,7 @@ def test_overlapping_tiles_stitch_without_seams_and_borders_keep_their_level(mod
     the paper's zero padding (its crop) darkens the border."""
     monkeypatch.setattr(model, "raw_maps", lambda x, zero_shot=False: torch.full((len(x), 1, *x.shape[-2:]), 0.3))
     frame = torch.zeros(3, 154, 266)
-    maps, scores = model.predict_tiled(frame, tile=56, overlap=0.4)
+    maps, scores = line.frames.predict_tiled(model, frame, tile=56, overlap=0.4)
     assert torch.allclose(maps, torch.full_like(maps, 0.3), atol=1e-6) and abs(float(scores[0]) - 0.3) < 1e-6
     paper, _ = model.predict(torch.zeros(1, 3, 112, 112))
     assert float(paper[0, 0, 0]) < 0.3 * 0.6 and abs(float(paper[0, 128, 128]) - 0.3) < 1e-6
@@ -88,7 +89,7 @@ def test_a_defect_in_the_outer_band_is_found_whole_frame_and_missed_by_the_crop(
     for clean, bad in band_defects(demo):
         # the paper's crop: the model's input is the same pixels with or without the defect; no model can see it
         assert torch.equal(data.load_image(clean, GEOMETRY), data.load_image(bad, GEOMETRY))
-        (m_clean, s_clean), (m_bad, s_bad) = (model.predict_frames(data.load_image(im, whole)[None], whole)
+        (m_clean, s_clean), (m_bad, s_bad) = (line.frames.predict_frames(model, data.load_image(im, whole)[None], whole)
                                               for im in (clean, bad))
         rise = (m_bad - m_clean)[0]
         assert s_bad > s_clean
@@ -121,7 +122,7 @@ def test_a_rectangular_whole_frame_run_trains_evaluates_and_predicts(demo, tmp_p
         [row] = list(csv.DictReader(f))
     x = data.load_image(image, model.config.geometry)
     assert x.shape == (3, 112, 168)
-    assert abs(float(row["score"]) - float(model.predict_frames(x[None])[1][0])) < 1e-5
+    assert abs(float(row["score"]) - float(line.frames.predict_frames(model, x[None])[1][0])) < 1e-5
 
 
 def mixed_sizes(root, demo):

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 import cli
 import data
 import inpformer
+import line.frames
 import metrics
 import predict
 import scoring
@@ -493,7 +494,7 @@ def test_whole_frame_and_tiled_geometries_export(ckpt, demo, tmp_path, flags, fr
     geometry = cli.geometry(args, model.config.geometry)
     for f, got in zip(frames, scores):
         x = data.load_image(Image.fromarray(np.ascontiguousarray(f)), geometry)
-        want = float(model.predict_frames([x] if geometry.tile else x[None], geometry)[1][0])
+        want = float(line.frames.predict_frames(model, [x] if geometry.tile else x[None], geometry)[1][0])
         assert abs(float(got) - want) <= 0.01 * abs(want)
 
 
