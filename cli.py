@@ -126,7 +126,7 @@ def add_data_args(parser, datasets, required=False, defaults=None):
     g.add_argument("--workers", type=number(low=0), help=f"data-loading processes {default('workers')}")
     g.add_argument("--device", default="auto", help='"auto" (default: cuda if available, else cpu), "cpu", "cuda", '
                                                     '"cuda:1"')
-    g.add_argument("--precision", choices=["auto", *inpformer.PRECISIONS], default="auto",
+    g.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto",
                    help="the model's dtype (auto: fp32, the official recipe; bf16 is opt-in, also on CPUs with bf16 "
                         "units; fp16 on CUDA only). Maps, scores and losses stay fp32.")
 
@@ -173,10 +173,26 @@ def log(message):
     print(message, flush=True)
 
 
+# The dtypes a model may run in, and the one rule for choosing one.
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision, device) -> str:
+    """"auto" is fp32, as the official code trains and evaluates; bf16 and fp16 are opt-in. fp16 needs CUDA
+    (CPUs have no fast fp16 matrix products; bf16 runs on CPUs with bf16 units such as AVX512-BF16 or AMX)."""
+    name = "fp32" if precision in (None, "auto") else precision
+    if name not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: use auto, {', '.join(PRECISIONS)}")
+    if name == "fp16" and torch.device(device).type != "cuda":
+        raise ValueError("--precision fp16 runs on CUDA only (use bf16 on a CPU)")
+    return name
+
+
 def device(name) -> torch.device:
-    """"auto" (or None) is inpformer.default_device(); anything else must name a device that is here."""
+    """"auto" (or None): the first CUDA device when there is one, else the CPU; anything else must name a device
+    that is here."""
     if name in (None, "auto"):
-        return inpformer.default_device()
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(name)
     except (RuntimeError, ValueError):
@@ -191,9 +207,9 @@ def device(name) -> torch.device:
 
 
 def device_and_precision(args) -> tuple[torch.device, str]:
-    """The device --device names and the precision --precision resolves to there (inpformer.resolve_precision)."""
+    """The device --device names and the precision --precision resolves to there (resolve_precision)."""
     dev = device(args.device)
-    return dev, inpformer.resolve_precision(args.precision, dev)
+    return dev, resolve_precision(args.precision, dev)
 
 
 def workers(asked=None, default=4) -> int:

@@ -173,7 +173,7 @@ def evaluate(model, data, root, classes, opts=Options(), out_dir=None, log=print
         train_sets = {c: datasets.train_set(data, root, c, geometry) for c in classes}
         opts = replace(opts, bank_size=opts.bank_size or nearest.BANK_SIZE)
     total = sum(len(ds) for ds in test_sets.values())
-    precision = inpformer.resolve_precision(opts.precision, model.prototype_token.device)
+    precision = cli.resolve_precision(opts.precision, model.prototype_token.device)
     maps_kind = "INP distance (zero-shot)" if opts.zero_shot else "reconstruction error"
     pixels_at = "original resolution" if opts.full_res else f"{inpformer.MAP_SIZE}x{inpformer.MAP_SIZE}"
     log(f"{data}: {len(classes)} classes, {total} test images, {geometry.describe()}, {maps_kind} maps, pixels at "

@@ -15,7 +15,7 @@ dict, so the authors' `model.pth` loads as is.
 
 This file is also the one home of the facts every script shares: the evaluation protocol (MAP_SIZE,
 GAUSSIAN_SIZE, GAUSSIAN_SIGMA, MAX_RATIO, FPR_LIMIT), the input geometry a model was trained at (Geometry, in
-the model's config), the precision rule (PRECISIONS, resolve_precision) and what a checkpoint records (Metadata).
+the model's config) and what a checkpoint records (Metadata).
 
 Depends on torch; safetensors is used for file I/O only. It can be copied into another project on its own.
 """
@@ -42,27 +42,6 @@ GAUSSIAN_SIZE = 5     # then smoothed by a 5 x 5 Gaussian of sigma 4, zero paddi
 GAUSSIAN_SIGMA = 4.0
 MAX_RATIO = 0.01      # image score: the mean of the top 1 % of the smoothed map's pixels
 FPR_LIMIT = 0.3       # AUPRO integrates the PRO curve up to this false-positive rate
-
-# -----------------------------------------------------------------------------------------------------
-# Precision: the dtypes a model may run in, and the one rule for choosing one
-
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def default_device() -> torch.device:
-    """The device "auto" means everywhere: the first CUDA device when there is one, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def resolve_precision(precision, device) -> str:
-    """"auto" is fp32, as the official code trains and evaluates; bf16 and fp16 are opt-in. fp16 needs CUDA
-    (CPUs have no fast fp16 matrix products; bf16 runs on CPUs with bf16 units such as AVX512-BF16 or AMX)."""
-    name = "fp32" if precision in (None, "auto") else precision
-    if name not in PRECISIONS:
-        raise ValueError(f"precision {precision!r}: use auto, {', '.join(PRECISIONS)}")
-    if name == "fp16" and torch.device(device).type != "cuda":
-        raise ValueError("--precision fp16 runs on CUDA only (use bf16 on a CPU)")
-    return name
 
 # -----------------------------------------------------------------------------------------------------
 # Input geometry: how an image becomes the model's input
@@ -223,20 +202,9 @@ class Mlp(nn.Module):
 
 def attention(q, k, v):
     """Softmax attention of (B, h, N, d) queries, keys and values, returned as (B, N, h * d), the heads side by
-    side. On a CPU in bf16 or fp16 it runs as plain products, 128 query rows at a time, written straight into
-    that layout: the CPU flash kernel computes half precision no faster than fp32, while products use the bf16
-    matrix units, and 128 rows of scores stay in cache. The keys and values are made contiguous once: as views of
-    the qkv product, every chunk's product would copy them again. Elsewhere (fp32, CUDA, or when autograd
-    records), the fused kernel."""
+    side."""
     B, h, N, d = q.shape
-    if q.device.type != "cpu" or q.dtype == torch.float32 or torch.is_grad_enabled():
-        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, h * d)
-    out = q.new_empty(B, N, h, d)
-    q = q * d ** -0.5
-    kt, v = k.transpose(-2, -1).contiguous(), v.contiguous()
-    for i in range(0, N, 128):
-        out[:, i:i + 128] = (torch.softmax(q[:, :, i:i + 128] @ kt, dim=-1) @ v).transpose(1, 2)
-    return out.view(B, N, h * d)
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, h * d)
 
 
 def average(tensors):
@@ -252,6 +220,8 @@ def average(tensors):
 
 
 class Block(nn.Module):
+    attention = staticmethod(attention)  # a model may swap in its own (line/cpu.py does for bf16 on a CPU)
+
     def __init__(self, dim, num_heads, mlp_ratio):
         super().__init__()
         self.num_heads = num_heads
@@ -267,7 +237,7 @@ class Block(nn.Module):
         B, N, C = x.shape
         qkv = self.attn.qkv(self.norm1(x)).view(B, N, 3, self.num_heads, C // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
-        a = attention(q, k, v)
+        a = self.attention(q, k, v)
         x = x + self.ls1.gamma * self.attn.proj(a)
         return x + self.ls2.gamma * self.mlp(self.norm2(x))
 
@@ -430,13 +400,6 @@ def tokens_to_map(tokens, grid):
     return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *grid)
 
 
-# On a CPU, inference runs a few images at a time, so that the activations stay below glibc's 32 MiB ceiling for
-# reusing freed memory (a pass holds at least one image, so a large frame may still exceed it): a larger block
-# comes fresh from the kernel on every allocation, zeroed page by page, and at 16 images of 392 px that cost
-# ViT-B a quarter of its fp32 speed and a third of its bf16 speed. Other allocators are merely not hurt.
-CPU_PASS_BYTES = 24 * 2**20
-
-
 class INPFormer(nn.Module):
     """A frozen encoder, one INP Extractor block, a bottleneck MLP and the INP-Guided Decoder. INPFormer(encoder,
     **options): options are INPFormerConfig's fields, whose defaults are the paper's. forward(x) -> (en, de,
@@ -521,25 +484,10 @@ class INPFormer(nn.Module):
         """Zero-shot maps: per token, the cosine distance to its nearest INP (no decoder involved)."""
         return score_maps(self.raw_maps(x, zero_shot=True), out_size, max_ratio, padding)
 
-    def images_per_pass(self, x):
-        """How many images of x the network runs at once: all of them, except on a CPU, where as many as keep its
-        largest activation (the MLP's hidden layer) within CPU_PASS_BYTES in fp32 (in bf16 too: half the bytes,
-        but measured no faster with more images)."""
-        if x.device.type != "cpu":
-            return len(x)
-        h, w = self.token_grid(x)
-        tokens = h * w + 1 + self.encoder.config.num_register_tokens
-        hidden = int(self.encoder.config.embed_dim * self.encoder.config.mlp_ratio)
-        return max(1, CPU_PASS_BYTES // (tokens * hidden * 4))
-
     @torch.no_grad()
     def raw_maps(self, x, zero_shot=False):
         """(B, 3, h, w) inputs -> (B, 1, h, w) fp32 maps at the input's size, before resampling and smoothing: the
-        reconstruction error, or with zero_shot the INP distance. On a CPU the network sees a few images a pass
-        (images_per_pass): the maps are the same to round-off, the memory reused."""
-        per_pass = self.images_per_pass(x)
-        if not torch.onnx.is_in_onnx_export() and len(x) > per_pass:  # an export keeps its batch symbolic
-            return torch.cat([self.raw_maps(part, zero_shot) for part in x.split(per_pass)])
+        reconstruction error, or with zero_shot the INP distance."""
         if zero_shot:
             _, fused = self.encode(x)
             d = inp_distance(fused, self.extract_inps(fused)).view(-1, 1, *self.token_grid(x))

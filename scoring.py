@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 import cli
 import data
 import inpformer
+import line.cpu
 import line.frames
 
 # -----------------------------------------------------------------------------------------------------
@@ -165,7 +166,7 @@ class Options:
 
 def load_ready(ckpt, device, precision):
     """A checkpoint loaded straight onto `device` in `precision` (see ready_model: scoring it needs no copy)."""
-    dtype = inpformer.PRECISIONS[inpformer.resolve_precision(precision, device)]
+    dtype = cli.PRECISIONS[cli.resolve_precision(precision, device)]
     return inpformer.load_model(ckpt, device).to(dtype)
 
 
@@ -182,14 +183,16 @@ def asked_geometry(model, args, ckpt, log=print, base=None) -> inpformer.Geometr
 def ready_model(model, device="auto", precision="auto"):
     """The model in eval mode on `device`, in `precision`: the model itself when it already is, else a copy,
     so that scoring never changes the model the caller handed in."""
-    device = inpformer.default_device() if device in (None, "auto") else torch.device(device)
+    device = cli.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    dtype = inpformer.PRECISIONS[inpformer.resolve_precision(precision, device)]
+    dtype = cli.PRECISIONS[cli.resolve_precision(precision, device)]
     p = model.prototype_token
-    if p.device == device and p.dtype == dtype and not model.training:
-        return model
-    return copy.deepcopy(model).to(device, dtype).eval()
+    if not (p.device == device and p.dtype == dtype and not model.training):
+        model = copy.deepcopy(model).to(device, dtype).eval()
+    if device.type == "cpu" and dtype != torch.float32:
+        line.cpu.use_cpu_attention(model.encoder)
+    return model
 
 
 def predict_maps(model, x, zero_shot=False, geometry=None, tile_batch=Options.batch_size, predictor=None):

@@ -159,7 +159,12 @@ def step_encoder(model, device, amp_dtype):
     on every step; the copy lives as long as the run and is never saved (the checkpoint keeps the fp32 one)."""
     if amp_dtype is None:
         return model.encoder
-    return copy.deepcopy(model.encoder).to(device, amp_dtype)
+    encoder = copy.deepcopy(model.encoder).to(device, amp_dtype)
+    if device.type == "cpu":
+        from line.cpu import use_cpu_attention
+
+        use_cpu_attention(encoder)
+    return encoder
 
 
 class LossModule(torch.nn.Module):
@@ -202,7 +207,7 @@ def feature_cache(run, encoder, recipe, batch_size, log) -> FeatureCache:
     h, w = model.config.geometry.input_size()
     grid, width, groups = (h // p, w // p), model.encoder.config.embed_dim, len(model.config.fuse_groups)
     shapes = {"en": (n, groups, grid[0] * grid[1], width), "fused": (n, grid[0] * grid[1], width)}
-    dtype = inpformer.PRECISIONS[recipe["dtype"]]
+    dtype = cli.PRECISIONS[recipe["dtype"]]
     recipe = dict(recipe, shapes={k: list(v) for k, v in shapes.items()})
     files = {k: str(folder / f"{k}.bin") for k in shapes}
     found = None
@@ -377,7 +382,7 @@ def setup(args, encoder, sets, out, device, log, rank=0, world=1) -> TrainingRun
                               classes=[c for _, _, cs in sets for c in cs], classes_per_set=[cs for _, _, cs in sets],
                               setting=args.setting, shots=args.shots, backbone=str(backbone), seed=args.seed,
                               total_iters=total)
-    amp_dtype = None if args.precision == "fp32" else inpformer.PRECISIONS[args.precision]
+    amp_dtype = None if args.precision == "fp32" else cli.PRECISIONS[args.precision]
     amp = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     encoder = step_encoder(model, device, amp_dtype)
     net = LossModule(model, encoder)

@@ -56,7 +56,7 @@ def row(what, batch, seconds, peak):
 
 def train_steps(model, x, device, precision, iters):
     """Seconds per training step of `model` on the batch x, encoder in the step and on cached features."""
-    amp_dtype = None if precision == "fp32" else inpformer.PRECISIONS[precision]
+    amp_dtype = None if precision == "fp32" else cli.PRECISIONS[precision]
     amp = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     params = model.trainable_parameters()
     opt, scaler = train.StableAdamW(params), torch.amp.GradScaler(device.type, enabled=False)
@@ -95,8 +95,8 @@ def main():
     print("| what | batch | per iteration | images/s | peak GPU memory (MiB) |\n|---|---:|---:|---:|---:|")
 
     for precision in ("fp32", "bf16"):  # prediction as evaluate.py and predict.py run it: the model cast once
-        m = copy.deepcopy(model).to(device, inpformer.PRECISIONS[precision]).eval()
-        x = torch.randn(2 * batch, 3, size, size, device=device, dtype=inpformer.PRECISIONS[precision])
+        m = copy.deepcopy(model).to(device, cli.PRECISIONS[precision]).eval()
+        x = torch.randn(2 * batch, 3, size, size, device=device, dtype=cli.PRECISIONS[precision])
         dt, peak = timed(lambda: m.predict(x), iters, device)
         row(f"predict {precision}", 2 * batch, dt, peak)
         del m

@@ -33,7 +33,10 @@ from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sd
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(HERE, ".."), HERE]
+import cli  # noqa: E402
 import inpformer  # noqa: E402
+import line.cpu  # noqa: E402
+import line.frames  # noqa: E402
 import train  # noqa: E402
 
 
@@ -101,7 +104,7 @@ def ours_train_step(model, precision):
     params = model.trainable_parameters()
     opt = train.StableAdamW(params)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    amp_dtype = None if precision == "fp32" else inpformer.PRECISIONS[precision]
+    amp_dtype = None if precision == "fp32" else cli.PRECISIONS[precision]
     amp = torch.autocast("cpu", dtype=amp_dtype, enabled=amp_dtype is not None)
     loss = train.LossModule(model, train.step_encoder(model, torch.device("cpu"), amp_dtype))
 
@@ -133,9 +136,13 @@ def paths(mode, official_dir):
     if mode == "forward":
         forward = torch.no_grad()(ours)
         found["ours forward fp32"] = (forward, "fp32", forward)
-        found["ours predict fp32"] = (ours.predict, "fp32", ours.predict)
+        # predict as evaluate.py and predict.py run it: line/cpu.py's passes, and its attention in bf16
+        predict = torch.no_grad()(lambda x: line.frames.predict_frames(ours, x))
+        found["ours predict fp32"] = (predict, "fp32", predict)
         cast = copy.deepcopy(ours).to(torch.bfloat16)
-        found["ours predict bf16"] = (lambda x: cast.predict(x.to(torch.bfloat16)), "bf16", ours.predict)
+        line.cpu.use_cpu_attention(cast.encoder)
+        found["ours predict bf16"] = (lambda x: line.frames.predict_frames(cast, x.to(torch.bfloat16)), "bf16",
+                                      predict)
     else:
         steps = {}
         for precision in ("fp32", "bf16"):
@@ -160,9 +167,10 @@ def main(mode="forward", doc=__doc__):
     found = paths(a.mode, a.official)
     tokens = (a.size // 14) ** 2 + 5  # patches, class token, 4 registers
     # The rows the model multiplies at once: a training step's whole batch; in inference on a CPU, the images
-    # of one pass (inpformer.CPU_PASS_BYTES), as predict runs them (the plain forward takes the batch at once).
+    # of one pass (line.cpu.CPU_PASS_BYTES), as predict runs them (the plain forward takes the batch at once).
     with torch.device("meta"):
-        images = a.batch if a.mode == "train" else inpformer.INPFormer(inpformer.vit_base()).images_per_pass(x)
+        base = inpformer.INPFormer(inpformer.vit_base())
+    images = a.batch if a.mode == "train" else line.cpu.images_per_pass(base, x)
     probes, probe_flops = matmul_probes(images * tokens, 768, 3072)
     flops = {}
     for name, (fn, _, counted) in found.items():

@@ -4,6 +4,7 @@ crop of a square resize. The geometry (inpformer.Geometry, recorded in the model
 import torch
 
 import inpformer
+import line.cpu
 
 
 @torch.no_grad()
@@ -13,8 +14,7 @@ def predict_frames(model, frames, geometry=None, zero_shot=False, tile_batch=16)
     maps and (B,) scores, fp32."""
     geometry = geometry or model.config.geometry
     if geometry.tile is None:
-        predict = model.predict_zero_shot if zero_shot else model.predict
-        return predict(frames, padding=geometry.map_padding)
+        return inpformer.score_maps(line.cpu.raw_maps(model, frames, zero_shot), padding=geometry.map_padding)
     results = [predict_tiled(model, f, geometry.tile, geometry.tile_overlap, tile_batch, zero_shot) for f in frames]
     return torch.cat([m for m, _ in results]), torch.cat([s for _, s in results])
 
@@ -24,7 +24,7 @@ def predict_tiled(model, frame, tile, overlap=0.0, batch_size=16, zero_shot=Fals
     """One preprocessed frame (3, H, W) covered by tiles (see stitch_tiles), each tile scored on its own (its own
     INPs), the frame's map then resampled, smoothed (reflect padding) and scored as predict() does. A single tile
     covering the frame gives exactly the whole-frame pass. (1, 256, 256), (1,)."""
-    frame_map = stitch_tiles(frame[None], tile, overlap, lambda t: model.raw_maps(t, zero_shot), batch_size)
+    frame_map = stitch_tiles(frame[None], tile, overlap, lambda t: line.cpu.raw_maps(model, t, zero_shot), batch_size)
     return inpformer.score_maps(frame_map, padding="reflect")
 
 

@@ -7,7 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import cli
 import inpformer
+import line.cpu
 from conftest import ROOT, shared
 
 TINY = "fixtures", "official_tiny"
@@ -291,11 +293,11 @@ def test_geometry_travels_in_the_config_and_metadata_has_one_versioned_schema(io
 
 def test_precision_rule_is_fp32_unless_asked():
     cpu = torch.device("cpu")
-    assert inpformer.resolve_precision("auto", cpu) == "fp32" and inpformer.resolve_precision(None, "cuda") == "fp32"
-    assert inpformer.resolve_precision("bf16", cpu) == "bf16" and inpformer.resolve_precision("fp16", "cuda") == "fp16"
+    assert cli.resolve_precision("auto", cpu) == "fp32" and cli.resolve_precision(None, "cuda") == "fp32"
+    assert cli.resolve_precision("bf16", cpu) == "bf16" and cli.resolve_precision("fp16", "cuda") == "fp16"
     with pytest.raises(ValueError, match="fp16 runs on CUDA only"):
-        inpformer.resolve_precision("fp16", cpu)
-    assert set(inpformer.PRECISIONS) == {"fp32", "bf16", "fp16"}
+        cli.resolve_precision("fp16", cpu)
+    assert set(cli.PRECISIONS) == {"fp32", "bf16", "fp16"}
 
 
 def test_a_model_cast_to_bf16_still_predicts(io):
@@ -306,7 +308,7 @@ def test_a_model_cast_to_bf16_still_predicts(io):
 
 
 def test_cpu_half_precision_attention_equals_the_fused_kernel_and_average_equals_a_stacked_mean():
-    """inpformer.attention runs bf16 inference on a CPU as products 128 query rows at a time (the tokens here are
+    """line.cpu.attention runs bf16 inference on a CPU as products 128 query rows at a time (the tokens here are
     not a multiple of 128, so the last chunk is short); fp32 and anything autograd records take the fused kernel.
     Both against softmax attention written out in float64."""
     torch.manual_seed(0)
@@ -314,12 +316,13 @@ def test_cpu_half_precision_attention_equals_the_fused_kernel_and_average_equals
     weights = torch.softmax(q.double() @ k.double().transpose(-2, -1) / 4, dim=-1)
     exact = (weights @ v.double()).transpose(1, 2).reshape(2, 300, 64)
     assert_close("fp32", inpformer.attention(q, k, v), exact, 1e-5)
+    assert torch.equal(line.cpu.attention(q, k, v), inpformer.attention(q, k, v))
     half = [t.bfloat16() for t in (q, k, v)]
     with torch.no_grad():
-        chunked = inpformer.attention(*half)
+        chunked = line.cpu.attention(*half)
     assert chunked.dtype == torch.bfloat16 and chunked.shape == (2, 300, 64)
     assert_close("bf16, chunked", chunked, exact, 0.02)
-    recorded = inpformer.attention(*[t.clone().requires_grad_() for t in half])
+    recorded = line.cpu.attention(*[t.clone().requires_grad_() for t in half])
     assert recorded.grad_fn is not None and not torch.equal(recorded.detach(), chunked)  # the fused kernel
     assert_close("bf16, fused", recorded, exact, 0.02)
     layers = list(torch.randn(4, 2, 300, 16).unbind(0))
@@ -331,19 +334,20 @@ def test_cpu_half_precision_attention_equals_the_fused_kernel_and_average_equals
     assert_close("bf16 mean", mean, torch.stack(half_layers, dim=1).mean(dim=1), 2 ** -8)
 
 
-def test_on_a_cpu_inference_runs_a_few_images_a_pass_with_the_same_maps(io):
-    """raw_maps splits a CPU batch into passes of images_per_pass images (memory the allocator can reuse); maps
-    and scores, reconstruction and zero-shot, are those of one pass over the whole batch, to round-off, in order."""
+def test_on_a_cpu_inference_runs_a_few_images_a_pass_with_the_same_maps(io, monkeypatch):
+    """line.cpu.raw_maps splits a CPU batch into passes of images_per_pass images (memory the allocator can reuse);
+    maps and scores, reconstruction and zero-shot, are those of one pass over the whole batch, to round-off, in
+    order."""
     with torch.device("meta"):  # only the arithmetic of images_per_pass: no weights needed
         base = inpformer.INPFormer(inpformer.vit_base())
-    assert base.images_per_pass(torch.zeros(16, 3, 392, 392)) == 2  # ViT-B at the paper's 392 px: 789 tokens
-    assert base.images_per_pass(torch.zeros(16, 3, 392, 392, device="meta")) == 16  # not a CPU: one pass
+    assert line.cpu.images_per_pass(base, torch.zeros(16, 3, 392, 392)) == 2  # ViT-B at 392 px: 789 tokens
+    assert line.cpu.images_per_pass(base, torch.zeros(16, 3, 392, 392, device="meta")) == 16  # not a CPU: one pass
     model = model_from("official")
     x = torch.cat([io["x_224"], io["x_224"].flip(-1), io["x_224"].flip(-2)])  # 6 different images
-    assert model.images_per_pass(x) >= 6  # a tiny model: one pass
+    assert line.cpu.images_per_pass(model, x) >= 6  # a tiny model: one pass
     whole = model.predict(x), model.predict_zero_shot(x)
-    model.images_per_pass = lambda x: 4  # passes of 4 and 2
-    split = model.predict(x), model.predict_zero_shot(x)
+    monkeypatch.setattr(line.cpu, "images_per_pass", lambda model, x: 4)  # passes of 4 and 2
+    split = [inpformer.score_maps(line.cpu.raw_maps(model, x, zero_shot)) for zero_shot in (False, True)]
     for kind, (maps, scores), (ref_maps, ref_scores) in zip(("reconstruction", "zero-shot"), split, whole):
         assert_close(f"{kind} maps", maps, ref_maps, 1e-5)
         assert_close(f"{kind} scores", scores, ref_scores, 1e-5)
