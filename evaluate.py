@@ -52,7 +52,7 @@ import metrics
 import scoring
 
 METRICS = ("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO")  # the paper's column order
-FPR_LIMIT = inpformer.FPR_LIMIT
+FPR_LIMIT = metrics.FPR_LIMIT
 
 
 @dataclass

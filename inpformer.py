@@ -14,7 +14,7 @@ dict, so the authors' `model.pth` loads as is.
     model.config.geometry                     # how its images must be prepared: resize 448, crop 392
 
 This file is also the one home of the facts every script shares: the evaluation protocol (MAP_SIZE,
-GAUSSIAN_SIZE, GAUSSIAN_SIGMA, MAX_RATIO, FPR_LIMIT), the input geometry a model was trained at (Geometry, in
+GAUSSIAN_SIZE, GAUSSIAN_SIGMA, MAX_RATIO), the input geometry a model was trained at (Geometry, in
 the model's config) and what a checkpoint records (Metadata).
 
 Depends on torch; safetensors is used for file I/O only. It can be copied into another project on its own.
@@ -41,7 +41,6 @@ MAP_SIZE = 256        # anomaly maps (and ground-truth masks) are resampled to 2
 GAUSSIAN_SIZE = 5     # then smoothed by a 5 x 5 Gaussian of sigma 4, zero padding
 GAUSSIAN_SIGMA = 4.0
 MAX_RATIO = 0.01      # image score: the mean of the top 1 % of the smoothed map's pixels
-FPR_LIMIT = 0.3       # AUPRO integrates the PRO curve up to this false-positive rate
 
 # -----------------------------------------------------------------------------------------------------
 # Input geometry: how an image becomes the model's input

@@ -40,7 +40,10 @@ import numpy as np
 import torch
 
 __all__ = ["auroc", "average_precision", "f1_max", "f1_threshold", "aupro", "label_components", "compute_all",
-           "PixelHistogram", "UndefinedMetricWarning", "reference_metrics", "reference_pixel_regions"]
+           "PixelHistogram", "UndefinedMetricWarning", "reference_metrics", "reference_pixel_regions", "FPR_LIMIT"]
+
+
+FPR_LIMIT = 0.3  # AUPRO integrates the PRO curve up to this false-positive rate (MVTec AD's protocol)
 
 
 class UndefinedMetricWarning(UserWarning):
@@ -322,7 +325,7 @@ class _Curve:
         k = int(np.argmax(f1))  # thresholds descend, so the first maximum is at the highest threshold
         return float(f1[k]), float(self.thresholds[k])
 
-    def aupro(self, fpr_limit=0.3, name="AUPRO"):
+    def aupro(self, fpr_limit=FPR_LIMIT, name="AUPRO"):
         fpr_limit = float(fpr_limit)
         if not 0.0 < fpr_limit <= 1.0:
             raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
@@ -494,7 +497,7 @@ def f1_threshold(labels, scores):
     return _image_curve(labels, scores).f1_max()
 
 
-def aupro(masks, maps, fpr_limit=0.3):
+def aupro(masks, maps, fpr_limit=FPR_LIMIT):
     """Normalised area under the PRO curve up to FPR = fpr_limit (MVTec AD definition).
 
     masks: (N, H, W) bool/0-1 ground truth; maps: (N, H, W) anomaly maps. NaN without any anomalous region
@@ -503,7 +506,7 @@ def aupro(masks, maps, fpr_limit=0.3):
     return _pixel_curve(masks, maps).aupro(fpr_limit)
 
 
-def compute_all(image_labels, image_scores, masks, maps, fpr_limit=0.3, thresholds=False):
+def compute_all(image_labels, image_scores, masks, maps, fpr_limit=FPR_LIMIT, thresholds=False):
     """The seven metrics: image AUROC, AP, F1-max from (labels, scores), and pixel AUROC, AP, F1-max and
     AUPRO from (masks, maps), as python floats (NaN where undefined). The pixel scores are ordered once and
     the one curve serves all four pixel metrics. thresholds=True adds the F1-max thresholds "I-threshold"
@@ -601,7 +604,7 @@ class PixelHistogram:
         lower_edges = self.lo + np.arange(self.bins)[::-1] * self.resolution
         return _Curve(tp, fp_ge - normal, fp_ge, tp[-1], fp_ge[-1], pro, self.n_regions, lower_edges)
 
-    def compute(self, fpr_limit=0.3, thresholds=False):
+    def compute(self, fpr_limit=FPR_LIMIT, thresholds=False):
         """{"P-AUROC", "P-AP", "P-F1max", "AUPRO"} of the quantised scores; NaN where undefined. thresholds=True
         adds "P-threshold", the lower edge of the bin where F1-max is reached (exact up to `resolution`)."""
         if self.outside:
@@ -614,7 +617,7 @@ class PixelHistogram:
         return {"P-AUROC": c.auroc("P-AUROC"), "P-AP": c.average_precision("P-AP"), "P-F1max": f1,
                 "AUPRO": c.aupro(fpr_limit), **({"P-threshold": t} if thresholds else {})}
 
-    def error_bounds(self, fpr_limit=0.3):
+    def error_bounds(self, fpr_limit=FPR_LIMIT):
         """Largest possible |compute() - exact| per metric, given only this histogram.
 
         Inside one bin the exact curve can be any monotone path between the two corners the binned curve

@@ -110,7 +110,7 @@ def main():
                     sys.exit(f"{name}: training failed\n{r.stdout}\n{r.stderr}")
             model = inpformer.load_model(run / "model.safetensors")
             labels, scores, masks, maps, paths = whole_frame_maps(model, a.root, a.cls)
-            m = metrics.compute_all(labels, scores, masks, maps, inpformer.FPR_LIMIT, thresholds=True)
+            m = metrics.compute_all(labels, scores, masks, maps, metrics.FPR_LIMIT, thresholds=True)
             good = np.sort(scores[labels == 0].numpy())
             strict = np.nextafter(good[int(np.ceil(0.95 * len(good))) - 1], np.inf)  # >= it: 5 % of the good at most
             found = [sum(float(s) >= t for s, path in zip(scores, paths) if path in band)

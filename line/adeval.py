@@ -11,7 +11,7 @@ import numpy as np
 import metrics
 
 
-def adeval_pixel_metrics(masks, maps, bins=200, fpr_limit=0.3):
+def adeval_pixel_metrics(masks, maps, bins=200, fpr_limit=metrics.FPR_LIMIT):
     """P-AUROC, P-AP and AUPRO of one class as ADEval 1.1.0 reports them for the official INP-Former code.
 
     masks, maps: (N, H, W), all the test images of one class at once (the binning depends on the class's own
