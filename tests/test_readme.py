@@ -63,6 +63,7 @@ def test_main_job_runs_as_written(tmp_path):
     CPU has it) and the evaluate commands after it, in a fresh copy of the project."""
     for f in ROOT.glob("*.py"):
         shutil.copy(f, tmp_path)
+    shutil.copytree(ROOT / "line", tmp_path / "line", ignore=shutil.ignore_patterns("__pycache__"))
     cmds = commands(section("The main job, with nothing downloaded"))
     assert cmds[0] == "python train.py --data demo" and len(cmds) >= 3
     for cmd in cmds:
