@@ -1,0 +1,50 @@
+"""The reference core's shape: inpformer.py and metrics.py stand alone (they import no project module, and
+inpformer.py copied into an empty folder reproduces the official fixture), and no line is over 120 characters."""
+import ast
+import subprocess
+import sys
+
+from conftest import ROOT, shared
+
+def imported_modules(path):
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_inpformer_and_metrics_import_no_project_module():
+    project = {p.stem for p in ROOT.glob("*.py")} | {"line"}
+    for name in ("inpformer.py", "metrics.py"):
+        assert not imported_modules(ROOT / name) & project, name
+
+
+def test_inpformer_copied_alone_reproduces_the_official_fixture(tmp_path):
+    """In a folder with nothing else of the project: the authors' state dict loads and its 256 x 256 maps and
+    scores are the official code's."""
+    (tmp_path / "inpformer.py").write_text((ROOT / "inpformer.py").read_text())
+    script = f"""
+import torch
+from safetensors.torch import load_file
+import inpformer
+io = load_file({str(shared("fixtures", "official_tiny", "io.safetensors"))!r})
+model = inpformer.load_model({str(shared("fixtures", "official_tiny", "inpformer_official.safetensors"))!r})
+for size in (224, 392):
+    maps, scores = model.predict(io[f"x_{{size}}"])
+    for got, ref in ((maps, io[f"map256_{{size}}"]), (scores, io[f"score256_{{size}}"])):
+        ref = ref.reshape(got.shape)
+        assert (got - ref).abs().max() <= 1e-4 * ref.abs().max(), size
+print("same maps")
+"""
+    r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                       env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert r.returncode == 0 and r.stdout.strip() == "same maps", r.stdout + r.stderr
+
+
+def test_no_line_of_the_project_is_over_120_characters():
+    files = sorted(ROOT.glob("*.py")) + sorted((ROOT / "line").glob("*.py"))
+    long = [f"{f.name}:{i}" for f in files for i, line in enumerate(f.read_text().splitlines(), 1) if len(line) > 120]
+    assert not long
