@@ -1,6 +1,6 @@
 """The command-line plumbing train.py, evaluate.py, predict.py, data.py and demo.py share: argument types that
-name the flag and the value they refuse, the data, device and picture options, the device rule, the log line,
-and guard(), which turns bad input into one line on stderr and exit status 2.
+name the flag and the value they refuse, the data, device and picture options, the device and precision rule,
+the log line, and guard(), which turns bad input into one line on stderr and exit status 2.
 
 Library code raises plain exceptions (ValueError, data.DataError, inpformer.WeightsError, OSError) with
 one-line messages; each script's `if __name__ == "__main__": cli.guard(main)` prints them. Not a script.
@@ -16,6 +16,8 @@ import sys
 import torch
 
 import inpformer
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # see resolve_precision
 
 
 class Parser(argparse.ArgumentParser):
@@ -171,10 +173,6 @@ def check_picture_args(args):
 def log(message):
     """A log line on stdout, at once (a pipe would otherwise hold it back until the run ends)."""
     print(message, flush=True)
-
-
-# The dtypes a model may run in, and the one rule for choosing one.
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_precision(precision, device) -> str:

@@ -28,7 +28,6 @@ import re
 import warnings
 import zipfile
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 
 import torch
 import torch.nn as nn

@@ -32,9 +32,9 @@ from PIL import Image
 import cli
 import data as datasets  # the module; `data` is the name of a data set in the functions below
 import inpformer
+import line.frames
 import metrics
 import scoring
-import line.frames
 
 # -----------------------------------------------------------------------------------------------------
 # Calibration: a decision rule learnt on labelled images

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 
-def _import(path):
+def import_modules(path):
     os.environ["XFORMERS_DISABLED"] = "1"
     sys.path.insert(0, os.fspath(path))
     for name in ("sklearn", "sklearn.metrics", "cv2", "matplotlib", "matplotlib.pyplot", "skimage",
@@ -35,7 +35,7 @@ def _import(path):
 
 def build(path, size="base", inp_num=6):
     """The official model as its multi-class script assembles it, with random weights."""
-    imp = _import(path)
+    imp = import_modules(path)
     vt = imp("dinov2.models.vision_transformer")
     heads_mod = imp("models.vision_transformer")
     uad = imp("models.uad")
@@ -59,7 +59,7 @@ def build(path, size="base", inp_num=6):
 
 def train_step_fn(path, model):
     """One official training iteration: loss with the soft-mining hook, backward, clip 0.1, StableAdamW."""
-    imp = _import(path)
+    imp = import_modules(path)
     utils = imp("utils")
     opt_mod = imp("optimizers.StableAdamW")
     trainable = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]

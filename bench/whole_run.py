@@ -26,10 +26,11 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data  # noqa: E402
 import evaluate  # noqa: E402
 import inpformer  # noqa: E402
+import official  # noqa: E402
 import train  # noqa: E402
-from official import _import  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 COLUMNS = ("I-AUROC", "I-AP", "P-AUROC", "P-AP", "AUPRO")
@@ -55,11 +56,12 @@ def import_official(path):
         import torchvision  # noqa: F401
     finally:
         torch.library.register_fake = real
-    return _import(path)
+    return official.import_modules(path)
 
 
 class Recorder(nn.Module):
-    """train.py's loss module, recording the loss of every step (the loop itself is left as it is)."""
+    """train.py's loss module, fed images in `dtype`, recording the loss of every step (the loop is left as it
+    is)."""
 
     def __init__(self, net, dtype=torch.float32):
         super().__init__()
@@ -71,8 +73,9 @@ class Recorder(nn.Module):
         return loss
 
 
-def ours(args, seed, out):
-    """train.py's setup and loop for one seed: (its initial trainable state, the trained model, the losses)."""
+def ours(args, seed, out, dtype=torch.float32):
+    """train.py's setup and loop for one seed: (the initial trainable weights, the TrainingRun after its last
+    iteration, the loss of every iteration)."""
     argv = ["--data", "folder", "--data-root", str(args.data_root), "--classes", args.classes,
             "--weights", str(args.weights), "--image-size", str(args.image_size), "--crop-size", str(args.crop_size),
             "--batch-size", str(args.batch_size), "--iters", str(args.iters), "--warmup", str(args.warmup),
@@ -80,24 +83,24 @@ def ours(args, seed, out):
     targs = train.parse_args(argv)
     out.mkdir(parents=True)
     encoder = train.load_encoder(targs.weights, log=lambda m: None)
-    sets = train.data.resolve_sets(targs.data, targs.data_root, targs.classes)
+    sets = data.resolve_sets(targs.data, targs.data_root, targs.classes)
     run = train.setup(targs, encoder, sets, out, torch.device("cpu"), log=lambda m: None)
     start = {k: v.clone() for k, v in run.model.state_dict().items() if not k.startswith("encoder.")}
-    run.model.to(args.dtype)  # the encoder too: in fp32, train.py's step runs the model's own
-    recorder = run.net = Recorder(run.net, args.dtype)
+    run.model.to(dtype)  # in place, the encoder too (in fp32, train.py's step runs the model's own)
+    recorder = run.net = Recorder(run.net, dtype)
     train.train(run, log=lambda m: None)
     return start, run, recorder.losses
 
 
-def official(args, seed, start=None, batches=None, our_paths=None):
-    """The official multi-class loop: (model, losses). With `start` (trainable weights) and `batches` (a
-    train.EpochBatches) it starts from those weights and takes its batches in that order."""
+def official_run(args, seed, warmup, start=None, batches=None, our_paths=None, dtype=torch.float32):
+    """The official multi-class loop: (model, the loss of every iteration). With `start` (trainable weights) and
+    `batches` (a train.EpochBatches) it starts from those weights and takes its batches in that order."""
     imp = import_official(args.official)
     utils, dataset, vit_encoder = imp("utils"), imp("dataset"), imp("models.vit_encoder")
     heads, uad, stable = imp("models.vision_transformer"), imp("models.uad"), imp("optimizers.StableAdamW")
     from torchvision.datasets import ImageFolder
 
-    width = inpformer.load_backbone(args.weights).config.embed_dim
+    width = args.width
     utils.setup_seed(seed)  # the script's order from here on: data, encoder, heads, initialisation
     transform, _ = dataset.get_data_transforms(args.image_size, args.crop_size)
     parts = []
@@ -120,9 +123,8 @@ def official(args, seed, start=None, batches=None, our_paths=None):
     size = {384: "small", 768: "base", 1024: "large"}[width]
     registers = "reg" if args.registers else ""
     encoder = vit_encoder.load(f"dinov2{registers}_vit_{size}_14")
-    ours_encoder = inpformer.load_backbone(args.weights).state_dict()
     for k, v in encoder.state_dict().items():
-        if not torch.equal(v, ours_encoder[k]):
+        if not torch.equal(v, args.backbone[k]):
             raise SystemExit(f"the official encoder did not load {k} from {args.weights}")
     num_heads = {384: 6, 768: 12, 1024: 16}[width]
     target_layers = [4, 6, 8, 10, 12, 14, 16, 18] if size == "large" else [2, 3, 4, 5, 6, 7, 8, 9]
@@ -146,7 +148,7 @@ def official(args, seed, start=None, batches=None, our_paths=None):
         elif isinstance(m, nn.LayerNorm):
             nn.init.constant_(m.bias, 0)
             nn.init.constant_(m.weight, 1.0)
-    model.to(args.dtype)
+    model.to(dtype)
     if start is not None:
         missing, unexpected = model.load_state_dict(start, strict=False)
         if unexpected or any(not k.startswith("encoder.") for k in missing):
@@ -154,14 +156,14 @@ def official(args, seed, start=None, batches=None, our_paths=None):
     optimizer = stable.StableAdamW([{"params": trainable.parameters()}], lr=1e-3, betas=(0.9, 0.999),
                                    weight_decay=1e-4, amsgrad=True, eps=1e-10)
     scheduler = utils.WarmCosineScheduler(optimizer, base_value=1e-3, final_value=1e-4, total_iters=args.iters,
-                                          warmup_iters=args.warmup)
+                                          warmup_iters=warmup)
     losses, epoch = [], 0
     while len(losses) < args.iters:
         if batches is not None:
             batches.epoch = epoch
         model.train()
         for img, _ in loader:
-            en, de, g_loss = model(img.to(args.dtype))
+            en, de, g_loss = model(img.to(dtype))
             loss = utils.global_cosine_hm_adaptive(en, de, y=3)
             loss = loss + 0.2 * g_loss
             optimizer.zero_grad()
@@ -180,16 +182,16 @@ def same_start(args, log):
     """Both loops from train.py's initial weights in train.py's batch order, in float32 and in float64: in
     float64 a different computation shows, in float32 the round-off that each loop's own float64 run measures."""
     losses = {}
-    for dtype in (torch.float32, torch.float64):
-        args.dtype = dtype
+    for dtype, name in ((torch.float32, "float32"), (torch.float64, "float64")):
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.time()
-            start, run, losses["train.py", dtype] = ours(args, args.seeds[0], Path(tmp) / "ours")
+            start, run, losses["train.py", dtype] = ours(args, args.seeds[0], Path(tmp) / "ours", dtype)
             our_paths = [s.image for part in run.dataset.datasets for s in part.samples]
             batches = train.EpochBatches(len(run.dataset), args.batch_size, args.seeds[0])
             t1 = time.time()
-            _, losses["official", dtype] = official(args, args.seeds[0], start, batches, our_paths)
-            log(f"{str(dtype)[6:]}: train.py {t1 - t0:.0f} s, official {time.time() - t1:.0f} s")
+            _, losses["official", dtype] = official_run(args, args.seeds[0], run.warmup, start, batches, our_paths,
+                                                        dtype)
+            log(f"{name}: train.py {t1 - t0:.0f} s, official {time.time() - t1:.0f} s (setup included)")
     f32, f64 = torch.float32, torch.float64
     pairs = {"train.py vs official, float32": (losses["train.py", f32], losses["official", f32]),
              "train.py vs official, float64": (losses["train.py", f64], losses["official", f64]),
@@ -209,11 +211,12 @@ def same_start(args, log):
             f"{statistics.mean(a[-50:]):.5f} vs {statistics.mean(b[-50:]):.5f}; "
             + (f"first above {args.tolerance:g} at iteration {parted + 1}" if parted is not None
                else f"never above {args.tolerance:g}"))
-    args.dtype = torch.float32
     return losses
 
 
 def own_seeds(args, log):
+    """Each loop alone, seed by seed, both trained models scored by evaluate.py; the table of their metrics, their
+    means and ranges, and whether the means of the two loops lie within the seeds' range of each other."""
     rows = {"official": [], "train.py": []}
     for seed in args.seeds:
         with tempfile.TemporaryDirectory() as tmp:
@@ -222,7 +225,7 @@ def own_seeds(args, log):
             rows["train.py"].append(score(args, run.model, losses))
             log(f"train.py seed {seed}: {table_cells(rows['train.py'][-1])} ({time.time() - t0:.0f} s)")
             t0 = time.time()
-            their_model, losses = official(args, seed)
+            their_model, losses = official_run(args, seed, run.warmup)
             model = copy.deepcopy(run.model)
             model.load_state_dict(their_model.state_dict())  # the official model scored by the same code
             rows["official"].append(score(args, model, losses))
@@ -247,6 +250,7 @@ def own_seeds(args, log):
 
 
 def score(args, model, losses):
+    """evaluate.py's mean metrics of `model` on the test sets (percent), and the mean of the last 50 losses."""
     opts = evaluate.Options(batch_size=16, device="cpu", workers=args.workers)
     results = evaluate.evaluate(model.eval(), "folder", str(args.data_root), args.classes, opts, log=lambda m: None)
     row = {k: 100 * results["mean"][k] for k in COLUMNS}
@@ -276,14 +280,13 @@ def main():
     p.add_argument("--part", choices=["same-start", "own-seeds", "both"], default="both")
     args = p.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",")]
-    args.dtype = torch.float32
-    torch.set_num_threads(torch.get_num_threads())
     log = print
     backbone = inpformer.load_backbone(args.weights)
-    args.registers = backbone.config.num_register_tokens > 0
+    args.width, args.registers = backbone.config.embed_dim, backbone.config.num_register_tokens > 0
+    args.backbone = backbone.state_dict()  # what the official encoder must load
     with tempfile.TemporaryDirectory() as tmp:
         args.hub_weights = Path(tmp) / "backbone.pth"  # what the official vit_encoder.load reads
-        torch.save(backbone.state_dict(), args.hub_weights)
+        torch.save(args.backbone, args.hub_weights)
         log(f"data {args.data_root} ({args.classes}), {args.image_size} -> {args.crop_size}, batch {args.batch_size}, "
             f"{args.iters} iterations, warm-up {args.warmup}, torch {torch.__version__}, {torch.get_num_threads()} "
             "threads")

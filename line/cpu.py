@@ -1,8 +1,10 @@
-"""CPU speed paths for inference: a few images a pass, so that activations stay memory the allocator reuses, and
-bf16 attention as plain matrix products, which use the CPU's bf16 units where its fused kernel does not.
+"""CPU speed paths: inference a few images a pass, so that activations stay memory the allocator reuses, and
+bf16 attention without autograd (inference, and the frozen encoder in training) as plain matrix products, which
+use the CPU's bf16 units where its fused kernel does not.
 """
 import torch
-import torch.nn.functional as F
+
+import inpformer
 
 # glibc reuses freed blocks below 32 MiB; a larger one comes fresh from the kernel on every allocation, zeroed
 # page by page, and at 16 images of 392 px that cost ViT-B a quarter of its fp32 speed and a third of its bf16
@@ -37,9 +39,9 @@ def attention(q, k, v):
     time, written straight into the (B, N, h * d) layout. The CPU flash kernel computes half precision no faster
     than fp32, while products use the bf16 matrix units, and 128 rows of scores stay in cache. The keys and
     values are made contiguous once: as views of the qkv product, every chunk's product would copy them again."""
-    B, h, N, d = q.shape
     if q.device.type != "cpu" or q.dtype == torch.float32 or torch.is_grad_enabled():
-        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, h * d)
+        return inpformer.attention(q, k, v)
+    B, h, N, d = q.shape
     out = q.new_empty(B, N, h, d)
     q = q * d ** -0.5
     kt, v = k.transpose(-2, -1).contiguous(), v.contiguous()
@@ -53,3 +55,7 @@ def use_cpu_attention(encoder):
     for block in encoder.blocks:
         block.attention = attention
     return encoder
+
+
+def uses_cpu_attention(encoder) -> bool:
+    return all(block.attention is attention for block in encoder.blocks)

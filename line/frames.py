@@ -36,7 +36,8 @@ def stitch_tiles(frames, tile, overlap, tile_maps, batch_size=16):
     B, _, H, W = frames.shape
     if H < tile or W < tile:
         raise ValueError(f"a {H}x{W} frame is smaller than a {tile} px tile")
-    positions = inpformer.Geometry(None, None, tile, overlap).tile_positions(H, W)
+    tiling = inpformer.Geometry(image_size=None, crop_size=None, tile=tile, tile_overlap=overlap)
+    positions = tiling.tile_positions(H, W)
     # Positions a call, every frame's tile at each; None: all at once (the export, whose batch is symbolic).
     per_batch = len(positions) if batch_size is None else max(1, batch_size // B)
     total = torch.zeros(B, 1, H, W, device=frames.device)

@@ -29,8 +29,8 @@ def token_features(model, x):
 class KNNBaseline:
     """The baseline for one class: fit(images) builds the bank, predict(frames) scores like the model does."""
 
-    def __init__(self, model, bank_size=None, seed=0, batch_size=16):
-        self.model, self.bank_size, self.seed, self.batch_size = model, bank_size or BANK_SIZE, seed, batch_size
+    def __init__(self, model, bank_size=BANK_SIZE, seed=0, batch_size=16):
+        self.model, self.bank_size, self.seed, self.batch_size = model, bank_size, seed, batch_size
         self.bank = None
 
     @torch.no_grad()

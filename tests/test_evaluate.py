@@ -1,6 +1,7 @@
 """evaluate.py, the benchmark: its metrics against metrics.py on maps computed here independently, the official
 fixture's maps through the shared map path, the zero-shot, streaming, float16 and full-resolution protocols,
 pictures, checkpoint defaults, the caller's model left as it was, and one-line errors for bad input."""
+import copy
 import csv
 import dataclasses
 import json
@@ -19,8 +20,11 @@ from safetensors.torch import load_file
 import data
 import evaluate
 import inpformer
+import line.cpu
 import metrics
 import scoring
+import train
+from line import knn
 from line.adeval import adeval_pixel_metrics
 from conftest import BATCH, CROP, DEMO_SIZE, GEOMETRY, IMAGE, ROOT, expect_one_line_error, run_main, shared
 
@@ -345,6 +349,26 @@ def test_evaluate_leaves_the_callers_model_as_it_was(model, demo):
     assert abs(bf16["classes"]["tiles"]["I-AUROC"] - fp32["classes"]["tiles"]["I-AUROC"]) <= 0.1
 
 
+def test_scoring_on_a_cpu_takes_the_cpu_paths_without_touching_the_callers_model(model, monkeypatch):
+    """bf16 on a CPU: the scored model's blocks attend through line/cpu.py (a copy's: the caller's model keeps its
+    own, also when it already is bf16), and a model that has them is scored as it is; images go through the
+    network a few a pass (line.cpu.raw_maps); train.py's bf16 encoder takes the same attention."""
+    bf16 = scoring.ready_model(model, "cpu", "bf16")
+    assert line.cpu.uses_cpu_attention(bf16.encoder) and not line.cpu.uses_cpu_attention(model.encoder)
+    cast = copy.deepcopy(model).to(torch.bfloat16)
+    ready = scoring.ready_model(cast, "cpu", "bf16")
+    assert ready is not cast and not line.cpu.uses_cpu_attention(cast.encoder)
+    assert scoring.ready_model(ready, "cpu", "bf16") is ready
+    encoder = train.step_encoder(model, torch.device("cpu"), torch.bfloat16)
+    assert line.cpu.uses_cpu_attention(encoder) and not line.cpu.uses_cpu_attention(model.encoder)
+    passes = []
+    monkeypatch.setattr(line.cpu, "images_per_pass", lambda model, x: 2)
+    monkeypatch.setattr(model, "raw_maps", lambda x, zero_shot=False: passes.append(len(x)) or torch.zeros(
+        len(x), 1, *x.shape[-2:]))
+    maps, scores = scoring.predict_maps(model, torch.randn(5, 3, 112, 112))
+    assert passes == [2, 2, 1] and maps.shape == (5, 256, 256)
+
+
 def test_adeval_metrics_are_the_official_codes(ckpt, model, demo, tmp_path, capsys):
     """--metrics adeval: P-AUROC, P-AP and AUPRO from ADEval's 200 bins per class (line.adeval
     on the protocol's maps), the other four exact; recorded in metrics.json, written apart from the exact run."""
@@ -380,7 +404,7 @@ def test_the_knn_baseline_is_within_a_few_points_of_the_texture_ad_patchcore_num
     vit = inpformer.load_backbone(shared("weights", "dinov2_vits14_imgfocus", "model.safetensors"))
     model = inpformer.INPFormer(vit, geometry=inpformer.Geometry(256, 224)).eval()
     reference = {"brick": (1.000, 0.995), "grass": (0.788, 0.939)}
-    opts = evaluate.Options(batch_size=16, device="cpu")
+    opts = evaluate.Options(batch_size=16, device="cpu", bank_size=knn.BANK_SIZE)
     torch.set_num_threads(2)
     try:
         for cls, (i_auroc, p_auroc) in reference.items():

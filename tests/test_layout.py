@@ -6,6 +6,7 @@ import sys
 
 from conftest import ROOT, shared
 
+
 def imported_modules(path):
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):

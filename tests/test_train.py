@@ -53,8 +53,6 @@ def test_stable_adamw_matches_the_official_update():
 
 
 def test_warm_cosine_is_the_official_table():
-    import numpy as np
-
     total, warm, base, final = 400, 100, 1e-3, 1e-4
     cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * np.arange(total - warm) / (total - warm)))
     table = np.concatenate([np.linspace(0, base, warm), cosine])
@@ -132,30 +130,39 @@ def official_soft_mining_loss(en, de, y=3):
     return loss / len(en)
 
 
-def test_a_whole_run_is_the_official_loop_in_float64(demo, tmp_path):
+@pytest.fixture(scope="module")
+def small_demo_root(tmp_path_factory):
+    """16 training images (8 a class): 4 batches of 4 an epoch, so that a short run crosses epochs."""
+    return str(demo.make_demo(tmp_path_factory.mktemp("small") / "demo", seed=0, n_train=8, n_test_good=2,
+                              n_test_defect=2, size=160))
+
+
+def test_a_whole_run_is_the_official_loop_in_float64(small_demo_root, tmp_path):
     """train.py's loop over a whole short run (warm-up, cosine, six epochs and their boundaries) equals the official
     script's loop restated from ../shared/reference/inpformer.md section 5, from the same initial weights and
-    batches: forward, soft-mining loss through a hook + 0.2 x coherence, zero_grad, backward, clip 0.1, StableAdamW,
-    the scheduler's next learning rate. In float64, so that any other computation shows: every iteration's loss
-    and the final weights to 1e-10. (bench/whole_run.py runs the official code itself, on real data.)"""
-    argv = tiny_args(demo, tmp_path / "run", "--iters", 24, "--warmup", 2, "--no-eval", "--save-every", "1e9")
+    batches: the soft-mining loss through a gradient hook + 0.2 x coherence, zero_grad, backward, clip 0.1,
+    StableAdamW, the scheduler's next learning rate (the forward pass is this project's, which the fixture tests
+    hold to the official one). In float64, so that any other computation shows: every iteration's loss and the
+    final weights to 1e-10. (bench/whole_run.py runs the official code itself, on real data.)"""
+    demo_root = small_demo_root
+    argv = tiny_args(demo_root, tmp_path / "run", "--iters", 24, "--warmup", 2, "--no-eval", "--save-every", "1e9")
     args = train.parse_args([str(a) for a in argv])
     (tmp_path / "run").mkdir()
     encoder = train.load_encoder(args.weights, log=lambda m: None)
-    run = train.setup(args, encoder, data.resolve_sets("folder", demo, "all"), tmp_path / "run", torch.device("cpu"),
-                      log=lambda m: None)
+    run = train.setup(args, encoder, data.resolve_sets("folder", demo_root, "all"), tmp_path / "run",
+                      torch.device("cpu"), log=lambda m: None)
     assert (run.total, run.warmup, len(run.batches)) == (24, 2, 4)
     reference = copy.deepcopy(run.model).double().train()
     run.model.double()  # in place: the optimizer keeps its parameters
     ours, loss_module = [], run.net
 
-    class Float64(torch.nn.Module):
+    class RecordedFloat64Loss(torch.nn.Module):
         def forward(self, x):
             loss = loss_module(x.double())
             ours.append(loss.item())
             return loss
 
-    run.net = Float64()
+    run.net = RecordedFloat64Loss()
     train.train(run, log=lambda m: None)
 
     total, warm, base, final = 24, 2, 1e-3, 1e-4
