@@ -52,6 +52,17 @@ def mvtec_tree(root, classes=("bottle", "carpet")):
 # ----------------------------------------------------------------------------------------------------------
 # Layouts
 
+def test_the_normalisation_is_imagenets(tmp_path):
+    """The official transform's constants, written out: an image of one colour normalises to (v / 255 - mean) / std
+    per channel, in float32."""
+    assert data.IMAGENET_MEAN == (0.485, 0.456, 0.406) and data.IMAGENET_STD == (0.229, 0.224, 0.225)
+    Image.new("RGB", (20, 20), (255, 128, 0)).save(tmp_path / "one.png")
+    x = data.load_image(tmp_path / "one.png", Geometry(16, 14))
+    want = [(1.0 - 0.485) / 0.229, (128 / 255 - 0.456) / 0.224, (0.0 - 0.406) / 0.225]
+    assert x.dtype == torch.float32 and x.shape == (3, 14, 14)
+    assert torch.allclose(x, torch.tensor(want).view(3, 1, 1).expand(3, 14, 14), atol=1e-6)
+
+
 def test_mvtec_layout_classes_counts_labels_and_mask_pairing(tmp_path):
     root = mvtec_tree(tmp_path, ("bottle", "carpet", "zz_custom"))
     (tmp_path / "notes").mkdir()                                      # not a class: no train/good or test

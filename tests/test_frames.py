@@ -72,6 +72,24 @@ def test_overlapping_tiles_stitch_without_seams_and_borders_keep_their_level(mod
     assert float(paper[0, 0, 0]) < 0.3 * 0.6 and abs(float(paper[0, 128, 128]) - 0.3) < 1e-6
 
 
+def test_where_tiles_overlap_their_maps_are_averaged():
+    """Each tile's map is the constant k (its position's index): a pixel covered by several tiles gets the mean of
+    their constants, not the maximum nor the last tile's."""
+    frame = torch.zeros(1, 3, 56, 98)  # tiles of 56 overlapping 0.5: columns 0-55, 28-83 and 42-97 (flush)
+    calls = []
+
+    def tile_maps(tiles):
+        calls.append(len(tiles))
+        first = sum(calls[:-1])
+        return torch.arange(first, first + len(tiles), dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 1, 56, 56)
+
+    stitched = line.frames.stitch_tiles(frame, 56, 0.5, tile_maps, batch_size=1)[0, 0]
+    assert calls == [1, 1, 1]
+    covered_by = {0: (0,), 30: (0, 1), 50: (0, 1, 2), 70: (1, 2), 90: (2,)}
+    for column, tiles in covered_by.items():
+        assert stitched[:, column].eq(sum(tiles) / len(tiles)).all(), column
+
+
 def band_defects(demo):
     """Good demo test images, each with a copy whose defect lies wholly in the band the centre crop removes."""
     pairs = []

@@ -289,6 +289,13 @@ def test_default_weights_download_and_offline_message(tmp_path, monkeypatch, cap
     assert weights.download_backbone("small", lambda m: pytest.fail("must not download twice")) == path
 
 
+def test_a_global_batch_that_does_not_divide_among_the_processes_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    expect_one_line_error(capsys, lambda: train.main(["--data", "demo", "--out", str(tmp_path / "run")]),
+                          "--batch-size 8 is the global batch: it must divide evenly among the 3 processes")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--data", "mvtec"], ["--data-root"]),
     (["--data", "folder", "--data-root", "/nonexistent/root"], ["/nonexistent/root"]),
