@@ -166,6 +166,28 @@ def test_export_onnx_round_trip_matches_pytorch(ckpt, model, demo, tmp_path):
     assert normalised[1] == pytest.approx(0.5, abs=1e-6)  # the threshold
 
 
+def test_a_score_exactly_at_the_threshold_is_anomalous_in_python_and_in_the_graph(tmp_path):
+    """The rule "anomalous at or above the threshold", at the threshold and one float32 step either side: in
+    scoring.decide, in the graphs' DecisionOutputs, and in that module exported to ONNX."""
+    import onnxruntime
+
+    t = np.float32(0.375)
+    cal = dict(image_threshold=float(t), pixel_threshold=0.5, score_range=[0.0, 1.0], heat_range=[0.0, 1.0],
+               classes={})
+    scores = np.array([np.nextafter(t, np.float32(-1)), t, np.nextafter(t, np.float32(2))], np.float32)
+    want = [False, True, True]
+    assert [scoring.decide(float(s), cal)["decision"] == "anomalous" for s in scores] == want
+    graph = predict.DecisionOutputs(cal)
+    maps = torch.zeros(3, 4, 4)
+    assert graph(maps, torch.from_numpy(scores))[3].tolist() == want
+    onnx_path = tmp_path / "decision.onnx"
+    torch.onnx.export(graph, (maps, torch.from_numpy(scores)), onnx_path, dynamo=True, external_data=False,
+                      input_names=["maps", "scores"], output_names=["anomaly_map", "score", "normalised", "decision"])
+    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    decision = session.run(None, {"maps": maps.numpy(), "scores": scores})[3]
+    assert decision.tolist() == want
+
+
 def test_export_without_the_onnx_extras_says_what_to_install(ckpt, tmp_path):
     code = ("import sys; sys.modules['onnxruntime'] = None; import cli, predict; "
             f"cli.guard(lambda: predict.main(['--ckpt', {str(ckpt)!r}, '--export', {str(tmp_path / 'm.onnx')!r}]))")
