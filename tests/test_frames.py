@@ -90,6 +90,20 @@ def test_where_tiles_overlap_their_maps_are_averaged():
         assert stitched[:, column].eq(sum(tiles) / len(tiles)).all(), column
 
 
+def test_whole_frames_resample_antialiased_so_a_thin_defect_scores_wherever_it_falls():
+    """A one-pixel line in a 1024 x 1024 frame map, moved a column at a time: the whole frame's scoring (reflect
+    padding, antialiased resample to 256) scores it alike at every place; the paper's plain bilinear resample of its
+    crop keeps it or drops it whole, by where it falls."""
+    scores = {"reflect": [], "zeros": []}
+    for column in range(500, 508):
+        frame_map = torch.zeros(1, 1, 1024, 1024)
+        frame_map[..., column] = 1.0
+        for padding in scores:
+            scores[padding].append(float(inpformer.score_maps(frame_map, padding=padding)[1]))
+    assert min(scores["reflect"]) > 0.98 * max(scores["reflect"]) > 0
+    assert min(scores["zeros"]) == 0 < max(scores["zeros"])
+
+
 def band_defects(demo):
     """Good demo test images, each with a copy whose defect lies wholly in the band the centre crop removes."""
     pairs = []
