@@ -168,8 +168,7 @@ def load_ready(ckpt, device, precision):
     """A checkpoint loaded straight onto `device` in `precision` (see ready_model: scoring it needs no copy)."""
     dtype = cli.PRECISIONS[cli.resolve_precision(precision, device)]
     model = inpformer.load_model(ckpt, device).to(dtype)
-    if torch.device(device).type == "cpu" and dtype != torch.float32:
-        line.cpu.use_cpu_attention(model.encoder)
+    line.cpu.use_cpu_attention(model.encoder)
     return model
 
 
@@ -191,13 +190,12 @@ def ready_model(model, device="auto", precision="auto"):
         device = torch.device("cuda", torch.cuda.current_device())
     dtype = cli.PRECISIONS[cli.resolve_precision(precision, device)]
     p = model.prototype_token
-    cpu_attention = device.type == "cpu" and dtype != torch.float32  # line/cpu.py's, which copies must set
     if p.device == device and p.dtype == dtype and not model.training:
-        if not cpu_attention or line.cpu.uses_cpu_attention(model.encoder):
+        # line/cpu.py's attention, where it is faster, is set on a copy: never on the caller's model
+        if not line.cpu.needs_cpu_attention(model.encoder) or line.cpu.uses_cpu_attention(model.encoder):
             return model
     model = copy.deepcopy(model).to(device, dtype).eval()
-    if cpu_attention:
-        line.cpu.use_cpu_attention(model.encoder)
+    line.cpu.use_cpu_attention(model.encoder)
     return model
 
 

@@ -33,28 +33,31 @@ def import_modules(path):
     return importlib.import_module
 
 
-def build(path, size="base", inp_num=6):
-    """The official model as its multi-class script assembles it, with random weights."""
+def build(path, size="base", inp_num=6, encoder=None):
+    """The official model as its multi-class script assembles it: `encoder` (default: a random DINOv2 with
+    registers), then the heads in the script's order, so that a seeded run draws their weights as the script does
+    (its initialisation is the caller's)."""
     imp = import_modules(path)
-    vt = imp("dinov2.models.vision_transformer")
     heads_mod = imp("models.vision_transformer")
     uad = imp("models.uad")
     dim, heads = {"small": (384, 6), "base": (768, 12), "large": (1024, 16)}[size]
     layers = list(range(4, 19, 2)) if size == "large" else list(range(2, 10))
-    encoder = getattr(vt, f"vit_{size}")(patch_size=14, img_size=518, block_chunks=0, init_values=1e-8,
-                                        num_register_tokens=4, interpolate_antialias=False, interpolate_offset=0.1)
+    if encoder is None:
+        vt = imp("dinov2.models.vision_transformer")
+        encoder = getattr(vt, f"vit_{size}")(patch_size=14, img_size=518, block_chunks=0, init_values=1e-8,
+                                            num_register_tokens=4, interpolate_antialias=False,
+                                            interpolate_offset=0.1)
     norm = partial(nn.LayerNorm, eps=1e-8)
-    model = uad.INP_Former(
-        encoder=encoder,
-        bottleneck=nn.ModuleList([heads_mod.Mlp(dim, dim * 4, dim, drop=0.0)]),
-        aggregation=nn.ModuleList([heads_mod.Aggregation_Block(dim=dim, num_heads=heads, mlp_ratio=4.0, qkv_bias=True,
-                                                               norm_layer=norm)]),
-        decoder=nn.ModuleList([heads_mod.Prototype_Block(dim=dim, num_heads=heads, mlp_ratio=4.0, qkv_bias=True,
-                                                         norm_layer=norm) for _ in range(8)]),
-        target_layers=layers, fuse_layer_encoder=[[0, 1, 2, 3], [4, 5, 6, 7]],
-        fuse_layer_decoder=[[0, 1, 2, 3], [4, 5, 6, 7]], remove_class_token=True,
-        prototype_token=nn.ParameterList([nn.Parameter(torch.randn(inp_num, dim))]))
-    return model
+    bottleneck = nn.ModuleList([heads_mod.Mlp(dim, dim * 4, dim, drop=0.0)])
+    inp = nn.ParameterList([nn.Parameter(torch.randn(inp_num, dim))])
+    aggregation = nn.ModuleList([heads_mod.Aggregation_Block(dim=dim, num_heads=heads, mlp_ratio=4.0, qkv_bias=True,
+                                                             norm_layer=norm)])
+    decoder = nn.ModuleList([heads_mod.Prototype_Block(dim=dim, num_heads=heads, mlp_ratio=4.0, qkv_bias=True,
+                                                       norm_layer=norm) for _ in range(8)])
+    return uad.INP_Former(encoder=encoder, bottleneck=bottleneck, aggregation=aggregation, decoder=decoder,
+                          target_layers=layers, fuse_layer_encoder=[[0, 1, 2, 3], [4, 5, 6, 7]],
+                          fuse_layer_decoder=[[0, 1, 2, 3], [4, 5, 6, 7]], remove_class_token=True,
+                          prototype_token=inp)
 
 
 def train_step_fn(path, model):

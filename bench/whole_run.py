@@ -98,7 +98,7 @@ def official_run(args, seed, warmup, start=None, batches=None, our_paths=None, d
     `batches` (a train.EpochBatches) it starts from those weights and takes its batches in that order."""
     imp = import_official(args.official)
     utils, dataset, vit_encoder = imp("utils"), imp("dataset"), imp("models.vit_encoder")
-    heads, uad, stable = imp("models.vision_transformer"), imp("models.uad"), imp("optimizers.StableAdamW")
+    stable = imp("optimizers.StableAdamW")
     from torchvision.datasets import ImageFolder
 
     width = args.width
@@ -127,21 +127,10 @@ def official_run(args, seed, warmup, start=None, batches=None, our_paths=None, d
     for k, v in encoder.state_dict().items():
         if not torch.equal(v, args.backbone[k]):
             raise SystemExit(f"the official encoder did not load {k} from {args.weights}")
-    num_heads = {384: 6, 768: 12, 1024: 16}[width]
-    target_layers = [4, 6, 8, 10, 12, 14, 16, 18] if size == "large" else [2, 3, 4, 5, 6, 7, 8, 9]
-    norm = lambda dim: nn.LayerNorm(dim, eps=1e-8)  # noqa: E731  (the script's partial(nn.LayerNorm, eps=1e-8))
-    bottleneck = nn.ModuleList([heads.Mlp(width, width * 4, width, drop=0.)])
-    inp = nn.ParameterList([nn.Parameter(torch.randn(6, width))])
-    extractor = nn.ModuleList([heads.Aggregation_Block(dim=width, num_heads=num_heads, mlp_ratio=4., qkv_bias=True,
-                                                       norm_layer=norm)])
-    decoder = nn.ModuleList([heads.Prototype_Block(dim=width, num_heads=num_heads, mlp_ratio=4., qkv_bias=True,
-                                                   norm_layer=norm) for _ in range(8)])
-    model = uad.INP_Former(encoder=encoder, bottleneck=bottleneck, aggregation=extractor, decoder=decoder,
-                           target_layers=target_layers, remove_class_token=True,
-                           fuse_layer_encoder=[[0, 1, 2, 3], [4, 5, 6, 7]],
-                           fuse_layer_decoder=[[0, 1, 2, 3], [4, 5, 6, 7]], prototype_token=inp)
-    trainable = nn.ModuleList([bottleneck, decoder, extractor, inp])
-    for m in trainable.modules():
+    model = official.build(args.official, size, inp_num=6, encoder=encoder)
+    inp = nn.ParameterList([model.prototype_token])  # the script's INP list, holding the same parameter
+    trainable = nn.ModuleList([model.bottleneck, model.decoder, model.aggregation, inp])
+    for m in trainable.modules():  # the script's initialisation
         if isinstance(m, nn.Linear):
             nn.init.trunc_normal_(m.weight, std=0.01, a=-0.03, b=0.03)
             if m.bias is not None:

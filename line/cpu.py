@@ -50,10 +50,18 @@ def attention(q, k, v):
     return out.view(B, N, h * d)
 
 
+def needs_cpu_attention(encoder) -> bool:
+    """Whether `attention` above is faster for this encoder: on a CPU, in half precision."""
+    p = encoder.cls_token
+    return p.device.type == "cpu" and p.dtype != torch.float32
+
+
 def use_cpu_attention(encoder):
-    """The encoder's blocks attend with `attention` above (the same fused kernel wherever it is no faster)."""
-    for block in encoder.blocks:
-        block.attention = attention
+    """The encoder's blocks attend with `attention` above where it needs it (needs_cpu_attention); else nothing
+    changes."""
+    if needs_cpu_attention(encoder):
+        for block in encoder.blocks:
+            block.attention = attention
     return encoder
 
 
