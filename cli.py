@@ -7,7 +7,6 @@ one-line messages; each script's `if __name__ == "__main__": cli.guard(main)` pr
 """
 import argparse
 import contextlib
-import dataclasses
 import math
 import os
 import re
@@ -15,7 +14,7 @@ import sys
 
 import torch
 
-import inpformer
+import data
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # see resolve_precision
 
@@ -142,8 +141,8 @@ def add_picture_args(parser):
                         help="draw the edge of the region above the calibrated pixel threshold on pictures")
 
 
-def geometry(args, base: inpformer.Geometry) -> inpformer.Geometry:
-    """`base` (the recipe's or the checkpoint's) with the sizes the command line gives; --tile without
+def geometry(args, base) -> data.ResizeCrop:
+    """`base` (the recipe's or the checkpoint's geometry) with the sizes the command line gives; --tile without
     --crop-size means the whole frame. Not yet checked against a patch size."""
     changes = {}
     if args.image_size is not None:
@@ -159,7 +158,7 @@ def geometry(args, base: inpformer.Geometry) -> inpformer.Geometry:
         changes["tile_overlap"] = args.tile_overlap
     if args.bit_depth is not None:
         changes["bit_depth"] = args.bit_depth
-    geometry = dataclasses.replace(base, **changes)
+    geometry = data.geometry_of({**base.to_dict(), **changes})
     if args.tile_overlap is not None and geometry.tile is None:
         raise ValueError(f"--tile-overlap {args.tile_overlap}: the overlap of tiles, with --tile N")
     return geometry

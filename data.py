@@ -8,12 +8,11 @@ Data sets (`data` name -> what `root` points at):
                         test_public/ground_truth/bad/<stem>_mask.png}; test_private* are unlabelled (predict.py)
 The demo set is written by demo.py; "folder" is any data set in MVTec layout.
 
-Preprocessing (luow23/INP-Former `dataset.py`, sizes from an inpformer.Geometry): RGB, a bilinear resize to
-the geometry's frame size (the paper's 448 x 448, the aspect not kept; any H x W; or the frame's own size for
-tiles), its centre crop (the paper's 392 x 392) or the whole frame, ImageNet mean/std. 16-bit, 32-bit and float
-grey images are scaled to [0, 1] first (Geometry.bit_depth), never clipped. Masks take the same geometry and are
-then binarised at 0.5. Tiles are cut later, from the preprocessed frame (TileDataset for training,
-line.frames.predict_frames for scoring).
+Preprocessing (luow23/INP-Former `dataset.py`, sizes from a ResizeCrop): RGB, a bilinear resize (the paper's
+448 x 448, the aspect not kept), its centre crop (the paper's 392 x 392), ImageNet mean/std; masks take the same
+resize and crop and are then binarised at 0.5. A model records its geometry as a dict (config.geometry);
+geometry_of() reads it, and hands what the paper does not do (whole frames, tiles, wide grey images) to the line
+layer (line/geometry.py, line/pixels.py).
 
 Every problem with the files on disk raises DataError, whose message is one line, "<path>: <problem>".
 
@@ -28,7 +27,7 @@ import os
 import random
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +35,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import cli
-from inpformer import Geometry
+import inpformer
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -66,7 +64,7 @@ class DataError(ValueError):
     """A problem with the data on disk. str(e) is one line: "<path>: <problem>"."""
 
 
-def _error(path, problem) -> DataError:
+def error(path, problem) -> DataError:
     # Library messages (PIL, json) can span lines; the one-line promise is what lets scripts print them as is.
     return DataError(re.sub(r"\s*\n\s*", " ", f"{path}: {problem}"))
 
@@ -102,14 +100,14 @@ class _Layout:
 def _source(data: str, root) -> _Layout:
     """Where a data set root keeps its classes, after checking that it exists. Reads, never writes."""
     if data not in DATASETS:
-        raise _error(data, f"unknown data set (known: {', '.join(DATASETS)})")
+        raise error(data, f"unknown data set (known: {', '.join(DATASETS)})")
     root = root or default_root(data)
     if not root:
-        raise _error(data, "no data root given (pass --data-root)")
+        raise error(data, "no data root given (pass --data-root)")
     root = Path(root)
     if not root.is_dir():
         hint = "; make it with: python demo.py DIR" if data == "demo" else ""
-        raise _error(root, ("data root not found" if not root.exists() else "data root is not a folder") + hint)
+        raise error(root, ("data root not found" if not root.exists() else "data root is not a folder") + hint)
 
     if data == "visa":
         # The split file ships inside the raw download (split_csv/1cls.csv); the prepared tree is what the
@@ -122,13 +120,13 @@ def _source(data: str, root) -> _Layout:
     if data == "realiad":
         images = root / "realiad_1024"
         if not images.is_dir():
-            raise _error(images, "not found (a Real-IAD root holds realiad_1024/<class>/ and realiad_jsons/)")
+            raise error(images, "not found (a Real-IAD root holds realiad_1024/<class>/ and realiad_jsons/)")
         # The download unpacks to a doubled folder, realiad_jsons/realiad_jsons/, beside variants such as
         # realiad_jsons_sv; accept it and a single realiad_jsons/ holding the <class>.json files directly.
         for jsons in (root / "realiad_jsons" / "realiad_jsons", root / "realiad_jsons"):
             if jsons.is_dir() and any(jsons.glob("*.json")):
                 return _Layout(images, jsons=jsons)
-        raise _error(root / "realiad_jsons", "no <class>.json files in realiad_jsons/realiad_jsons/ or realiad_jsons/")
+        raise error(root / "realiad_jsons", "no <class>.json files in realiad_jsons/realiad_jsons/ or realiad_jsons/")
 
     return _Layout(root)
 
@@ -150,10 +148,10 @@ def _read_split_file(split_file: Path) -> list[dict]:
             reader = csv.DictReader(f)
             rows = list(reader)
     except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise _error(split_file, f"cannot read split file ({e})") from None
+        raise error(split_file, f"cannot read split file ({e})") from None
     need = ("object", "split", "label", "image", "mask")
     if not set(need) <= set(reader.fieldnames or ()):
-        raise _error(split_file, f"not a VisA split file (its header must name {', '.join(need)})")
+        raise error(split_file, f"not a VisA split file (its header must name {', '.join(need)})")
     return rows
 
 
@@ -175,7 +173,7 @@ def list_classes(data: str, root) -> list[str]:
         if data == "visa":
             expected = "split_csv/1cls.csv of the raw download, or the prepared 1cls/<class>/train/good tree"
     if not found:
-        raise _error(base, f"no classes found (expected {expected})")
+        raise error(base, f"no classes found (expected {expected})")
     official = OFFICIAL_ORDER.get(data, ())
     return [c for c in official if c in found] + sorted(set(found) - set(official))
 
@@ -198,7 +196,7 @@ def list_samples(data: str, root, cls: str, split: str) -> list[Sample]:
     if split not in ("train", "test", "validation"):
         raise ValueError(f"split must be 'train', 'test' or 'validation', not {split!r}")
     if split == "validation" and data != "mvtec2":
-        raise _error(data, "has no validation split (MVTec AD 2 has)")
+        raise error(data, "has no validation split (MVTec AD 2 has)")
     src = _source(data, root)
     if data == "mvtec2":
         return _tree_samples(src.base, cls, split, data, root, test="test_public", gt="test_public/ground_truth")
@@ -216,10 +214,10 @@ def _tree_samples(base: Path, cls: str, split: str, data: str, root, test="test"
         known = ""
         with contextlib.suppress(DataError):
             known = f" (known: {', '.join(list_classes(data, root))})"
-        raise _error(cdir, "class folder not found" + known)
+        raise error(cdir, "class folder not found" + known)
     top = {"train": cdir / "train" / "good", "validation": cdir / "validation" / "good", "test": cdir / test}[split]
     if not top.is_dir():
-        raise _error(top, "folder not found")
+        raise error(top, "folder not found")
     samples = []
     for folder in _visible_dirs(top) if split == "test" else [top]:  # train/good is its own one "good" folder
         defect = folder.name
@@ -234,10 +232,10 @@ def _tree_samples(base: Path, cls: str, split: str, data: str, root, test="test"
         for p in images_in(folder):
             mask = masks.get(p.stem + "_mask") or masks.get(p.stem)
             if mask is None and (cdir / gt).is_dir():
-                raise _error(p, f"no mask (expected {masks_dir / (p.stem + '_mask.png')})")
+                raise error(p, f"no mask (expected {masks_dir / (p.stem + '_mask.png')})")
             samples.append(Sample(str(p), mask and str(mask), 1, cls, defect))
     if not samples:
-        raise _error(top, f"no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise error(top, f"no images ({', '.join(IMAGE_SUFFIXES)})")
     return samples
 
 
@@ -245,26 +243,26 @@ def _visa_csv_samples(base: Path, split_file: Path, cls: str, split: str) -> lis
     rows = _read_split_file(split_file)
     if not any(row["object"] == cls for row in rows):
         known = sorted({row["object"] for row in rows})
-        raise _error(split_file, f"no rows for class {cls!r} (known: {', '.join(known)})")
+        raise error(split_file, f"no rows for class {cls!r} (known: {', '.join(known)})")
     samples = []
     for line, row in enumerate(rows, start=2):
         if row["object"] != cls or row["split"] != split:
             continue
         image = base / row["image"]
         if not image.is_file():
-            raise _error(image, f"not found (listed in {split_file}, line {line})")
+            raise error(image, f"not found (listed in {split_file}, line {line})")
         if row["label"] == "normal" or split == "train":
             samples.append(Sample(str(image), None, int(row["label"] != "normal"), cls, "good"))
             continue
         mask = base / row["mask"] if row["mask"] else None
         if mask is None or not mask.is_file():
-            raise _error(image, f"no mask ({'none listed' if mask is None else f'{mask} not found'}; "
+            raise error(image, f"no mask ({'none listed' if mask is None else f'{mask} not found'}; "
                                 f"{split_file}, line {line})")
         # Raw VisA masks are class-index maps (0 background, 1..K defect ids): any non-zero pixel is anomalous,
         # as the official preparation script makes it before INP-Former reads them.
         samples.append(Sample(str(image), str(mask), 1, cls, "bad", mask_threshold=0))
     if not samples:
-        raise _error(split_file, f"no {split} rows for class {cls!r}")
+        raise error(split_file, f"no {split} rows for class {cls!r}")
     return samples
 
 
@@ -272,24 +270,24 @@ def _realiad_samples(images: Path, jsons: Path, cls: str, split: str) -> list[Sa
     path = jsons / f"{cls}.json"
     if not path.is_file():
         known = sorted(j.stem for j in jsons.glob("*.json"))
-        raise _error(path, f"not found (known: {', '.join(known)})")
+        raise error(path, f"not found (known: {', '.join(known)})")
     try:
         records = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise _error(path, f"cannot read Real-IAD json ({e})") from None
+        raise error(path, f"cannot read Real-IAD json ({e})") from None
     records = records.get(split) if isinstance(records, dict) else None
     if not isinstance(records, list) or not records:
-        raise _error(path, f"not a Real-IAD json with a '{split}' list of images")
+        raise error(path, f"not a Real-IAD json with a '{split}' list of images")
     cdir = images / cls
     if not cdir.is_dir():
-        raise _error(cdir, "class image folder not found (unpack the class's realiad_1024 zip here)")
+        raise error(cdir, "class image folder not found (unpack the class's realiad_1024 zip here)")
     samples = []
     for n, rec in enumerate(records):
         if not isinstance(rec, dict) or not rec.get("image_path") or "anomaly_class" not in rec:
-            raise _error(path, f"'{split}' entry {n} lacks image_path or anomaly_class")
+            raise error(path, f"'{split}' entry {n} lacks image_path or anomaly_class")
         image = cdir / rec["image_path"]
         if not image.is_file():
-            raise _error(image, f"not found (listed in {path})")
+            raise error(image, f"not found (listed in {path})")
         # Each of the five camera views is its own record and is scored as its own image, as in the paper.
         label = int(rec["anomaly_class"] != "OK")
         if not label or split == "train":
@@ -297,7 +295,7 @@ def _realiad_samples(images: Path, jsons: Path, cls: str, split: str) -> list[Sa
             continue
         mask = cdir / rec["mask_path"] if rec.get("mask_path") else None
         if mask is None or not mask.is_file():
-            raise _error(image, f"no mask ({'none listed' if mask is None else f'{mask} not found'} in {path})")
+            raise error(image, f"no mask ({'none listed' if mask is None else f'{mask} not found'} in {path})")
         # The downsampled copies have soft mask edges. They keep their grey values through the resize and are
         # binarised once after it (> 0.5 of 255), as the official loader does; --full-res cuts the native mask at
         # > 127, ADEval's rule for them.
@@ -321,9 +319,9 @@ def _reading(path):
     except DataError:  # already one line naming the file
         raise
     except FileNotFoundError:
-        raise _error(path, "file not found") from None
+        raise error(path, "file not found") from None
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error... for broken files
-        raise _error(path, f"cannot read image ({e})") from None
+        raise error(path, f"cannot read image ({e})") from None
 
 
 def _probe(path) -> tuple[int, int]:
@@ -337,7 +335,7 @@ def _probe(path) -> tuple[int, int]:
 
 
 def _size_error(mask, msize, image, size) -> DataError:
-    return _error(mask, f"mask is {msize[0]}x{msize[1]} but its image {image} is {size[0]}x{size[1]}")
+    return error(mask, f"mask is {msize[0]}x{msize[1]} but its image {image} is {size[0]}x{size[1]}")
 
 
 def check_samples(samples) -> None:
@@ -363,9 +361,7 @@ _STD = np.array(IMAGENET_STD, np.float32).reshape(3, 1, 1)
 
 # Pixel formats. 8-bit RGB and grey are read as they are; palette, alpha, CMYK, YCbCr and bilevel images become
 # RGB as the official .convert('RGB') makes them; 16-bit, 32-bit integer and float grey images (line cameras)
-# become float grey in [0, 1] by the Geometry.bit_depth rule, never clipped: a value outside the range is an
-# error naming the file. Pillow's own conversion of those to 8 bits clips at 255, which turns a 16-bit frame
-# near-white.
+# are the line layer's (line/pixels.py).
 _CONVERTED = ("P", "PA", "RGBA", "RGBa", "RGBX", "LA", "La", "CMYK", "YCbCr", "1")
 _WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
@@ -385,26 +381,10 @@ def _model_mode(im, path, bit_depth=None) -> Image.Image:
     if im.mode in _CONVERTED:
         return im.convert("RGB")
     if im.mode in _WIDE_GREY:
-        return _wide_grey(path, im, bit_depth)
-    raise _error(path, f"pixel format {im.mode!r} is not supported (RGB, grey, palette, alpha, 16-bit or float grey)")
+        from line.pixels import wide_grey
 
-
-def _wide_grey(path, im, bit_depth):
-    """A 16-bit, 32-bit integer or float grey image as float grey in [0, 1]: integers divided by 2^bits - 1
-    (bits: bit_depth, else 16), floats taken as they are, or divided by 2^bit_depth - 1 when given."""
-    values = np.asarray(im, dtype=np.float64)
-    if im.mode == "F" and bit_depth is None:
-        top, rule = 1.0, "float images must hold values in [0, 1]"
-    else:
-        bits = bit_depth or 16
-        top, rule = 2.0**bits - 1, f"{bits}-bit data lies in [0, {2**bits - 1}]"
-    if not np.isfinite(values).all() or values.min() < 0:
-        raise _error(path, f"{im.mode} values from {values.min():g} to {values.max():g}: negative or not finite, "
-                           "no pixel data this reads")
-    if values.max() > top:
-        raise _error(path, f"{im.mode} values from {values.min():g} to {values.max():g}, but {rule}: pass "
-                           "--bit-depth N for N-bit data")
-    return Image.fromarray((values / top).astype(np.float32), "F")
+        return wide_grey(path, im, bit_depth)
+    raise error(path, f"pixel format {im.mode!r} is not supported (RGB, grey, palette, alpha, 16-bit or float grey)")
 
 
 def _open_mask(path) -> Image.Image:
@@ -414,7 +394,78 @@ def _open_mask(path) -> Image.Image:
         return im if im.mode in ("L", "P") else im.convert("L")
 
 
-def crop_box(width, height, geometry: Geometry) -> tuple[int, int, int, int]:
+@dataclass(frozen=True)
+class ResizeCrop:
+    """The official preprocessing's sizes, (height, width) or n for (n, n): a bilinear resize of every image to
+    image_size (the aspect not kept), then its centre crop_size, the model's input."""
+    image_size: tuple = tuple(inpformer.PAPER_GEOMETRY["image_size"])
+    crop_size: tuple = tuple(inpformer.PAPER_GEOMETRY["crop_size"])
+    tile = None  # the line layer's Geometry (line/geometry.py) adds tiles, whole frames and a bit depth
+    bit_depth = None
+
+    def __post_init__(self):
+        for name in ("image_size", "crop_size"):
+            value = getattr(self, name)
+            if isinstance(value, int):
+                value = (value, value)
+            object.__setattr__(self, name, tuple(int(v) for v in value) if value is not None else None)
+
+    def to_dict(self) -> dict:
+        """The plain data a model's config records (config.geometry)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    def check(self, patch_size=14):
+        """The one rule for the sizes; raises ValueError naming the flag. Returns the geometry."""
+        check_multiple("--crop-size", self.crop_size, patch_size)
+        if any(c > i for c, i in zip(self.crop_size, self.image_size)):
+            raise ValueError(f"--crop-size {hw(self.crop_size)} must be at most --image-size {hw(self.image_size)}")
+        return self
+
+    def frame_size(self, height, width) -> tuple:
+        """(height, width) of the resized frame of an original height x width image."""
+        return self.image_size
+
+    def crop_box(self, frame_height, frame_width) -> tuple:
+        """(top, left, height, width) of the model's input in the resized frame (torchvision CenterCrop's
+        rounding)."""
+        h, w = self.crop_size
+        return int(round((frame_height - h) / 2.0)), int(round((frame_width - w) / 2.0)), h, w
+
+    def input_size(self) -> tuple:
+        return self.crop_size
+
+    def describe(self) -> str:
+        return f"{hw(self.image_size)} -> {hw(self.crop_size)} px"
+
+
+def geometry_of(recorded) -> ResizeCrop:
+    """The preprocessing a recorded geometry (a model's config.geometry, a dict) asks for: the paper's resize and
+    crop, or the line layer's Geometry for what the paper does not do (whole frames, tiles, a bit depth)."""
+    recorded = dict(recorded)
+    if recorded.get("crop_size") and recorded.get("image_size") and not recorded.get("tile") \
+            and recorded.get("bit_depth") is None:
+        return ResizeCrop(recorded["image_size"], recorded["crop_size"])
+    from line.geometry import Geometry
+
+    return Geometry(**recorded)
+
+
+def check_multiple(flag, size, patch_size, why=""):
+    """A ValueError naming `flag` unless every side of `size` is a multiple of the patch size."""
+    if any(n < patch_size or n % patch_size for n in size):
+        suggestion = hw([max(n // patch_size, 1) * patch_size for n in size])
+        raise ValueError(f"{flag} {hw(size)} must be a multiple of the model's patch size {patch_size}{why} "
+                         f"(e.g. {suggestion})")
+
+
+def hw(size) -> str:
+    """448 for (448, 448), 350x140 for (350, 140): sizes as the command line writes them."""
+    if isinstance(size, int):
+        return str(size)
+    return str(size[0]) if size[0] == size[1] else f"{size[0]}x{size[1]}"
+
+
+def crop_box(width, height, geometry: ResizeCrop) -> tuple[int, int, int, int]:
     """(left, top, right, bottom) of the model's input in an original width x height image's pixels, rounded:
     the centre crop of the resized frame (the resize need not keep the aspect), or the whole image."""
     frame_h, frame_w = geometry.frame_size(height, width)
@@ -423,7 +474,7 @@ def crop_box(width, height, geometry: Geometry) -> tuple[int, int, int, int]:
     return round(left * sx), round(top * sy), round((left + w) * sx), round((top + h) * sy)
 
 
-def _resize_and_crop(im: Image.Image, geometry: Geometry) -> Image.Image:
+def _resize_and_crop(im: Image.Image, geometry: ResizeCrop) -> Image.Image:
     """The frame at the geometry's size, then its crop (the whole frame without one)."""
     height, width = geometry.frame_size(im.height, im.width)
     # PIL's bilinear resize (antialiased when shrinking) is what torchvision's Resize runs on PIL images.
@@ -435,7 +486,7 @@ def _resize_and_crop(im: Image.Image, geometry: Geometry) -> Image.Image:
     return im
 
 
-def _to_tensor(im: Image.Image, geometry: Geometry) -> torch.Tensor:
+def _to_tensor(im: Image.Image, geometry: ResizeCrop) -> torch.Tensor:
     im = _resize_and_crop(im, geometry)
     if im.mode == "F":  # wide grey, already in [0, 1]
         x = np.repeat(np.asarray(im, np.float32)[None], 3, axis=0)
@@ -444,10 +495,10 @@ def _to_tensor(im: Image.Image, geometry: Geometry) -> torch.Tensor:
     return torch.from_numpy((x - _MEAN) / _STD)
 
 
-def load_image(path, geometry: Geometry) -> torch.Tensor:
+def load_image(path, geometry: ResizeCrop) -> torch.Tensor:
     """One preprocessed image (3, h, w) from a file or a PIL image; DataError on a bad file. Pass the geometry
-    of the model that will score it: model.config.geometry. Tiled geometries give the whole resized frame (the
-    model cuts the tiles: line.frames.predict_frames)."""
+    of the model that will score it: geometry_of(model.config.geometry). Tiled geometries give the whole resized
+    frame (the model cuts the tiles: line.frames.predict_frames)."""
     geometry.check(patch_size=1)  # any sizes here; the model checks the multiple of its patch
     if isinstance(path, Image.Image):
         image = _model_mode(path, "the image given", geometry.bit_depth)
@@ -468,7 +519,7 @@ class ImageDataset(torch.utils.data.Dataset):
     the original resolution, cut to the crop box (batch them with collate, which keeps lists where sizes
     differ)."""
 
-    def __init__(self, samples, geometry: Geometry, native: bool = False):
+    def __init__(self, samples, geometry: ResizeCrop, native: bool = False):
         self.samples, self.geometry, self.native = list(samples), geometry.check(patch_size=1), native
 
     def __len__(self):
@@ -511,28 +562,6 @@ class ImageDataset(torch.utils.data.Dataset):
         if native:
             batch["native_mask"] = native
         return batch
-
-
-class TileDataset(torch.utils.data.Dataset):
-    """The training samples of a tiled geometry: item k is one tile of one frame (Geometry.tile_positions of its
-    resized frame), dict(image (3, tile, tile), mask, label, path, cls). A frame is decoded again for each of
-    its tiles (cache the encoder's features, train.py --cache-features, to decode each only once)."""
-
-    def __init__(self, samples, geometry: Geometry):
-        self.frames, self.tile, self.index = ImageDataset(samples, geometry), geometry.tile, []
-        for i, s in enumerate(self.frames.samples):
-            width, height = image_size(s.image)
-            frame = geometry.frame_size(height, width)
-            self.index += [(i, top, left) for top, left in geometry.tile_positions(*frame)]
-
-    def __len__(self):
-        return len(self.index)
-
-    def __getitem__(self, k):
-        i, top, left = self.index[k]
-        item = self.frames[i]
-        rows, cols = slice(top, top + self.tile), slice(left, left + self.tile)
-        return dict(item, image=item["image"][:, rows, cols].contiguous(), mask=item["mask"][:, rows, cols])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -601,26 +630,27 @@ def resolve_sets(data, root, classes="all") -> list[tuple[str, str, list[str]]]:
     roots = split_list(root) if isinstance(root, (str, list, tuple)) else [root] if root else []
     roots = roots or [default_root(d) for d in datas]
     if len(roots) != len(datas) or None in roots:
-        raise _error(root or data, f"{len(datas)} data set(s) ({', '.join(datas)}) need as many comma-separated "
+        raise error(root or data, f"{len(datas)} data set(s) ({', '.join(datas)}) need as many comma-separated "
                                    "roots (--data-root)")
     known = [list_classes(d, r) for d, r in zip(datas, roots)]
     names = list(dict.fromkeys(split_list(classes)))
     if names and names != ["all"]:
         unknown = [c for c in names if not any(c in k for k in known)]
         if unknown:
-            raise _error(",".join(map(str, roots)), f"unknown class {', '.join(map(repr, unknown))} for "
+            raise error(",".join(map(str, roots)), f"unknown class {', '.join(map(repr, unknown))} for "
                          f"{','.join(datas)} (known: {', '.join(dict.fromkeys(c for k in known for c in k))})")
         known = [[c for c in names if c in k] for k in known]
     return [(d, str(r), cs) for d, r, cs in zip(datas, roots, known) if cs]
 
 
-def train_set(data, root, classes, geometry: Geometry, shots: int | None = None, seed: int = 1,
+def train_set(data, root, classes, geometry: ResizeCrop, shots: int | None = None, seed: int = 1,
               check: bool = True) -> torch.utils.data.Dataset:
     """The training images of `classes` (single-class: one name; unified multi-class: "all") of the data sets
     of resolve_sets(data, root, classes). shots=k draws k images per class with one random.Random(seed) over the
     classes in order (the official setup_seed(1) + random.sample) and expands each into its 22 views (square
-    crops only: the views rotate). A tiled geometry gives every tile of every image (TileDataset). check=True
-    runs check_samples first, so a bad file stops the run before training rather than inside a loader worker."""
+    crops only: the views rotate). A tiled geometry gives every tile of every image (line.frames.TileDataset).
+    check=True runs check_samples first, so a bad file stops the run before training rather than inside a loader
+    worker."""
     if shots and (geometry.crop_size is None or geometry.crop_size[0] != geometry.crop_size[1]):
         raise ValueError("--setting few-shot rotates each shot: it needs a square --crop-size (not none, not HxW)")
     rng, chosen = random.Random(seed), []
@@ -629,7 +659,7 @@ def train_set(data, root, classes, geometry: Geometry, shots: int | None = None,
             samples = list_samples(d, r, cls, "train")
             if shots:
                 if shots > len(samples):
-                    raise _error(Path(samples[0].image).parent, f"{len(samples)} training images, "
+                    raise error(Path(samples[0].image).parent, f"{len(samples)} training images, "
                                                                 f"cannot draw {shots} shots")
                 samples = rng.sample(samples, shots)
             if check:
@@ -638,10 +668,14 @@ def train_set(data, root, classes, geometry: Geometry, shots: int | None = None,
     if shots:
         ds = ImageDataset(chosen, geometry)
         return FewShotSet(torch.stack([ds[i]["image"] for i in range(len(ds))]), chosen)
-    return TileDataset(chosen, geometry) if geometry.tile else ImageDataset(chosen, geometry)
+    if geometry.tile:
+        from line.frames import TileDataset
+
+        return TileDataset(chosen, geometry)
+    return ImageDataset(chosen, geometry)
 
 
-def test_set(data, root, cls, geometry: Geometry, check: bool = True,
+def test_set(data, root, cls, geometry: ResizeCrop, check: bool = True,
              native: bool = False) -> ImageDataset:
     """All test images of one class with their masks (all-zero for normal images); native: see ImageDataset."""
     samples = list_samples(data, root, cls, "test")
@@ -669,6 +703,8 @@ def check_data_set(data: str, root, classes="all", log=print) -> None:
 
 
 def main(argv=None) -> int:
+    import cli
+
     p = cli.Parser(description="Check a data set: class counts, and every image and mask opens and is complete.")
     p.add_argument("--check", nargs=2, metavar=("DATA", "ROOT"), required=True,
                    help=f"count the classes of DATA ({', '.join(DATASETS)}) under ROOT and check every file")
@@ -679,4 +715,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    import cli
+
     cli.guard(main)

@@ -20,12 +20,13 @@ import torch
 from PIL import Image, ImageDraw
 
 import cli
+import data
 import inpformer
 from data import DataError
 
 SIZE = 256  # the demo images' side
 # train.py's defaults for --data demo: a small set and a small ViT train in well under a minute on a CPU.
-RECIPE = dict(geometry=inpformer.Geometry(SIZE, 224), batch_size=8, epochs=6, workers=2)
+RECIPE = dict(geometry=data.ResizeCrop(SIZE, 224), batch_size=8, epochs=6, workers=2)
 
 DEMO_MARKER = "demo.json"   # written last: a folder with it is a complete demo set
 DEMO_DEFECTS = ("scratch", "spot", "missing")

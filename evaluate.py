@@ -20,7 +20,7 @@ predict.py's.
 Protocol (the official `evaluation_batch(max_ratio=0.01, resize_mask=256)`, constants in inpformer.py): maps at
 the crop size, resized bilinearly to 256x256, 5x5 Gaussian with sigma 4 and zero padding; image score = mean of
 the top 1% (655) of the smoothed pixels; ground truth = the crop-size mask resized to 256 with `nearest`, then
-> 0.5. Whole-frame and tiled checkpoints (inpformer.Geometry) score the whole frame the same way, with an
+> 0.5. Whole-frame and tiled checkpoints (line.geometry) score the whole frame the same way, with an
 antialiased resize and a reflect-padded Gaussian, so that the border counts like the inside. Each class is
 scored on its own; "mean" is the plain average over classes. Metrics come from metrics.py and are exact,
 not the 200-bin approximations of the authors' GPU code (expect pixel AP a little off the paper's numbers).
@@ -37,7 +37,6 @@ import json
 import math
 import time
 import warnings
-import dataclasses
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -162,7 +161,7 @@ def evaluate(model, data, root, classes, opts=Options(), out_dir=None, log=print
         raise ValueError("--metrics adeval bins each class's float32 256x256 maps as the official code does: drop "
                          "--streaming, --full-res and --map-dtype float16")
     model = scoring.ready_model(model, opts.device, opts.precision)
-    geometry = (opts.geometry or model.config.geometry).check(model.encoder.config.patch_size)
+    geometry = (opts.geometry or datasets.geometry_of(model.config.geometry)).check(model.encoder.config.patch_size)
     classes = datasets.resolve_classes(data, root, classes)
     # Build every test set first: their pre-flight file checks fail now, not an hour into the run.
     test_sets = {c: datasets.test_set(data, root, c, geometry, native=opts.full_res) for c in classes}
@@ -210,10 +209,10 @@ def evaluate(model, data, root, classes, opts=Options(), out_dir=None, log=print
                        "value, trapezoid AP; I-AUROC, I-AP, I-F1max, P-F1max exact)")
     else:
         metric_kind = f"exact ({opts.map_dtype} maps)"
-    protocol = dict(data=data, root=str(root), geometry=dataclasses.asdict(geometry),
+    protocol = dict(data=data, root=str(root), geometry=geometry.to_dict(),
                     maps="inp-distance" if opts.zero_shot else "reconstruction",
                     pixels="original" if opts.full_res else inpformer.MAP_SIZE, gaussian_sigma=inpformer.GAUSSIAN_SIGMA,
-                    gaussian_padding=geometry.map_padding,
+                    gaussian_padding="zeros" if geometry.crop_size else "reflect",  # see line.frames
                     max_ratio=inpformer.MAX_RATIO, fpr_limit=FPR_LIMIT, precision=precision, metrics=metric_kind)
     part = dict(classes=per_class, counts=counts, protocol=protocol, error_bounds=bounds, thresholds=thresholds)
     if knn_per_class:
@@ -397,7 +396,7 @@ def parse_args(argv=None):
 class Job:
     """One model scored on one data set."""
     ckpt: Path
-    meta: inpformer.Metadata
+    meta: dict  # what the checkpoint records
     data_set: scoring.DataSet
     out: Path    # where its metrics go
     table: str   # the printed table its rows join
@@ -419,12 +418,14 @@ def plan_jobs(args, ckpts, first, sets, out) -> list[Job]:
     wanted = set(datasets.split_list(args.classes)) - {"all"}
     jobs = []
     for ckpt in ckpts:
-        meta = inpformer.read_metadata(ckpt)
-        classes = [c for c in datasets.split_list(meta.classes) or [ckpt.parent.name] if not wanted or c in wanted]
+        meta = inpformer.read_checkpoint_metadata(ckpt)
+        trained = datasets.split_list(meta.get("classes")) or [ckpt.parent.name]
+        classes = [c for c in trained if not wanted or c in wanted]
         if not classes:
             continue
-        name = (datasets.split_list(meta.data) or [sets[0].data])[0]
-        root = (datasets.split_list(args.data_root) or datasets.split_list(meta.data_root) or [sets[0].root])[0]
+        name = (datasets.split_list(meta.get("data")) or [sets[0].data])[0]
+        roots = datasets.split_list(args.data_root) or datasets.split_list(meta.get("data_root")) or [sets[0].root]
+        root = roots[0]
         jobs.append(Job(ckpt, meta, scoring.DataSet(name, root, classes, own=True), out / ckpt.parent.name, "all"))
     if not jobs:
         raise ValueError(f"{args.ckpt}: no model for --classes {args.classes}")
@@ -437,12 +438,12 @@ def main(argv=None, log=cli.log):
     ckpts = scoring.checkpoint_files(args.ckpt)
     base = Path(args.ckpt) if Path(args.ckpt).is_dir() else ckpts[0].parent  # outputs go beside the model(s)
     first_model = scoring.load_ready(ckpts[0], device, precision)  # a file that is no checkpoint fails here
-    first = inpformer.read_metadata(ckpts[0])
+    first = inpformer.read_checkpoint_metadata(ckpts[0])
     sets = scoring.plan_data_sets(first, ckpts[0], args.data, args.data_root, args.classes)
     foreign = [s.data for s in sets if s.own is False]
     if foreign and not args.zero_shot:
-        log(f"note: {ckpts[0]} was trained on {first.data}, not {', '.join(foreign)}; the paper's zero-shot protocol "
-            "uses INP-distance maps: add --zero-shot")
+        log(f"note: {ckpts[0]} was trained on {first.get('data')}, not {', '.join(foreign)}; the paper's zero-shot "
+            "protocol uses INP-distance maps: add --zero-shot")
     suffix = "".join(f"-{d}" for d in foreign) + "-zero-shot" * args.zero_shot + "-full-res" * args.full_res
     suffix += "-adeval" * (args.metrics == "adeval")
     out = args.out or base / f"eval{suffix}"

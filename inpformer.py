@@ -11,13 +11,9 @@ dict, so the authors' `model.pth` loads as is.
     maps, scores = model.predict(x)           # (B, 256, 256) anomaly maps, (B,) image scores
     inpformer.save_checkpoint(model, "model.safetensors", {"data": "mvtec"})
     model = inpformer.load_model("model.safetensors")   # or the authors' model.pth
-    model.config.geometry                     # how its images must be prepared: resize 448, crop 392
+    model.config.geometry                     # how its images were prepared: {"image_size": [448, 448], ...}
 
-This file is also the one home of the facts every script shares: the evaluation protocol (MAP_SIZE,
-GAUSSIAN_SIZE, GAUSSIAN_SIGMA, MAX_RATIO), the input geometry a model was trained at (Geometry, in
-the model's config) and what a checkpoint records (Metadata).
-
-Depends on torch; safetensors is used for file I/O only. It can be copied into another project on its own.
+Depends on torch, and on safetensors for files. It can be copied into another project on its own.
 """
 import contextlib
 import json
@@ -27,7 +23,7 @@ import pickle
 import re
 import warnings
 import zipfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
@@ -41,137 +37,9 @@ GAUSSIAN_SIZE = 5     # then smoothed by a 5 x 5 Gaussian of sigma 4, zero paddi
 GAUSSIAN_SIGMA = 4.0
 MAX_RATIO = 0.01      # image score: the mean of the top 1 % of the smoothed map's pixels
 
-# -----------------------------------------------------------------------------------------------------
-# Input geometry: how an image becomes the model's input
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """How an image becomes the model's input, recorded in every checkpoint's config (so that a loaded model says
-    how it must be fed). Sizes are (height, width); a whole number n means (n, n).
-
-    - image_size: the bilinear resize of every frame (the aspect follows it: frames of other shapes are
-      stretched to it), or None: each frame keeps its own size (tiles only; a frame smaller than a tile is
-      enlarged, aspect kept, until a tile fits).
-    - crop_size: the centre crop of the resized frame the model sees, the paper's protocol (448 -> 392); or None:
-      the whole frame, every pixel of it.
-    - tile, tile_overlap: the resized frame is covered by tile x tile squares, neighbours sharing the fraction
-      tile_overlap of a tile, the last row and column flush with the frame's edges; the model scores each tile
-      on its own (its own INPs) and the tiles' maps are averaged where they overlap. None: the whole input.
-    - bit_depth: the significant bits of 16-bit, 32-bit integer and float grey images (e.g. 12 for a 12-bit
-      sensor in 16-bit files), scaled to the model's range by 2^bit_depth - 1; None: 16 for integer images,
-      and float images must hold values in [0, 1]. 8-bit images are read as they are.
-
-    The paper's protocol scores its crop's map with a zero-padded Gaussian, which darkens the border pixels;
-    the whole-frame and tiled geometries pad by reflection, so that a defect at the border scores like one
-    inside (map_padding)."""
-    image_size: tuple = (448, 448)
-    crop_size: tuple = (392, 392)
-    tile: int = None
-    tile_overlap: float = 0.0
-    bit_depth: int = None
-
-    def __post_init__(self):
-        for name in ("image_size", "crop_size"):
-            value = getattr(self, name)
-            if isinstance(value, int):
-                value = (value, value)
-            object.__setattr__(self, name, tuple(int(v) for v in value) if value is not None else None)
-
-    @property
-    def whole_frame(self) -> bool:
-        return self.crop_size is None
-
-    @property
-    def map_padding(self) -> str:
-        """The Gaussian's padding: the paper's zeros for its crop, reflection for whole frames and tiles."""
-        return "zeros" if self.crop_size is not None else "reflect"
-
-    def check(self, patch_size=14):
-        """The one rule for the sizes; raises ValueError naming the flag. Returns the geometry."""
-        def multiple(flag, size, why=""):
-            if any(n < patch_size or n % patch_size for n in size):
-                suggestion = _hw([max(n // patch_size, 1) * patch_size for n in size])
-                raise ValueError(f"{flag} {_hw(size)} must be a multiple of the model's patch size {patch_size}"
-                                 f"{why} (e.g. {suggestion})")
-
-        if self.image_size is None and self.tile is None:
-            raise ValueError("--image-size native keeps each frame's own size: it needs --tile N")
-        if self.tile is not None:
-            multiple("--tile", (self.tile, self.tile))
-            if self.crop_size is not None:
-                raise ValueError(f"tiles (--tile {self.tile}, given or the checkpoint's) cover the whole frame: pass "
-                                 "--crop-size none, or --tile none")
-            if not 0.0 <= self.tile_overlap < 1.0:
-                raise ValueError(f"--tile-overlap {self.tile_overlap} must be at least 0 and below 1")
-            if self.image_size is not None and min(self.image_size) < self.tile:
-                raise ValueError(f"--tile {self.tile} must fit in --image-size {_hw(self.image_size)}")
-        elif self.crop_size is None:
-            multiple("--image-size", self.image_size, " (with --crop-size none the whole frame is the input)")
-        else:
-            multiple("--crop-size", self.crop_size)
-            if any(c > i for c, i in zip(self.crop_size, self.image_size)):
-                raise ValueError(f"--crop-size {_hw(self.crop_size)} must be at most --image-size "
-                                 f"{_hw(self.image_size)}")
-        if self.bit_depth is not None and not 1 <= self.bit_depth <= 32:
-            raise ValueError(f"--bit-depth {self.bit_depth} must be between 1 and 32")
-        return self
-
-    def frame_size(self, height, width) -> tuple:
-        """(height, width) of the resized frame of an original height x width image."""
-        if self.image_size is not None:
-            return self.image_size
-        scale = max(1.0, self.tile / width, self.tile / height)  # a frame smaller than a tile is enlarged
-        return max(self.tile, round(height * scale)), max(self.tile, round(width * scale))
-
-    def crop_box(self, frame_height, frame_width) -> tuple:
-        """(top, left, height, width) of the model's input in the resized frame: the centre crop (torchvision
-        CenterCrop's rounding), or the whole frame."""
-        if self.crop_size is None:
-            return 0, 0, frame_height, frame_width
-        h, w = self.crop_size
-        return int(round((frame_height - h) / 2.0)), int(round((frame_width - w) / 2.0)), h, w
-
-    def input_size(self) -> tuple:
-        """(height, width) of what the model sees: a tile, the crop, or the whole resized frame."""
-        if self.tile is not None:
-            return self.tile, self.tile
-        return self.crop_size if self.crop_size is not None else self.image_size
-
-    def tile_positions(self, frame_height, frame_width) -> list:
-        """(top, left) of every tile of a resized frame, row by row; [(0, 0)] when not tiled."""
-        if self.tile is None:
-            return [(0, 0)]
-        return [(top, left) for top in _tile_starts(frame_height, self.tile, self.tile_overlap)
-                for left in _tile_starts(frame_width, self.tile, self.tile_overlap)]
-
-    def describe(self) -> str:
-        size = "each frame's own size" if self.image_size is None else _hw(self.image_size)
-        if self.tile is not None:
-            text = f"{size}, tiles of {self.tile} px overlapping {self.tile_overlap:g}"
-        elif self.crop_size is None:
-            text = f"{size} px, the whole frame"
-        else:
-            text = f"{size} -> {_hw(self.crop_size)} px"
-        return text + (f", {self.bit_depth}-bit" if self.bit_depth else "")
-
-
-def _hw(size) -> str:
-    """448 for (448, 448), 350x140 for (350, 140): sizes as the command line writes them."""
-    if isinstance(size, int):
-        return str(size)
-    return str(size[0]) if size[0] == size[1] else f"{size[0]}x{size[1]}"
-
-
-def _tile_starts(length, tile, overlap):
-    """Where tiles start along one side: `tile * (1 - overlap)` apart, the last one flush with the far edge."""
-    if length < tile:
-        raise ValueError(f"a side of {length} px is shorter than a {tile} px tile")
-    stride = max(1, round(tile * (1 - overlap)))
-    starts = list(range(0, length - tile + 1, stride))
-    if starts[-1] + tile < length:
-        starts.append(length - tile)
-    return starts
+# The official preprocessing (dataset.py): a bilinear resize to 448 x 448, then the centre 392 x 392 crop. A
+# model records how its training images were prepared as plain data like this (config.geometry).
+PAPER_GEOMETRY = {"image_size": [448, 448], "crop_size": [392, 392]}
 
 # -----------------------------------------------------------------------------------------------------
 # DINOv2 ViT/14 (encoder)
@@ -380,13 +248,11 @@ class INPFormerConfig:
     decoder_depth: int = 8
     target_layers: list = None  # encoder blocks fused; None: 2..9 for ViT-S/B, every other block 4..18 for ViT-L
     fuse_groups: list = ((0, 1, 2, 3), (4, 5, 6, 7))  # indices into target_layers (and reversed decoder outputs)
-    geometry: Geometry = field(default_factory=Geometry)  # how the model's training images were prepared
+    geometry: dict = field(default_factory=lambda: dict(PAPER_GEOMETRY))  # how its training images were prepared
 
     def __post_init__(self):
         if isinstance(self.vit, dict):
             self.vit = ViTConfig(**self.vit)
-        if isinstance(self.geometry, dict):
-            self.geometry = Geometry(**self.geometry)
         if not self.target_layers:
             self.target_layers = range(4, 19, 2) if self.vit.embed_dim >= 1024 else range(2, 10)
         self.target_layers = [int(i) for i in self.target_layers]
@@ -472,15 +338,15 @@ class INPFormer(nn.Module):
             return loss + coherence_weight * _full(coherence)
 
     @torch.no_grad()
-    def predict(self, x, out_size=MAP_SIZE, max_ratio=MAX_RATIO, padding="zeros"):
+    def predict(self, x, out_size=MAP_SIZE, max_ratio=MAX_RATIO):
         """The official evaluation protocol: (B, out_size, out_size) anomaly maps (None: the input size) and (B,)
-        image scores, in fp32 whatever the model's dtype. padding: the Gaussian's, see score_maps."""
-        return score_maps(self.raw_maps(x), out_size, max_ratio, padding)
+        image scores, in fp32 whatever the model's dtype."""
+        return score_maps(self.raw_maps(x), out_size, max_ratio)
 
     @torch.no_grad()
-    def predict_zero_shot(self, x, out_size=MAP_SIZE, max_ratio=MAX_RATIO, padding="zeros"):
+    def predict_zero_shot(self, x, out_size=MAP_SIZE, max_ratio=MAX_RATIO):
         """Zero-shot maps: per token, the cosine distance to its nearest INP (no decoder involved)."""
-        return score_maps(self.raw_maps(x, zero_shot=True), out_size, max_ratio, padding)
+        return score_maps(self.raw_maps(x, zero_shot=True), out_size, max_ratio)
 
     @torch.no_grad()
     def raw_maps(self, x, zero_shot=False):
@@ -536,43 +402,38 @@ def gaussian_kernel(size=GAUSSIAN_SIZE, sigma=GAUSSIAN_SIGMA):
     return (g / g.sum()).view(1, 1, size, size)
 
 
-def score_maps(maps, out_size=MAP_SIZE, max_ratio=MAX_RATIO, padding="zeros"):
-    """(B, 1, H, W) maps -> resized (bilinear, align_corners=False), the 5x5 sigma-4 Gaussian, and the image
-    score = mean of the top max_ratio of pixels (the maximum when max_ratio is 0). In fp32 always. padding:
-    "zeros", the paper's protocol for its crop (the outer two pixels darken, and the resize is plain bilinear);
-    or "reflect", for whole frames and tiles: the border scores like the inside, and the resize is antialiased,
-    since a frame can be many times the map's size, where plain bilinear would keep or drop a narrow peak
-    depending on where it falls."""
+def score_maps(maps, out_size=MAP_SIZE, max_ratio=MAX_RATIO):
+    """(B, 1, H, W) maps -> resized (bilinear, align_corners=False), the 5x5 sigma-4 Gaussian (zero padding: the
+    outer two pixels darken, as in the official protocol), and the image score = mean of the top max_ratio of
+    pixels (the maximum when max_ratio is 0). In fp32 always."""
     with torch.autocast(maps.device.type, enabled=False):
         maps = _full(maps)
         if out_size is not None and tuple(maps.shape[-2:]) != (out_size, out_size):
-            maps = F.interpolate(maps, size=(out_size, out_size), mode="bilinear", align_corners=False,
-                                 antialias=padding == "reflect")
-        half = GAUSSIAN_SIZE // 2
-        if padding == "reflect":
-            maps = F.conv2d(F.pad(maps, (half, half, half, half), mode="reflect"), gaussian_kernel().to(maps))[:, 0]
-        elif padding == "zeros":
-            maps = F.conv2d(maps, gaussian_kernel().to(maps), padding=half)[:, 0]
-        else:
-            raise ValueError(f"padding {padding!r}: use zeros or reflect")
-        flat = maps.flatten(1)
-        k = int(flat.shape[1] * max_ratio)
-        if k > 0:
-            scores = flat.topk(k, dim=1).values.mean(dim=1)
-        else:
-            scores = flat.max(dim=1).values
-    return maps, scores
+            maps = F.interpolate(maps, size=(out_size, out_size), mode="bilinear", align_corners=False)
+        maps = F.conv2d(maps, gaussian_kernel().to(maps), padding=GAUSSIAN_SIZE // 2)[:, 0]
+        return maps, image_scores(maps, max_ratio)
+
+
+def image_scores(maps, max_ratio=MAX_RATIO):
+    """(B, H, W) smoothed maps -> (B,) image scores: the mean of the top max_ratio of pixels (0: the maximum)."""
+    flat = maps.flatten(1)
+    k = int(flat.shape[1] * max_ratio)
+    return flat.topk(k, dim=1).values.mean(dim=1) if k > 0 else flat.max(dim=1).values
 
 
 def _full(t):  # fp32 for half-precision tensors (autocast outputs); fp32/fp64 tensors stay as they are
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 # -----------------------------------------------------------------------------------------------------
-# Weights: DINOv2 backbones in torch-hub, Hugging Face or timm names
+# Weights: DINOv2 backbones in torch-hub or Hugging Face names
 
 
 class WeightsError(ValueError):
     """A weights or checkpoint file that cannot be used; the message is one line naming the file."""
+
+
+class TimmNames(WeightsError):
+    """DINOv2 weights in timm's names, which this file leaves to the line layer (line/weights.py)."""
 
 
 def first_line(e) -> str:
@@ -640,29 +501,15 @@ def hf_to_hub_name(name):
 
 
 def to_hub_names(sd):
-    """(state dict in torch-hub names, "torch-hub" | "huggingface" | "timm"), the naming detected from the keys."""
-    if any(k.startswith(("embeddings.", "encoder.layer.")) for k in sd):
-        out = {hf_to_hub_name(k): v for k, v in sd.items()}
-        queries = [k for k in out if re.fullmatch(r"blocks\.\d+\.attn\.query\.(weight|bias)", k)]
-        for q in queries:  # separate query, key and value projections -> one qkv
-            parts = [q.replace("query", part) for part in ("query", "key", "value")]
-            out[q.replace("query", "qkv")] = torch.cat([out.pop(p) for p in parts])
-        return out, "huggingface"
-
-    pos = sd.get("pos_embed")
-    pos_without_class_slot = pos is not None and math.isqrt(pos.shape[1]) ** 2 == pos.shape[1]
-    if "reg_token" in sd or pos_without_class_slot:
-        # timm folds the class position into cls_token and drops mask_token; putting a zero class slot back
-        # is exact, since that slot is only ever added to the class token.
-        sd = dict(sd)
-        if "reg_token" in sd:
-            sd["register_tokens"] = sd.pop("reg_token")
-        if pos_without_class_slot:
-            sd["pos_embed"] = torch.cat((torch.zeros_like(pos[:, :1]), pos), dim=1)
-        if "mask_token" not in sd and "cls_token" in sd:
-            sd["mask_token"] = torch.zeros(1, sd["cls_token"].shape[-1], dtype=sd["cls_token"].dtype)
-        return sd, "timm"
-    return sd, "torch-hub"
+    """(state dict in torch-hub names, "torch-hub" | "huggingface"), the naming detected from the keys."""
+    if not any(k.startswith(("embeddings.", "encoder.layer.")) for k in sd):
+        return sd, "torch-hub"
+    out = {hf_to_hub_name(k): v for k, v in sd.items()}
+    queries = [k for k in out if re.fullmatch(r"blocks\.\d+\.attn\.query\.(weight|bias)", k)]
+    for q in queries:  # separate query, key and value projections -> one qkv
+        parts = [q.replace("query", part) for part in ("query", "key", "value")]
+        out[q.replace("query", "qkv")] = torch.cat([out.pop(p) for p in parts])
+    return out, "huggingface"
 
 
 def vit_config_from_state_dict(sd, num_heads=None):
@@ -694,14 +541,18 @@ def load_strict(module, sd, path):
     return module
 
 
-def load_backbone(path, num_heads=None) -> ViT:
-    """A DINOv2 ViT from .safetensors or .pth in torch-hub, Hugging Face or timm names; size detected, the
-    naming kept in vit.source. The head count is num_heads, else embed_dim / 64 (every released DINOv2)."""
-    sd, _ = read_state_dict(path)
+def load_backbone(path, num_heads=None, state_dict=None) -> ViT:
+    """A DINOv2 ViT from .safetensors or .pth in torch-hub or Hugging Face names (or from `state_dict`, read from
+    `path`); size detected, the naming kept in vit.source. The head count is num_heads, else embed_dim / 64 (every
+    released DINOv2)."""
+    sd = read_state_dict(path)[0] if state_dict is None else state_dict
     if any(k.startswith("encoder.blocks.") for k in sd):  # an INP-Former checkpoint: take its encoder
         sd = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
     try:
         sd, source = to_hub_names(sd)
+        pos = sd["pos_embed"]
+        if "reg_token" in sd or math.isqrt(pos.shape[1]) ** 2 == pos.shape[1]:  # timm drops the class position
+            raise TimmNames(f"{path}: timm's names (reg_token, no mask_token); line.weights.load_backbone reads them")
         config = vit_config_from_state_dict(sd, num_heads)
     except KeyError as e:
         raise WeightsError(f"{path}: not a DINOv2 ViT state dict (no {e.args[0]!r})") from None
@@ -716,68 +567,14 @@ def load_backbone(path, num_heads=None) -> ViT:
 # Checkpoints: one .safetensors file, the whole model with its config and what the run records
 
 
-METADATA_VERSION = 2  # 1: checkpoints written before the schema had a number (and kept the sizes here)
-
-
-@dataclass
-class Metadata:
-    """What a project checkpoint records besides its tensors and config (the one definition: train.py writes
-    it, evaluate.py and predict.py read it). Every field may be absent (None) in files from elsewhere."""
-    version: int = METADATA_VERSION
-    data: str = None              # the data set(s) trained on, a comma list for super-multi-class
-    data_root: str = None         # their folders, a comma list in the same order
-    classes: list = None          # every class trained on
-    classes_per_set: list = None  # the classes of each data set, in the order of `data`
-    setting: str = None           # multi, single or few-shot
-    shots: int = None             # few-shot: training images per class
-    backbone: str = None          # the weights file or size the encoder came from
-    seed: int = None
-    total_iters: int = None
-    iteration: int = None         # iterations done when the file was written
-    finished: bool = None         # iteration == total_iters
-    calibration: dict = None      # the decision rule predict.py --calibrate stores (see predict.calibration)
-    extra: dict = field(default_factory=dict)  # any other key, kept as it was (e.g. a user's own notes)
-
-    def to_strings(self) -> dict:
-        """safetensors metadata (strings only): every value as JSON, so that it reads back as it was."""
-        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
-        values = {"metadata_version": values.pop("version"), **values, **self.extra}
-        return {k: json.dumps(v) for k, v in values.items() if v is not None}
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "Metadata":
-        """Metadata's fields by name, any other key into extra; the current version unless one is given."""
-        known = {f.name for f in fields(cls)} - {"version", "extra"}
-        extra = {k: v for k, v in values.items() if k not in known and k != "metadata_version"}
-        version = values.get("metadata_version", METADATA_VERSION)
-        return cls(version=version, extra=extra, **{k: v for k, v in values.items() if k in known})
-
-    @classmethod
-    def from_strings(cls, strings: dict) -> "Metadata":
-        """The Metadata a checkpoint's strings hold. Files of version 1 stored strings raw: what is not JSON is
-        taken as it is."""
-        decoded = {}
-        for k, v in strings.items():
-            if k in ("format", "inpformer_config"):  # safetensors' own key, and the model's config
-                continue
-            try:
-                decoded[k] = json.loads(v)
-            except ValueError:
-                decoded[k] = v
-        if "metadata_version" not in decoded:
-            decoded["metadata_version"] = 1 if decoded else None  # None: no metadata at all (the authors' .pth)
-        return cls.from_dict(decoded)
-
-
 def save_checkpoint(model: INPFormer, path, metadata=None):
-    """Write the whole model (frozen encoder included) as one .safetensors file with its config and `metadata`
-    (a Metadata, or a dict of its fields and any other keys); atomically, so that a crash never leaves a
-    half-written checkpoint."""
+    """Write the whole model (frozen encoder included) as one .safetensors file with its config and `metadata`,
+    a dict of what the run records (each value stored as JSON; None values are left out); atomically, so that a
+    crash never leaves a half-written checkpoint."""
     from safetensors.torch import save_file
 
-    if not isinstance(metadata, Metadata):
-        metadata = Metadata.from_dict(metadata or {})
-    strings = {"format": "pt", "inpformer_config": json.dumps(asdict(model.config)), **metadata.to_strings()}
+    strings = {"format": "pt", "inpformer_config": json.dumps(asdict(model.config))}
+    strings.update({k: json.dumps(v) for k, v in (metadata or {}).items() if v is not None})
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_write(path) as tmp:
         save_file(tensors, tmp, metadata=strings)
@@ -805,9 +602,9 @@ def load_model(path, device="cpu") -> INPFormer:
     try:
         if "inpformer_config" in strings:
             config = INPFormerConfig(**json.loads(strings["inpformer_config"]))
-            if "geometry" not in json.loads(strings["inpformer_config"]):  # written before version 2
-                old = Metadata.from_strings(strings).extra
-                config.geometry = Geometry(old.get("image_size", 448), old.get("crop_size", 392))
+            if "geometry" not in json.loads(strings["inpformer_config"]):  # written before metadata version 2
+                old = decode_metadata(strings)
+                config.geometry = {"image_size": old.get("image_size", 448), "crop_size": old.get("crop_size", 392)}
         else:
             encoder = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
             heads = sd["decoder.0.attn.learn_scale"].shape[0]
@@ -824,17 +621,17 @@ def load_model(path, device="cpu") -> INPFormer:
     return load_strict(model, sd, path).to(device).eval()
 
 
-def read_metadata(path) -> Metadata:
-    """The Metadata of a checkpoint (every field None for the authors' model.pth, which records nothing); reads
-    no tensor of a .safetensors file."""
-    return Metadata.from_strings(read_state_dict(path, tensors=False)[1])
-
-
 def read_checkpoint_metadata(path) -> dict:
-    """The metadata of a checkpoint as one dict (values JSON-decoded), as its file stores it: Metadata's fields
-    under their own names (the version as "metadata_version"), any other keys, and "inpformer_config"."""
+    """The metadata of a checkpoint as one dict, as its file stores it ("inpformer_config" included, an empty dict
+    for the authors' model.pth); reads no tensor of a .safetensors file."""
+    return decode_metadata(read_state_dict(path, tensors=False)[1])
+
+
+def decode_metadata(strings) -> dict:
+    """safetensors metadata strings -> values. Checkpoints written before the metadata had a version (1) stored
+    some values raw: what is not JSON is kept as it is."""
     out = {}
-    for k, v in read_state_dict(path, tensors=False)[1].items():
+    for k, v in strings.items():
         try:
             out[k] = json.loads(v)
         except ValueError:

@@ -14,8 +14,8 @@ class named by --classes, else the pooled one. Without a calibration it writes s
 """
 import contextlib
 import copy
-import dataclasses
 import io
+import json
 import logging
 import math
 import time
@@ -220,16 +220,18 @@ def calibrate_on(model, test_sets, opts: scoring.Options, max_false_reject=None,
             if scored.labels[of_class].any():
                 per_class[c] = metrics.f1_threshold(scored.labels[of_class], scored.scores[of_class])[1]
         rule["classes"] = per_class
-    geometry = opts.geometry or model.config.geometry
-    rule.update(geometry=dataclasses.asdict(geometry), class_names=[c for c in test_sets if c])
+    geometry = opts.geometry or datasets.geometry_of(model.config.geometry)
+    rule.update(geometry=geometry.to_dict(), class_names=[c for c in test_sets if c])
     return rule
 
 
-def training_images(meta: inpformer.Metadata) -> set:
+def training_images(meta: dict) -> set:
     """The resolved paths of the images the checkpoint was trained on (empty when it does not say)."""
     found = set()
-    names, roots = datasets.split_list(meta.data), datasets.split_list(meta.data_root)
-    per_set = meta.classes_per_set if isinstance(meta.classes_per_set, list) else [meta.classes] * len(names)
+    names, roots = datasets.split_list(meta.get("data")), datasets.split_list(meta.get("data_root"))
+    per_set = meta.get("classes_per_set")
+    if not isinstance(per_set, list):
+        per_set = [meta.get("classes")] * len(names)
     for name, root, classes in zip(names, roots, per_set):
         with contextlib.suppress(ValueError, OSError):  # the data moved or changed: nothing to compare
             for c in datasets.resolve_classes(name, root, classes):
@@ -243,9 +245,9 @@ def calibration_geometry(rule):
         return None
     with contextlib.suppress(TypeError, KeyError, ValueError):
         if "geometry" in rule:
-            return inpformer.Geometry(**rule["geometry"])
+            return datasets.geometry_of(rule["geometry"])
         if "image_size" in rule:  # calibrations written before the geometry had tiles
-            return inpformer.Geometry(rule["image_size"], rule["crop_size"])
+            return datasets.geometry_of({"image_size": rule["image_size"], "crop_size": rule["crop_size"]})
     return None
 
 
@@ -265,19 +267,20 @@ def write_calibration(path, rule, data_set: scoring.DataSet = None) -> Path:
 
     target = calibration_target(path)
     if Path(path) != target:
-        meta = inpformer.Metadata(calibration=rule, classes=rule.get("class_names", list(rule["classes"])))
+        meta = dict(calibration=rule, classes=rule.get("class_names", list(rule["classes"])))
         if data_set is not None:
-            meta.data, meta.data_root = data_set.data, str(data_set.root)
+            meta.update(data=data_set.data, data_root=str(data_set.root))
         model = inpformer.load_model(path)
-        model.config.geometry = calibration_geometry(rule) or model.config.geometry
+        if calibration_geometry(rule) is not None:
+            model.config.geometry = calibration_geometry(rule).to_dict()
         inpformer.save_checkpoint(model, target, meta)
         return target
     tensors, strings = inpformer.read_state_dict(path)
-    meta = inpformer.Metadata.from_strings(strings)
-    meta.calibration = rule
     kept = {k: strings[k] for k in ("format", "inpformer_config") if k in strings}
+    meta = {k: v for k, v in inpformer.decode_metadata(strings).items() if k not in kept}
+    meta["calibration"] = rule
     with inpformer.atomic_write(path) as tmp:
-        save_file(tensors, tmp, metadata={**kept, **meta.to_strings()})
+        save_file(tensors, tmp, metadata={**kept, **{k: json.dumps(v) for k, v in meta.items()}})
     return target
 
 # -----------------------------------------------------------------------------------------------------
@@ -373,7 +376,7 @@ def predict_images(model, files, opts=scoring.Options(), out_dir=None, cls=None,
     calibration's pixel threshold. The heat maps share one scale: opts.pictures', else min..max over all these
     images (their maps then wait in memory, 0.3 MB each, until all are scored)."""
     model = scoring.ready_model(model, opts.device, opts.precision)
-    geometry = opts.geometry or model.config.geometry
+    geometry = opts.geometry or datasets.geometry_of(model.config.geometry)
     samples = [datasets.Sample(str(f), None, 0, "", "") for f in files]
     dataset = datasets.ImageDataset(samples, geometry)
     style, cal = opts.pictures, opts.pictures.calibration
@@ -487,11 +490,13 @@ class NormalisedGraph(torch.nn.Module):
 
     def __init__(self, model, geometry, calibration=None, cls=None):
         super().__init__()
-        self.model, self.padding = fixed_model(model, geometry.input_size()), geometry.map_padding
+        self.model, self.whole_frame = fixed_model(model, geometry.input_size()), geometry.crop_size is None
         self.outputs = DecisionOutputs(calibration, cls)
 
     def forward(self, x):
-        return self.outputs(*self.model.predict(x, padding=self.padding))
+        if self.whole_frame:
+            return self.outputs(*line.frames.score_frame_maps(self.model.raw_maps(x)))
+        return self.outputs(*self.model.predict(x))
 
 
 class FrameGraph(torch.nn.Module):
@@ -517,10 +522,12 @@ class FrameGraph(torch.nn.Module):
         top, left, h, w = self.geometry.crop_box(height, width)
         x = (x[:, :, top:top + h, left:left + w] - self.mean) / self.std
         g = self.geometry
+        if g.tile is None and g.crop_size is not None:
+            return self.outputs(*self.model.predict(x))
         if g.tile is None:
-            return self.outputs(*self.model.predict(x, padding=g.map_padding))
+            return self.outputs(*line.frames.score_frame_maps(self.model.raw_maps(x)))
         frame_maps = line.frames.stitch_tiles(x, g.tile, g.tile_overlap, self.model.raw_maps, batch_size=None)
-        return self.outputs(*inpformer.score_maps(frame_maps, padding="reflect"))
+        return self.outputs(*line.frames.score_frame_maps(frame_maps))
 
 
 def export_onnx(model, path, opts=scoring.Options(), images=None, cls=None, log=print, input_kind="frames",
@@ -540,7 +547,7 @@ def export_onnx(model, path, opts=scoring.Options(), images=None, cls=None, log=
                          "pip install onnx onnxscript onnxruntime") from None
     if Path(path).exists():
         raise ValueError(f"{path}: exists; not replacing it")
-    geometry = opts.geometry or model.config.geometry
+    geometry = opts.geometry or datasets.geometry_of(model.config.geometry)
     cal = opts.pictures.calibration
     files = image_files(images) if images else []
     # The graph is fp32 whatever --precision says: a model cast to bf16 first would lose its weights' precision.
@@ -724,7 +731,7 @@ def main(argv=None, log=cli.log):
         return calibrate_main(args, ckpts, device, precision, log)
 
     model = scoring.load_ready(ckpts[0], device, precision)
-    meta = inpformer.read_metadata(ckpts[0])
+    meta = inpformer.read_checkpoint_metadata(ckpts[0])
     cal = None if args.zero_shot else scoring.read_calibration(meta, ckpts[0], log)
     # The calibration's geometry is the one its thresholds hold at: prediction starts from it.
     calibrated_at = calibration_geometry(cal)
@@ -771,12 +778,12 @@ def calibrate_main(args, ckpts, device, precision, log):
     files = image_files(args.images) if args.images else None
     plans = []
     for ckpt in ckpts:  # everything checked before anything is scored
-        meta = inpformer.read_metadata(ckpt)
+        meta = inpformer.read_checkpoint_metadata(ckpt)
         data_set = None
         if files is None:
             classes = args.classes
             if classes is None and len(ckpts) > 1:  # a single-class run: each model on its own class
-                classes = ",".join(datasets.split_list(meta.classes))
+                classes = ",".join(datasets.split_list(meta.get("classes")))
             sets = scoring.plan_data_sets(meta, ckpt, args.data, args.data_root, classes)
             if len(sets) > 1:
                 raise ValueError("--calibrate learns one rule per model: calibrate it on one data set")
@@ -804,7 +811,7 @@ def calibrate_main(args, ckpts, device, precision, log):
                 "optimistic, so thresholds learnt on them reject more new good parts than asked")
         rule = calibrate_on(model, test_sets, opts, args.max_false_reject, args.max_false_pixels, log)
         target = write_calibration(ckpt, rule, data_set)
-        log(calibration_summary(target, rule, replaced=meta.calibration is not None))
+        log(calibration_summary(target, rule, replaced=meta.get("calibration") is not None))
     return 0
 
 

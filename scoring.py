@@ -26,9 +26,9 @@ import line.frames
 CALIBRATION_KEYS = {"image_threshold", "pixel_threshold", "score_range", "heat_range", "classes"}
 
 
-def read_calibration(meta: inpformer.Metadata, path, log=print):
+def read_calibration(meta: dict, path, log=print):
     """The calibration in a checkpoint's metadata, or None (with a note if it is there but unusable)."""
-    cal = meta.calibration
+    cal = meta.get("calibration")
     if cal is None or (isinstance(cal, dict) and CALIBRATION_KEYS <= set(cal)):
         return cal
     log(f"note: {path}: unreadable calibration metadata, ignored (predict.py --calibrate writes a new one)")
@@ -159,7 +159,7 @@ class Options:
     device: str = "auto"
     precision: str = "auto"  # the model runs in this dtype; maps and scores are fp32 whatever it is
     workers: int = 0
-    geometry: inpformer.Geometry = None  # None: the model's own (its config's)
+    geometry: data.ResizeCrop = None  # None: the model's own (data.geometry_of its config's)
     zero_shot: bool = False  # maps are the INP distance (the paper's zero-shot protocol)
     pictures: PictureStyle = field(default_factory=PictureStyle)
 
@@ -172,10 +172,10 @@ def load_ready(ckpt, device, precision):
     return model
 
 
-def asked_geometry(model, args, ckpt, log=print, base=None) -> inpformer.Geometry:
+def asked_geometry(model, args, ckpt, log=print, base=None) -> data.ResizeCrop:
     """The model's own geometry (or `base`, e.g. a calibration's), with the sizes the command line gives
     (cli.geometry); a note says when it differs from the model's."""
-    own = model.config.geometry
+    own = data.geometry_of(model.config.geometry)
     geometry = cli.geometry(args, base or own)
     if geometry != own:
         log(f"note: {ckpt} was trained at {own.describe()}; scoring at {geometry.describe()} as asked")
@@ -210,7 +210,7 @@ def predict_maps(model, x, zero_shot=False, geometry=None, tile_batch=Options.ba
         if predictor is None:
             maps, scores = line.frames.predict_frames(model, x, geometry, zero_shot, tile_batch)
         else:
-            maps, scores = predictor(x, geometry or model.config.geometry)
+            maps, scores = predictor(x, geometry or data.geometry_of(model.config.geometry))
     return maps.float(), scores.float()
 
 
@@ -279,16 +279,16 @@ class DataSet:
     own: bool = None  # the model was trained on it; None when the checkpoint does not say
 
 
-def plan_data_sets(meta: inpformer.Metadata, ckpt, names=None, roots=None, classes=None) -> list[DataSet]:
+def plan_data_sets(meta: dict, ckpt, names=None, roots=None, classes=None) -> list[DataSet]:
     """The data sets to score `ckpt` on: those named (names and roots: comma lists, as --data and --data-root),
     else the ones it was trained on, with the classes it was trained on (another data set: all its classes,
     unless `classes` names some). The checkpoint's own data is found by name, by folder (the same folder under
     another data-set name), or as a "folder" data set whose classes are all classes the checkpoint knows (held-out
     images of its own classes)."""
-    trained, trained_roots = data.split_list(meta.data), data.split_list(meta.data_root)
-    per_set = meta.classes_per_set
+    trained, trained_roots = data.split_list(meta.get("data")), data.split_list(meta.get("data_root"))
+    per_set, trained_classes = meta.get("classes_per_set"), meta.get("classes")
     if not isinstance(per_set, list) or len(per_set) != len(trained):
-        per_set = [meta.classes or "all"] if len(trained) == 1 else ["all"] * len(trained)
+        per_set = [trained_classes or "all"] if len(trained) == 1 else ["all"] * len(trained)
     wanted, roots = data.split_list(names) or trained, data.split_list(roots)
     if not wanted:
         raise ValueError(f"{ckpt}: the checkpoint records no data set (the official state dict has no metadata): "
@@ -312,8 +312,8 @@ def plan_data_sets(meta: inpformer.Metadata, ckpt, names=None, roots=None, class
             raise ValueError(f"--data {name} needs --data-root (the folder holding the data set)")
         if k is not None:
             own, wanted_classes = True, classes or per_set[k]
-        elif name == "folder" and meta.classes:
-            own, wanted_classes = set(data.list_classes(name, root)) <= set(meta.classes), classes or "all"
+        elif name == "folder" and trained_classes:
+            own, wanted_classes = set(data.list_classes(name, root)) <= set(trained_classes), classes or "all"
         else:
             own, wanted_classes = False, classes or "all"
         sets.append(DataSet(name, root, wanted_classes, own=own if trained else None))

@@ -24,7 +24,6 @@ run it leaves as it is. A new run never replaces one unless told (--overwrite). 
 """
 import contextlib
 import copy
-import dataclasses
 import json
 import math
 import os
@@ -43,9 +42,10 @@ import evaluate
 import inpformer
 
 # The official multi-class recipe's geometry (448 -> 392), batch and length; --data demo has its own (demo.RECIPE).
-RECIPE = dict(geometry=inpformer.Geometry(), batch_size=16, epochs=200, workers=4)
+RECIPE = dict(geometry=data.ResizeCrop(), batch_size=16, epochs=200, workers=4)
 DEFAULT_BACKBONE = "base"  # the DINOv2-with-registers size downloaded when --weights is not given
 BACKBONE_WIDTHS = {"small": 384, "base": 768, "large": 1024}  # the sizes --backbone names
+METADATA_VERSION = 2  # of what a checkpoint records; 1: files written before it had a number
 
 # -----------------------------------------------------------------------------------------------------
 # Optimiser and schedule
@@ -129,7 +129,12 @@ def load_encoder(weights=None, backbone=None, is_demo=False, log=print) -> inpfo
     """The frozen encoder: --weights, else the demo's random ViT, else the DINOv2-with-registers file of
     --backbone (downloaded once by line.weights). Logs what it found."""
     if weights:
-        vit = inpformer.load_backbone(weights)
+        try:
+            vit = inpformer.load_backbone(weights)
+        except inpformer.TimmNames:
+            from line.weights import load_backbone
+
+            vit = load_backbone(weights)
         if backbone and BACKBONE_WIDTHS[backbone] != vit.config.embed_dim:
             raise ValueError(f"--backbone {backbone} contradicts --weights {weights} (a {vit.config.embed_dim}"
                              "-wide ViT): drop --backbone, it only picks the file to download")
@@ -201,7 +206,7 @@ def feature_cache(run, encoder, recipe, batch_size, log) -> FeatureCache:
     each process encoding its share of the images into the shared files."""
     folder, model, n = run.out / "feature_cache", run.model, len(run.dataset)
     p = model.encoder.config.patch_size
-    h, w = model.config.geometry.input_size()
+    h, w = data.geometry_of(model.config.geometry).input_size()
     grid, width, groups = (h // p, w // p), model.encoder.config.embed_dim, len(model.config.fuse_groups)
     shapes = {"en": (n, groups, grid[0] * grid[1], width), "fused": (n, grid[0] * grid[1], width)}
     dtype = cli.PRECISIONS[recipe["dtype"]]
@@ -271,7 +276,7 @@ class TrainingRun:
     amp: torch.autocast           # the autocast context of every step (disabled in fp32)
     device: torch.device
     out: Path
-    meta: inpformer.Metadata      # what the checkpoint records
+    meta: dict                    # what the checkpoint records (see setup)
     identity: dict                # what makes a saved state this run's (see run_identity); checked on --resume
     total: int                    # iterations of the whole run
     warmup: int
@@ -292,7 +297,7 @@ def run_identity(args, sets, encoder=None, total=None) -> dict:
     have moved), the classes, sizes, model size, batch and seed; with an encoder and the iteration count, also
     the backbone's weights and the schedule (plan() checks the first part before anything is loaded)."""
     identity = dict(data=[d for d, _, _ in sets], classes=[cs for _, _, cs in sets],
-                    geometry=json.loads(json.dumps(dataclasses.asdict(args.geometry))), inp_num=args.inp_num,
+                    geometry=args.geometry.to_dict(), inp_num=args.inp_num,
                     setting=args.setting, shots=args.shots, batch_size=args.batch_size, seed=args.seed)
     if encoder is not None:
         identity["backbone"] = fingerprint(encoder)
@@ -309,7 +314,7 @@ def save(run, it):
                  iteration=it, window=[run.loss_sum, run.loss_count], identity=run.identity)
     with inpformer.atomic_write(run.out / "train_state.pt") as tmp:
         torch.save(state, tmp)
-    run.meta.iteration, run.meta.finished = it, it == run.total
+    run.meta.update(iteration=it, finished=it == run.total)
     inpformer.save_checkpoint(run.model, run.out / "model.safetensors", run.meta)
 
 
@@ -328,10 +333,13 @@ def check_identity(path, saved, wanted):
             raise ValueError(f"{path}: saved for {saved_total} iterations, this run has {wanted['total_iters']}; "
                              "resume with the same --epochs/--iters/--batch-size")
         return
+    identity = dict(saved["identity"])
+    if isinstance(identity.get("geometry"), dict):  # states written before the paper's geometry had two keys
+        identity["geometry"] = data.geometry_of(identity["geometry"]).to_dict()
     for key, value in wanted.items():
-        if saved["identity"].get(key) != value:
+        if identity.get(key) != value:
             shown = {"backbone": "the backbone's weights", "total_iters": "iterations"}.get(key, key)
-            raise ValueError(f"{path}: saved by a run with other {shown} ({saved['identity'].get(key)!r}, this run "
+            raise ValueError(f"{path}: saved by a run with other {shown} ({identity.get(key)!r}, this run "
                              f"has {value!r}); resume with the same settings, or start another --out")
 
 
@@ -359,7 +367,8 @@ def setup(args, encoder, sets, out, device, log, rank=0, world=1) -> TrainingRun
     `sets` [(data, root, classes)], restored from `out` with --resume."""
     torch.manual_seed(args.seed)
     geometry = args.geometry
-    model = inpformer.INPFormer(copy.deepcopy(encoder), inp_num=args.inp_num, geometry=geometry).to(device)
+    model = inpformer.INPFormer(copy.deepcopy(encoder), inp_num=args.inp_num, geometry=geometry.to_dict())
+    model = model.to(device)
     parts = [data.train_set(d, r, cs, geometry, shots=args.shots, seed=args.seed, check=False)  # plan() checked
              for d, r, cs in sets]
     dataset = torch.utils.data.ConcatDataset(parts)
@@ -375,10 +384,13 @@ def setup(args, encoder, sets, out, device, log, rank=0, world=1) -> TrainingRun
         backbone = encoder.source  # the demo's random ViT
     else:
         backbone = f"dinov2-with-registers-{args.backbone or DEFAULT_BACKBONE}"
-    meta = inpformer.Metadata(data=",".join(d for d, _, _ in sets), data_root=",".join(str(r) for _, r, _ in sets),
-                              classes=[c for _, _, cs in sets for c in cs], classes_per_set=[cs for _, _, cs in sets],
-                              setting=args.setting, shots=args.shots, backbone=str(backbone), seed=args.seed,
-                              total_iters=total)
+    # What the checkpoint records; evaluate.py and predict.py find the data, the classes and a calibration here.
+    meta = dict(metadata_version=METADATA_VERSION,
+                data=",".join(d for d, _, _ in sets),           # a comma list for super-multi-class
+                data_root=",".join(str(r) for _, r, _ in sets),  # their folders, in the same order
+                classes=[c for _, _, cs in sets for c in cs],
+                classes_per_set=[cs for _, _, cs in sets],
+                setting=args.setting, shots=args.shots, backbone=str(backbone), seed=args.seed, total_iters=total)
     amp_dtype = None if args.precision == "fp32" else cli.PRECISIONS[args.precision]
     amp = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     encoder = step_encoder(model, device, amp_dtype)
@@ -396,7 +408,7 @@ def setup(args, encoder, sets, out, device, log, rank=0, world=1) -> TrainingRun
     if world > 1:
         run.net = torch.nn.parallel.DistributedDataParallel(net, None if device.index is None else [device.index])
     if args.cache_features:
-        recipe = dict(run.identity, data_root=meta.data_root, dtype=args.cache_features, images=len(dataset))
+        recipe = dict(run.identity, data_root=meta["data_root"], dtype=args.cache_features, images=len(dataset))
         run.features = feature_cache(run, encoder, recipe, per_process, log)
     return run
 
@@ -520,7 +532,7 @@ def parse_args(argv=None):
         "data": "none, required", "classes": "all",
         "image-size": f"{paper.image_size[0]}; --data demo {small.image_size[0]}",
         "crop-size": f"{paper.crop_size[0]}; --data demo {small.crop_size[0]}; none with --tile",
-        "tile": "none", "tile-overlap": f"{paper.tile_overlap:g}", "bit-depth": "see above",
+        "tile": "none", "tile-overlap": "0", "bit-depth": "see above",
         "batch-size": f"{RECIPE['batch_size']}; --data demo {r['batch_size']}; under torchrun the global batch, "
                       "split evenly",
         "workers": f"up to {RECIPE['workers']} (--data demo {r['workers']}), at most the CPUs"})
@@ -622,7 +634,7 @@ def check_out(out, args, identity=None, single=False) -> bool:
         return False
     found = [f for f in (model, state) if f.is_file()]
     if found:
-        done = found[0] == model and inpformer.read_metadata(model).finished
+        done = found[0] == model and inpformer.read_checkpoint_metadata(model).get("finished")
         raise ValueError(f"{found[0]}: --out already holds a {'finished' if done else 'started'} run; pass --resume "
                          "to continue it, another --out, or --overwrite to replace it")
     return False

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402
 import data  # noqa: E402
 import demo  # noqa: E402
-from inpformer import Geometry  # noqa: E402
+from data import ResizeCrop  # noqa: E402
 
 
 def images_per_second(dataset, workers: int, batch_size: int, passes: int) -> float:
@@ -58,7 +58,7 @@ def main():
                               n_test_good=12, n_test_defect=20, size=1024)
     try:
         classes = data.resolve_classes(args.data, root, args.classes)
-        geometry = Geometry(args.image_size, args.crop_size)
+        geometry = ResizeCrop(args.image_size, args.crop_size)
         train = data.train_set(args.data, root, classes, geometry)
         test = torch.utils.data.ConcatDataset([data.test_set(args.data, root, c, geometry) for c in classes])
     except data.DataError as e:

@@ -112,7 +112,7 @@ def main():
             path = os.path.join(tmp, f"{i:03d}.png")
             Image.fromarray(rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)).save(path, compress_level=1)
             samples.append(data.Sample(path, None, 0, "synthetic", "good"))
-        ds = data.ImageDataset(samples, inpformer.Geometry(size * 8 // 7, size))
+        ds = data.ImageDataset(samples, data.ResizeCrop(size * 8 // 7, size))
         workers = cli.workers(None, 8)
         loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
                                              pin_memory=device.type == "cuda", persistent_workers=workers > 0)
@@ -137,7 +137,7 @@ def main():
         # One save as train.save writes it (the optimizer holds its moments after the steps above).
         run = SimpleNamespace(model=model, opt=opt, scaler=scaler, loss_sum=0.0, loss_count=0, identity={},
                               total=RECIPE_ITERS,
-                              out=Path(tmp), meta=inpformer.Metadata())
+                              out=Path(tmp), meta={})
         t = time.perf_counter()
         train.save(run, 1)
         save_s = time.perf_counter() - t

@@ -32,6 +32,7 @@ import data  # noqa: E402
 import inpformer  # noqa: E402
 import metrics  # noqa: E402
 import scoring  # noqa: E402
+from line.geometry import Geometry  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 MODES = {  # name: (train.py geometry flags, tokens per image)
@@ -39,12 +40,12 @@ MODES = {  # name: (train.py geometry flags, tokens per image)
     "whole frame 224": (["--image-size", "224", "--crop-size", "none"], 256),
     "tiles 4 x 112 of 224": (["--image-size", "224", "--tile", "112", "--tile-overlap", "0"], 4 * 64),
 }
-WHOLE = inpformer.Geometry(inpformer.MAP_SIZE, None)  # the frame at the maps' 256 x 256, for the masks
+WHOLE = Geometry(inpformer.MAP_SIZE, None)  # the frame at the maps' 256 x 256, for the masks
 
 
 def band_defects(root, cls):
     """Paths of the defective test images whose mask lies wholly outside the paper's 448 -> 392 crop."""
-    paper, band = inpformer.Geometry(), set()
+    paper, band = data.ResizeCrop(), set()
     for s in data.list_samples("folder", root, cls, "test"):
         if not s.label:
             continue
@@ -59,12 +60,12 @@ def band_defects(root, cls):
 def whole_frame_maps(model, root, cls):
     """Labels, scores, whole-frame 256 x 256 masks and maps, and paths of every test image. The paper's crop:
     its map resized into the crop's place in the 256 x 256 frame, the band at the map's minimum."""
-    g = model.config.geometry
+    g = data.geometry_of(model.config.geometry)
     ds = data.test_set("folder", root, cls, g)
     whole = data.test_set("folder", root, cls, WHOLE)
     labels, scores, maps, paths = [], [], [], []
     for batch, batch_maps, batch_scores in scoring.scored_batches(model, ds, batch_size=8):
-        if not g.whole_frame:
+        if g.crop_size is not None:
             frame_h, frame_w = g.image_size
             top, left, h, w = g.crop_box(frame_h, frame_w)
             scale = inpformer.MAP_SIZE / frame_h, inpformer.MAP_SIZE / frame_w

@@ -68,7 +68,7 @@ def halves(root, classes, geometry):
 
 def budget_rows(model, root, classes, budgets):
     opts = scoring.Options(batch_size=16, device="cpu")
-    first, second = halves(root, classes, model.config.geometry)
+    first, second = halves(root, classes, data.geometry_of(model.config.geometry))
     held_out = predict.score_calibration_set(model, second, opts, log=lambda m: None)
     rows = []
     for p in budgets:
@@ -98,10 +98,10 @@ def export_row(ckpt, root, classes, tmp):
     files = [s.image for s in data.list_samples("folder", root, cls, "test")][1::2][:40]
     path = Path(tmp) / f"{cls}.onnx"
     with contextlib.redirect_stdout(io.StringIO()):
-        predict.export_onnx(model, path, scoring.Options(geometry=model.config.geometry), None, cls,
+        predict.export_onnx(model, path, scoring.Options(geometry=data.geometry_of(model.config.geometry)), None, cls,
                             log=lambda m: None)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    graph = predict.FrameGraph(model, model.config.geometry)
+    graph = predict.FrameGraph(model, data.geometry_of(model.config.geometry))
     eager_diff, python_diff, t_onnx, t_eager = 0.0, 0.0, 0.0, 0.0
     for f in files:
         frame = predict.raw_frame(f)[None]
@@ -111,7 +111,7 @@ def export_row(ckpt, root, classes, tmp):
         with torch.no_grad():
             eager = float(graph(torch.from_numpy(frame.copy()))[1][0])
         t2 = time.perf_counter()
-        x = data.load_image(f, model.config.geometry)
+        x = data.load_image(f, data.geometry_of(model.config.geometry))
         python = float(line.frames.predict_frames(model, x[None])[1][0])
         eager_diff = max(eager_diff, abs(got - eager) / abs(eager))
         python_diff = max(python_diff, abs(got - python) / abs(python))
@@ -132,7 +132,7 @@ def main():
             t0 = time.time()
             ckpt = train(name, out / name, a.runs)
             model = inpformer.load_model(ckpt)
-            print(f"\n## {name}: {ckpt} ({model.config.geometry.describe()}), ready in {time.time() - t0:.0f} s",
+            print(f"\n## {name}: {ckpt} ({data.geometry_of(model.config.geometry).describe()}), ready in {time.time() - t0:.0f} s",
                   flush=True)
             opts = evaluate.Options(batch_size=16, device="cpu", baseline="knn")
             quiet = dict(log=lambda m: None)

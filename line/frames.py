@@ -1,10 +1,14 @@
-"""Every pixel of a frame: a model scored over the whole frame or over tiles, where the paper scores the centre
-crop of a square resize. The geometry (inpformer.Geometry, recorded in the model's config) says which.
+"""Every pixel of a frame: a model trained and scored over the whole frame or over tiles, where the paper scores
+the centre crop of a square resize. The geometry (line.geometry.Geometry, recorded in the model's config) says
+which.
 """
 import torch
+import torch.nn.functional as F
 
+import data
 import inpformer
 import line.cpu
+from line.geometry import tile_starts
 
 
 @torch.no_grad()
@@ -12,9 +16,10 @@ def predict_frames(model, frames, geometry=None, zero_shot=False, tile_batch=16)
     """Maps and scores as `geometry` (default: the model's own) prescribes: the paper's crop, the whole frame, or
     tiles. frames: a (B, 3, h, w) batch, or a list of (3, h, w) frames of any sizes (tiles). Returns (B, 256, 256)
     maps and (B,) scores, fp32."""
-    geometry = geometry or model.config.geometry
+    geometry = geometry or data.geometry_of(model.config.geometry)
     if geometry.tile is None:
-        return inpformer.score_maps(line.cpu.raw_maps(model, frames, zero_shot), padding=geometry.map_padding)
+        maps = line.cpu.raw_maps(model, frames, zero_shot)
+        return score_frame_maps(maps) if geometry.crop_size is None else inpformer.score_maps(maps)
     results = [predict_tiled(model, f, geometry.tile, geometry.tile_overlap, tile_batch, zero_shot) for f in frames]
     return torch.cat([m for m, _ in results]), torch.cat([s for _, s in results])
 
@@ -25,19 +30,33 @@ def predict_tiled(model, frame, tile, overlap=0.0, batch_size=16, zero_shot=Fals
     INPs), the frame's map then resampled, smoothed (reflect padding) and scored as predict() does. A single tile
     covering the frame gives exactly the whole-frame pass. (1, 256, 256), (1,)."""
     frame_map = stitch_tiles(frame[None], tile, overlap, lambda t: line.cpu.raw_maps(model, t, zero_shot), batch_size)
-    return inpformer.score_maps(frame_map, padding="reflect")
+    return score_frame_maps(frame_map)
+
+
+def score_frame_maps(maps, max_ratio=inpformer.MAX_RATIO):
+    """inpformer.score_maps for whole frames and tiles: the Gaussian pads by reflection, so that the border scores
+    like the inside (zeros darken the outer two pixels), and the resample is antialiased, since a frame can be
+    many times the map's size, where plain bilinear keeps or drops a narrow peak depending on where it falls."""
+    size = inpformer.MAP_SIZE
+    with torch.autocast(maps.device.type, enabled=False):
+        maps = maps.float() if maps.dtype in (torch.float16, torch.bfloat16) else maps
+        if tuple(maps.shape[-2:]) != (size, size):
+            maps = F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        half = inpformer.GAUSSIAN_SIZE // 2
+        padded = F.pad(maps, (half, half, half, half), mode="reflect")
+        maps = F.conv2d(padded, inpformer.gaussian_kernel().to(maps))[:, 0]
+        return maps, inpformer.image_scores(maps, max_ratio)
 
 
 def stitch_tiles(frames, tile, overlap, tile_maps, batch_size=16):
-    """The (B, 1, H, W) raw maps of frames (B, 3, H, W) covered by tile x tile squares (Geometry.tile_positions):
+    """The (B, 1, H, W) raw maps of frames (B, 3, H, W) covered by tile x tile squares (line.geometry.tile_starts):
     tile_maps((b, 3, tile, tile)) -> (b, 1, tile, tile) maps batches of about batch_size tiles, and the maps are
     averaged where tiles overlap (so a constant map stays constant). Memory follows the tile batch, not the
     frame. The ONNX export traces this same function."""
     B, _, H, W = frames.shape
     if H < tile or W < tile:
         raise ValueError(f"a {H}x{W} frame is smaller than a {tile} px tile")
-    tiling = inpformer.Geometry(image_size=None, crop_size=None, tile=tile, tile_overlap=overlap)
-    positions = tiling.tile_positions(H, W)
+    positions = [(t, l) for t in tile_starts(H, tile, overlap) for l in tile_starts(W, tile, overlap)]
     # Positions a call, every frame's tile at each; None: all at once (the export, whose batch is symbolic).
     per_batch = len(positions) if batch_size is None else max(1, batch_size // B)
     total = torch.zeros(B, 1, H, W, device=frames.device)
@@ -50,3 +69,25 @@ def stitch_tiles(frames, tile, overlap, tile_maps, batch_size=16):
             total[:, :, t:t + tile, l:l + tile] += m
             count[:, :, t:t + tile, l:l + tile] += 1
     return total / count
+
+
+class TileDataset(torch.utils.data.Dataset):
+    """The training samples of a tiled geometry: item k is one tile of one frame (Geometry.tile_positions of its
+    resized frame), dict(image (3, tile, tile), mask, label, path, cls). A frame is decoded again for each of
+    its tiles (cache the encoder's features, train.py --cache-features, to decode each only once)."""
+
+    def __init__(self, samples, geometry):
+        self.frames, self.tile, self.index = data.ImageDataset(samples, geometry), geometry.tile, []
+        for i, s in enumerate(self.frames.samples):
+            width, height = data.image_size(s.image)
+            frame = geometry.frame_size(height, width)
+            self.index += [(i, top, left) for top, left in geometry.tile_positions(*frame)]
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, k):
+        i, top, left = self.index[k]
+        item = self.frames[i]
+        rows, cols = slice(top, top + self.tile), slice(left, left + self.tile)
+        return dict(item, image=item["image"][:, rows, cols].contiguous(), mask=item["mask"][:, rows, cols])

@@ -65,13 +65,15 @@ class KNNBaseline:
     def predict(self, frames, geometry):
         """(B, 256, 256) maps and (B,) scores, the map's maximum, for frames prepared with `geometry` (a batch,
         or for tiles a list of frames, stitched as the model stitches its tiles)."""
+        if geometry.tile is None and geometry.crop_size is not None:
+            return inpformer.score_maps(self.raw_maps(frames), max_ratio=0)
         if geometry.tile is None:
-            return inpformer.score_maps(self.raw_maps(frames), max_ratio=0, padding=geometry.map_padding)
+            return line.frames.score_frame_maps(self.raw_maps(frames), max_ratio=0)
         maps, scores = [], []
         for frame in frames:
             frame_map = line.frames.stitch_tiles(frame[None], geometry.tile, geometry.tile_overlap, self.raw_maps,
                                                self.batch_size)
-            m, s = inpformer.score_maps(frame_map, max_ratio=0, padding="reflect")
+            m, s = line.frames.score_frame_maps(frame_map, max_ratio=0)
             maps.append(m)
             scores.append(s)
         return torch.cat(maps), torch.cat(scores)

@@ -1,7 +1,12 @@
-"""The DINOv2-with-registers backbones train.py downloads when no --weights is given, each cached once."""
+"""Backbone conveniences: the DINOv2-with-registers weights train.py downloads when no --weights is given (each
+cached once), and DINOv2 files in timm's names.
+"""
+import math
 import os
 import urllib.request
 from pathlib import Path
+
+import torch
 
 import inpformer
 
@@ -37,3 +42,27 @@ def _copy(response, path, total, log):
                 return
             done += f.write(chunk)
             log(f"  {done >> 20} / {total >> 20} MiB")
+
+
+def load_backbone(path, num_heads=None) -> inpformer.ViT:
+    """inpformer.load_backbone, also for a file in timm's names (vit.source "timm")."""
+    try:
+        return inpformer.load_backbone(path, num_heads)
+    except inpformer.TimmNames:
+        vit = inpformer.load_backbone(path, num_heads, state_dict=from_timm(inpformer.read_state_dict(path)[0]))
+        vit.source = "timm"
+        return vit
+
+
+def from_timm(sd) -> dict:
+    """timm's DINOv2 names -> torch-hub's. timm folds the class position into cls_token and drops mask_token;
+    putting a zero class slot back is exact, since that slot is only ever added to the class token."""
+    sd = dict(sd)
+    if "reg_token" in sd:
+        sd["register_tokens"] = sd.pop("reg_token")
+    pos = sd.get("pos_embed")
+    if pos is not None and math.isqrt(pos.shape[1]) ** 2 == pos.shape[1]:
+        sd["pos_embed"] = torch.cat((torch.zeros_like(pos[:, :1]), pos), dim=1)
+    if "mask_token" not in sd and "cls_token" in sd:
+        sd["mask_token"] = torch.zeros(1, sd["cls_token"].shape[-1], dtype=sd["cls_token"].dtype)
+    return sd

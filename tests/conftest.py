@@ -20,7 +20,7 @@ import demo as demo_set  # noqa: E402  (`demo` is the fixture below)
 import inpformer  # noqa: E402
 
 IMAGE, CROP, BATCH = 128, 112, 4
-GEOMETRY = inpformer.Geometry(IMAGE, CROP)
+GEOMETRY = data.ResizeCrop(IMAGE, CROP)
 DEMO_SIZE = 160  # demo images larger than IMAGE, so that --full-res has a real resize to undo
 
 
@@ -83,8 +83,8 @@ def ckpt(demo, tmp_path_factory):
             loss.backward()
             opt.step()
     path = tmp_path_factory.mktemp("run") / "model.safetensors"
-    meta = inpformer.Metadata(data="folder", data_root=demo, classes=data.list_classes("folder", demo),
-                              setting="multi", backbone="tiny")
+    meta = dict(data="folder", data_root=demo, classes=data.list_classes("folder", demo), setting="multi",
+                backbone="tiny")
     inpformer.save_checkpoint(model.eval(), path, meta)
     torch.set_num_threads(threads)
     return path

@@ -16,7 +16,7 @@ from PIL import Image
 import cli
 import data
 from conftest import ROOT, shared
-from inpformer import Geometry
+from data import ResizeCrop as Geometry
 
 SMALL = dict(geometry=Geometry(64, 56))   # enough pixels to test geometry, fast enough for many images
 

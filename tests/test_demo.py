@@ -11,7 +11,7 @@ from PIL import Image
 import data
 import demo
 from conftest import ROOT
-from inpformer import Geometry
+from data import ResizeCrop as Geometry
 
 
 def test_demo_set_is_seeded_complete_and_reused(tmp_path):

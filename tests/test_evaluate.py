@@ -391,7 +391,7 @@ def test_held_out_images_of_the_checkpoints_classes_are_its_own_data(demo, tmp_p
     there); over other classes, another data set."""
     shutil.copytree(f"{demo}/tiles", tmp_path / "held" / "tiles")
     shutil.copytree(f"{demo}/tiles", tmp_path / "other" / "bricks")
-    meta = inpformer.Metadata(data="mvtec", data_root="/data/mvtec", classes=["tiles", "fabric"])
+    meta = dict(data="mvtec", data_root="/data/mvtec", classes=["tiles", "fabric"])
     [held] = scoring.plan_data_sets(meta, "ckpt", "folder", str(tmp_path / "held"))
     [other] = scoring.plan_data_sets(meta, "ckpt", "folder", str(tmp_path / "other"))
     assert (held.own, held.classes) == (True, "all") and other.own is False
@@ -402,14 +402,14 @@ def test_the_knn_baseline_is_within_a_few_points_of_the_texture_ad_patchcore_num
     the fixture's README reports I-AUROC 1.000/0.788 and P-AUROC 0.995/0.939 (brick/grass)."""
     root = shared("fixtures", "texture_ad")
     vit = inpformer.load_backbone(shared("weights", "dinov2_vits14_imgfocus", "model.safetensors"))
-    model = inpformer.INPFormer(vit, geometry=inpformer.Geometry(256, 224)).eval()
+    model = inpformer.INPFormer(vit, geometry=data.ResizeCrop(256, 224).to_dict()).eval()
     reference = {"brick": (1.000, 0.995), "grass": (0.788, 0.939)}
     opts = evaluate.Options(batch_size=16, device="cpu", bank_size=knn.BANK_SIZE)
     torch.set_num_threads(2)
     try:
         for cls, (i_auroc, p_auroc) in reference.items():
-            ds = data.test_set("folder", root, cls, model.config.geometry)
-            train = data.train_set("folder", root, cls, model.config.geometry)
+            ds = data.test_set("folder", root, cls, data.ResizeCrop(256, 224))
+            train = data.train_set("folder", root, cls, data.ResizeCrop(256, 224))
             got = evaluate.knn_baseline(model, train, ds, opts, log=lambda m: None)
             assert abs(got["I-AUROC"] - i_auroc) <= 0.03 and abs(got["P-AUROC"] - p_auroc) <= 0.02, (cls, got)
     finally:

@@ -16,7 +16,7 @@ import line.frames
 import predict
 import train
 from conftest import GEOMETRY, expect_one_line_error, run_main, shared
-from inpformer import Geometry
+from line.geometry import Geometry
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SCRIPTS = {"train.py": train.main, "evaluate.py": evaluate.main, "predict.py": predict.main}
@@ -35,9 +35,11 @@ def write(path, array, mode=None):
 
 def test_geometry_sizes_and_tile_positions():
     g = Geometry((350, 140), None)
-    assert g.whole_frame and g.map_padding == "reflect" and g.input_size() == (350, 140)
+    assert g.crop_size is None and g.input_size() == (350, 140)
     assert g.frame_size(77, 999) == (350, 140) and g.crop_box(350, 140) == (0, 0, 350, 140)
-    assert Geometry(448, 392) == Geometry((448, 448), (392, 392)) and Geometry().map_padding == "zeros"
+    assert Geometry(448, 392) == Geometry((448, 448), (392, 392))
+    assert data.geometry_of(Geometry(448, 392).to_dict()) == data.ResizeCrop()  # the paper's, read by the core
+    assert data.geometry_of(g.to_dict()) == g
     tiled = Geometry((126, 300), None, tile=112, tile_overlap=0.25)
     positions = tiled.tile_positions(126, 300)
     assert positions == [(t, l) for t in (0, 14) for l in (0, 84, 168, 188)]  # 84 apart, the last flush
@@ -98,8 +100,8 @@ def test_whole_frames_resample_antialiased_so_a_thin_defect_scores_wherever_it_f
     for column in range(500, 508):
         frame_map = torch.zeros(1, 1, 1024, 1024)
         frame_map[..., column] = 1.0
-        for padding in scores:
-            scores[padding].append(float(inpformer.score_maps(frame_map, padding=padding)[1]))
+        scores["reflect"].append(float(line.frames.score_frame_maps(frame_map)[1]))
+        scores["zeros"].append(float(inpformer.score_maps(frame_map)[1]))
     assert min(scores["reflect"]) > 0.98 * max(scores["reflect"]) > 0
     assert min(scores["zeros"]) == 0 < max(scores["zeros"])
 
@@ -144,7 +146,7 @@ def test_a_rectangular_whole_frame_run_trains_evaluates_and_predicts(demo, tmp_p
             "--crop-size", "none", "--batch-size", 4, "--iters", 3, "--workers", 0, "--out", out)
     assert "images: 112x168 px, the whole frame" in r.stdout  # the size it parsed: 112 rows high, 168 wide
     model = inpformer.load_model(out / "model.safetensors")
-    assert model.config.geometry == Geometry((112, 168), None)
+    assert data.geometry_of(model.config.geometry) == Geometry((112, 168), None)
     results = json.loads((out / "eval" / "metrics.json").read_text())
     assert results["protocol"]["gaussian_padding"] == "reflect" and set(results["classes"]) == {"fabric", "tiles"}
     image = Path(demo, "tiles", "test", "spot", "000.png")
@@ -152,7 +154,7 @@ def test_a_rectangular_whole_frame_run_trains_evaluates_and_predicts(demo, tmp_p
         "--workers", 0)
     with open(tmp_path / "pred" / "predictions.csv") as f:
         [row] = list(csv.DictReader(f))
-    x = data.load_image(image, model.config.geometry)
+    x = data.load_image(image, data.geometry_of(model.config.geometry))
     assert x.shape == (3, 112, 168)
     assert abs(float(row["score"]) - float(line.frames.predict_frames(model, x[None])[1][0])) < 1e-5
 
@@ -180,7 +182,7 @@ def test_a_class_of_mixed_sizes_trains_tiled_at_each_frames_own_scale(demo, tmp_
     assert results["counts"]["tiles"] == {"normal": 4, "anomalous": 2}
     assert all(0 <= results["classes"]["tiles"][k] <= 1 for k in ("I-AUROC", "P-AUROC"))
     # each tile of each training frame is a training sample
-    g = inpformer.load_model(out / "model.safetensors").config.geometry
+    g = data.geometry_of(inpformer.load_model(out / "model.safetensors").config.geometry)
     frames = [g.frame_size(*reversed(data.image_size(s.image)))
               for s in data.list_samples("folder", root, "tiles", "train")]
     assert len(data.train_set("folder", root, "all", g)) == sum(len(g.tile_positions(*f)) for f in frames)
@@ -282,7 +284,7 @@ def test_the_mvtec_ad_2_layout(demo, tmp_path, capsys):
     path.write_bytes(Path(shared("fixtures", "official_tiny", "inpformer_official.safetensors")).read_bytes())
     predict.main(["--ckpt", str(path), "--calibrate", "--data", "mvtec2", "--data-root", str(root), "--image-size",
                   "126", "--crop-size", "none", "--workers", "0"])
-    cal = inpformer.read_metadata(path).calibration
+    cal = inpformer.read_checkpoint_metadata(path)["calibration"]
     assert cal["rule"]["image"] == "normal mean + 3 std" and cal["normal"]["images"] == 4
     assert cal["class_names"] == ["can", "vial"]
     expect_one_line_error(capsys, lambda: data.main(["--check", "mvtec2", str(tmp_path / "nowhere")]), "nowhere")

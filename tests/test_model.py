@@ -1,6 +1,5 @@
 """inpformer.py against the official model: golden tensors of ../shared/fixtures/official_tiny, real DINOv2
 ViT-S/14 features, weight formats, checkpoints and the errors bad files give."""
-import dataclasses
 import json
 
 import pytest
@@ -8,8 +7,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import cli
+import data
 import inpformer
 import line.cpu
+import line.weights
 from conftest import ROOT, shared
 
 TINY = "fixtures", "official_tiny"
@@ -141,9 +142,11 @@ def test_timm_and_pth_namings_give_the_same_backbone(io, tmp_path):
     torch.save({"module." + k: v for k, v in sd.items()}, tmp_path / "ddp.pth")  # saved from a DDP wrapper
     ref = features(inpformer.load_backbone(shared(*TINY, "backbone_hub.safetensors")), io["x_224"])
     for f in ("timm.safetensors", "hub.pth", "ddp.pth"):
-        vit = inpformer.load_backbone(tmp_path / f)
+        vit = (line.weights.load_backbone if f.startswith("timm") else inpformer.load_backbone)(tmp_path / f)
         assert vit.config.num_register_tokens == 4 and vit.config.depth == 10
         assert torch.allclose(features(vit, io["x_224"]), ref, atol=1e-5), f
+    with pytest.raises(inpformer.TimmNames, match="timm.safetensors: timm's names"):  # the core leaves them to line/
+        inpformer.load_backbone(tmp_path / "timm.safetensors")
 
 
 @pytest.mark.parametrize("name", ["factory_small", "factory_large_noreg"])
@@ -262,9 +265,8 @@ def test_checkpoint_written_by_an_earlier_main_still_loads_and_predicts_the_same
     meta = inpformer.read_checkpoint_metadata(golden / "main_2b6638c.safetensors")
     assert meta["classes"] == ["a", "b"] and meta["crop_size"] == 56 and meta["finished"] is True
     # its sizes were metadata then; they are the model's geometry now
-    assert model.config.geometry == inpformer.Geometry(meta["image_size"], 56)
-    old = inpformer.read_metadata(golden / "main_2b6638c.safetensors")
-    assert old.version == 1 and old.classes == ["a", "b"] and old.extra["crop_size"] == 56
+    assert data.geometry_of(model.config.geometry) == data.ResizeCrop(meta["image_size"], 56)
+    assert "metadata_version" not in meta  # version 1 had no number
     maps, scores = model.predict(io["x"])
     assert_close("maps", maps[:, ::8, ::8], io["maps_every_8th"], 1e-5)
     assert_close("scores", scores, io["scores"], 1e-5)
@@ -272,23 +274,21 @@ def test_checkpoint_written_by_an_earlier_main_still_loads_and_predicts_the_same
     assert_scalar("loss", model.train().loss(io["x"]), io["loss"])
 
 
-def test_geometry_travels_in_the_config_and_metadata_has_one_versioned_schema(io, tmp_path):
-    model = inpformer.INPFormer(inpformer.load_backbone(shared(*TINY, "backbone_hub.safetensors")),
-                                geometry=inpformer.Geometry(252, 224))
-    meta = inpformer.Metadata(data="mvtec", classes=["bottle"], total_iters=10, extra={"note": "mine"})
+def test_geometry_travels_in_the_config_and_metadata_reads_back_as_written(io, tmp_path):
+    geometry = {"image_size": [252, 252], "crop_size": [224, 224]}
+    model = inpformer.INPFormer(inpformer.load_backbone(shared(*TINY, "backbone_hub.safetensors")), geometry=geometry)
+    meta = dict(metadata_version=2, data="mvtec", classes=["bottle"], total_iters=10, shots=None, note="mine")
     inpformer.save_checkpoint(model, tmp_path / "m.safetensors", meta)
     loaded = inpformer.load_model(tmp_path / "m.safetensors")
-    assert loaded.config.geometry == inpformer.Geometry(252, 224) and loaded.config == model.config
-    back = inpformer.read_metadata(tmp_path / "m.safetensors")
-    assert back == dataclasses.replace(meta, version=inpformer.METADATA_VERSION)
-    raw = inpformer.read_checkpoint_metadata(tmp_path / "m.safetensors")
-    assert raw["metadata_version"] == inpformer.METADATA_VERSION and raw["note"] == "mine" and "calibration" not in raw
+    assert loaded.config.geometry == geometry and loaded.config == model.config
+    back = inpformer.read_checkpoint_metadata(tmp_path / "m.safetensors")
+    assert {k: v for k, v in back.items() if k not in ("format", "inpformer_config")} == dict(
+        metadata_version=2, data="mvtec", classes=["bottle"], total_iters=10, note="mine")  # None: not written
     # the authors' model.pth records nothing: the paper's geometry
     official = inpformer.load_model(shared(*TINY, "inpformer_official.safetensors"))
-    assert official.config.geometry == inpformer.Geometry(448, 392)
-    assert inpformer.read_metadata(shared(*TINY, "inpformer_official.safetensors")).version is None
+    assert official.config.geometry == inpformer.PAPER_GEOMETRY
     with pytest.raises(ValueError, match="--crop-size 100 must be a multiple of the model's patch size 14"):
-        inpformer.Geometry(448, 100).check(14)
+        data.ResizeCrop(448, 100).check(14)
 
 
 def test_precision_rule_is_fp32_unless_asked():

@@ -143,7 +143,7 @@ def test_export_onnx_round_trip_matches_pytorch(ckpt, model, demo, tmp_path):
     cal = dict(image_threshold=float(model.predict(x)[1][1]), score_range=[0.0, 1.0], pixel_threshold=0.5,
                heat_range=[0.0, 1.0], classes={})
     notes = []  # an incomplete calibration (hand-edited, say) is ignored with a note, never a traceback
-    hand_edited = inpformer.Metadata(calibration={"image_threshold": 0.1})
+    hand_edited = dict(calibration={"image_threshold": 0.1})
     assert scoring.read_calibration(hand_edited, "x", notes.append) is None
     assert "unreadable calibration metadata" in notes[0]
     path = tmp_path / "model.safetensors"
@@ -268,9 +268,9 @@ def test_calibrate_the_authors_pth_writes_a_calibrated_twin(demo, tmp_path):
     with pytest.raises(ValueError, match="exists; calibrate that file instead"):  # before scoring anything
         predict.main(argv)
     twin = pth.with_suffix(".safetensors")
-    meta = inpformer.read_metadata(twin)
-    assert meta.calibration["classes"].keys() == {"tiles"} and meta.data == "folder" and meta.data_root == demo
-    assert inpformer.load_model(twin).config.geometry == GEOMETRY  # the sizes it was calibrated at
+    meta = inpformer.read_checkpoint_metadata(twin)
+    assert meta["calibration"]["classes"].keys() == {"tiles"} and meta["data"] == "folder" and meta["data_root"] == demo
+    assert inpformer.load_model(twin).config.geometry == GEOMETRY.to_dict()  # the sizes it was calibrated at
     want, got = torch.load(pth), load_file(twin)
     assert all(torch.equal(want[k], got[k]) for k in want)
 
@@ -283,7 +283,7 @@ def test_calibrate_a_single_class_run_folder_model_by_model(model, demo, tmp_pat
                                   dict(data="folder", data_root=demo, classes=[cls], setting="single"))
     predict.main(["--ckpt", str(run), "--workers", "0", "--batch-size", str(BATCH), "--calibrate"])
     for cls in ("fabric", "tiles"):  # each model calibrated on its own class alone
-        cal = inpformer.read_metadata(run / cls / "model.safetensors").calibration
+        cal = inpformer.read_checkpoint_metadata(run / cls / "model.safetensors")["calibration"]
         ds = data.test_set("folder", demo, cls, GEOMETRY)
         labels = torch.tensor([s.label for s in ds.samples])
         scores = model.predict(torch.stack([ds[i]["image"] for i in range(len(ds))]))[1]
@@ -310,7 +310,7 @@ def test_inpformer_py_alone_scores_a_train_py_checkpoint_as_predict_does(demo, t
     alone = tmp_path / "alone"
     alone.mkdir()
     shutil.copy(ROOT / "inpformer.py", alone)
-    geometry = inpformer.load_model(out / "model.safetensors").config.geometry
+    geometry = data.geometry_of(inpformer.load_model(out / "model.safetensors").config.geometry)
     from safetensors.torch import save_file
     save_file({"x": data.load_image(image, geometry)[None]}, alone / "x.safetensors")
     script = f"""
@@ -322,8 +322,8 @@ assert inpformer.__file__.startswith({str(alone)!r}), inpformer.__file__
 model = inpformer.load_model({str(out / 'model.safetensors')!r})
 g = model.config.geometry
 x = load_file("x.safetensors")["x"]
-assert (g.image_size, g.crop_size) == ((126, 126), (98, 98)) and tuple(x.shape[-2:]) == g.input_size()
-maps, scores = model.predict(x, out_size=inpformer.MAP_SIZE, max_ratio=inpformer.MAX_RATIO, padding=g.map_padding)
+assert g == dict(image_size=[126, 126], crop_size=[98, 98]) and list(x.shape[-2:]) == g["crop_size"]
+maps, scores = model.predict(x, out_size=inpformer.MAP_SIZE, max_ratio=inpformer.MAX_RATIO)
 print(repr(float(scores[0])))
 """
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=alone,
@@ -413,7 +413,7 @@ def test_budget_calibration_regions_and_the_region_rule_through_the_command_line
     shutil.copy(ckpt, path)
     r = run_cli("--ckpt", path, "--calibrate", "--max-false-reject", 0.2, "--max-false-pixels", 0.02, "--workers", 0)
     assert r.returncode == 0, r.stdout + r.stderr
-    cal = inpformer.read_metadata(path).calibration
+    cal = inpformer.read_checkpoint_metadata(path)["calibration"]
     model = inpformer.load_model(path)
     good, bad = {}, {}
     for cls in ("fabric", "tiles"):
@@ -458,7 +458,7 @@ def test_calibrating_on_training_images_warns_and_too_few_images_refuse(ckpt, de
                 "--max-false-reject", 0.2, "--workers", 0)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "warning: 8 of the calibration images are training images" in r.stdout
-    assert list(inpformer.read_metadata(path).calibration["classes"]) == ["tiles"]
+    assert list(inpformer.read_checkpoint_metadata(path)["calibration"]["classes"]) == ["tiles"]
     r = run_cli("--ckpt", path, "--calibrate", "--images", f"{demo}/tiles/train/good", "--max-false-reject", 0.01)
     assert r.returncode == 2 and "support a budget of at least 0.1111" in r.stderr and r.stderr.count("\n") == 1
 
@@ -489,7 +489,7 @@ def test_the_exported_graph_fed_raw_frames_decides_as_predict_does(ckpt, demo, t
         want = float(row["score"])
         assert abs(float(score[0]) - want) <= 0.01 * abs(want), row["path"]
         assert maps.shape == (1, 256, 256) and decision.dtype == bool
-        cal = inpformer.read_metadata(path).calibration
+        cal = inpformer.read_checkpoint_metadata(path)["calibration"]
         assert float(normalised[0]) == pytest.approx(scoring.normalise(float(score[0]), cal, cal["classes"]["tiles"]),
                                                      abs=1e-6)
         agree += bool(decision[0]) == (row["decision"] == "anomalous")
@@ -513,7 +513,7 @@ def test_whole_frame_and_tiled_geometries_export(ckpt, demo, tmp_path, flags, fr
     _, scores = session.run(None, {"frames": np.ascontiguousarray(frames)})
     args = predict.parse_args(["--ckpt", str(ckpt), "--export", str(out), *flags])
     model = inpformer.load_model(ckpt)
-    geometry = cli.geometry(args, model.config.geometry)
+    geometry = cli.geometry(args, data.geometry_of(model.config.geometry))
     for f, got in zip(frames, scores):
         x = data.load_image(Image.fromarray(np.ascontiguousarray(f)), geometry)
         want = float(line.frames.predict_frames(model, [x] if geometry.tile else x[None], geometry)[1][0])

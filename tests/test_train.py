@@ -106,7 +106,7 @@ def test_loss_decreases_on_the_tiny_configuration(demo_root, tmp_path):
     model = inpformer.load_model(tmp_path / "run" / "model.safetensors")
     meta = inpformer.read_checkpoint_metadata(tmp_path / "run" / "model.safetensors")
     assert meta["finished"] is True and meta["iteration"] == 30
-    assert model.config.vit.embed_dim == 128 and model.config.geometry == inpformer.Geometry(128, 112)
+    assert model.config.vit.embed_dim == 128 and model.config.geometry == data.ResizeCrop(128, 112).to_dict()
 
 
 def interrupt_in_epoch_2(msg):
@@ -243,7 +243,7 @@ def test_torchrun_two_processes_share_weights_and_only_rank_0_writes(demo_root, 
     w0, w1 = (torch.load(results / f"rank{r}.pt") for r in (0, 1))
     saved = inpformer.load_model(out / "model.safetensors").trainable_parameters()
     assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(w0, w1, saved)), "DDP ranks must agree"
-    n = len(data.train_set("folder", demo_root, "all", inpformer.Geometry(128, 112)))
+    n = len(data.train_set("folder", demo_root, "all", data.ResizeCrop(128, 112)))
     meta = inpformer.read_checkpoint_metadata(out / "model.safetensors")
     assert meta["iteration"] == n // 4  # the global batch of 4: each rank takes 2 images a step
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "train_state.pt"]
@@ -482,10 +482,10 @@ def test_torchrun_batch_is_global_and_the_feature_cache_is_made_once(demo_root, 
     torch.multiprocessing.spawn(ddp_main, args=(argv, 29541, results), nprocs=2)
     log = (results / "log0.txt").read_text()
     assert "device cpu, precision fp32, 2 processes x 2 images = global batch 4" in log, log
-    n = len(data.train_set("folder", demo_root, "all", inpformer.Geometry(128, 112)))
+    n = len(data.train_set("folder", demo_root, "all", data.ResizeCrop(128, 112)))
     assert f"feature cache: encoded {n} images" in log and log.count("feature cache:") == 1
     assert not (out / "feature_cache").exists()  # removed at the end: --keep-cache was not asked
-    assert inpformer.read_metadata(out / "model.safetensors").iteration == n // 4
+    assert inpformer.read_checkpoint_metadata(out / "model.safetensors")["iteration"] == n // 4
     with pytest.raises(SystemExit):  # a batch that does not split evenly is refused
         os.environ["WORLD_SIZE"] = "3"
         try:
