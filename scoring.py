@@ -94,13 +94,30 @@ def heat_colors(v):
     return (rgb * 255 + 0.5).astype(np.uint8)
 
 
-def to_rgb(x, size=inpformer.MAP_SIZE):
-    """A preprocessed (3, h, w) image back to (size, size, 3) uint8, as the model saw it."""
+def picture_size(height, width) -> tuple:
+    """(height, width) of the picture of an input that size: its aspect kept, so that a whole frame is not
+    squashed into the map's square; the shorter side MAP_SIZE (a square crop: the map's own size), the longer
+    at most four times that."""
+    scale = min(inpformer.MAP_SIZE / min(height, width), 4 * inpformer.MAP_SIZE / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def to_rgb(x):
+    """A preprocessed (3, h, w) image back to uint8 (H, W, 3) at picture_size(h, w), as the model saw it."""
     mean = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
     img = (x.detach().float().cpu() * std + mean).clamp(0, 1)
-    img = F.interpolate(img[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+    size = picture_size(*img.shape[-2:])
+    img = F.interpolate(img[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
     return (img.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+
+
+def _at_size(values, size, mode):
+    """A (h, w) map or mask resampled to `size` (bilinear for maps, nearest for masks)."""
+    t = torch.as_tensor(np.asarray(values, np.float32))[None, None]
+    if tuple(t.shape[-2:]) != tuple(size):
+        t = F.interpolate(t, size=tuple(size), mode=mode, **({"align_corners": False} if mode == "bilinear" else {}))
+    return t[0, 0].numpy()
 
 
 # Pictures are written at zlib level 1: a sixth larger than at the default level 6, written twice as fast.
@@ -110,9 +127,13 @@ PNG_LEVEL = 1
 def picture(image, amap, scale, title="", mask=None, outline=None) -> Image.Image:
     """image | [ground truth |] heat-map overlay | colour bar, under a title line. scale = (lo, hi, source):
     the map is coloured on this fixed range, so that pictures sharing it compare, and the source is stated on
-    the bar. outline: a pixel threshold, whose region's edge is drawn in white (and marked on the bar)."""
+    the bar. outline: a pixel threshold, whose region's edge is drawn in white (and marked on the bar). The map and
+    mask (256 x 256) are drawn at the image's size (to_rgb's, the frame's aspect)."""
     lo, hi, source = scale
-    amap, (h, w) = np.asarray(amap, np.float64), image.shape[:2]
+    (h, w) = image.shape[:2]
+    amap = _at_size(amap, (h, w), "bilinear").astype(np.float64)
+    if mask is not None:
+        mask = _at_size(mask, (h, w), "nearest") > 0.5
     heat = heat_colors((amap - lo) / max(hi - lo, 1e-12))
     overlay = (0.5 * image.astype(np.float32) + 0.5 * heat.astype(np.float32) + 0.5).astype(np.uint8)
     if outline is not None:

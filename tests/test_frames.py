@@ -157,6 +157,9 @@ def test_a_rectangular_whole_frame_run_trains_evaluates_and_predicts(demo, tmp_p
     x = data.load_image(image, data.geometry_of(model.config.geometry))
     assert x.shape == (3, 112, 168)
     assert abs(float(row["score"]) - float(line.frames.predict_frames(model, x[None])[1][0])) < 1e-5
+    # its picture keeps the frame's shape (2 : 3), not the map's square: image and overlay, 256 x 384 each
+    [heatmap] = (tmp_path / "pred" / "heatmaps").glob("*.png")
+    assert Image.open(heatmap).size == (2 * 384 + 84, 256 + 14)
 
 
 def mixed_sizes(root, demo):
