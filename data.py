@@ -326,10 +326,12 @@ def _reading(path):
 
 def _probe(path) -> tuple[int, int]:
     """(width, height) of an image file; DataError if it is missing, not an image, or does not decode."""
-    with _reading(path), Image.open(path) as im, open(path, "rb") as f:
-        f.seek(max(0, os.path.getsize(path) - 1024))  # the last 1 KiB holds the end marker of a complete file
+    with _reading(path), Image.open(path) as im:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - 1024))  # the last 1 KiB holds the end marker of a complete file
+            tail = f.read()
         marker = _END_MARKERS.get(im.format)
-        if marker is None or marker not in f.read():
+        if marker is None or marker not in tail:
             im.load()
         return im.size
 
@@ -363,7 +365,7 @@ _STD = np.array(IMAGENET_STD, np.float32).reshape(3, 1, 1)
 # RGB as the official .convert('RGB') makes them; 16-bit, 32-bit integer and float grey images (line cameras)
 # are the line layer's (line/pixels.py).
 _CONVERTED = ("P", "PA", "RGBA", "RGBa", "RGBX", "LA", "La", "CMYK", "YCbCr", "1")
-_WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
 def _open(path, bit_depth=None) -> Image.Image:
@@ -380,7 +382,7 @@ def _model_mode(im, path, bit_depth=None) -> Image.Image:
         return im
     if im.mode in _CONVERTED:
         return im.convert("RGB")
-    if im.mode in _WIDE_GREY:
+    if im.mode in WIDE_GREY:
         from line.pixels import wide_grey
 
         return wide_grey(path, im, bit_depth)
@@ -627,7 +629,10 @@ def resolve_sets(data, root, classes="all") -> list[tuple[str, str, list[str]]]:
     the super-multi-class setting): "all" means all classes of each set, and named classes are taken from
     every set that has them. A class no set knows is a DataError."""
     datas = split_list(data)
-    roots = split_list(root) if isinstance(root, (str, list, tuple)) else [root] if root else []
+    if isinstance(root, (str, list, tuple)):
+        roots = split_list(root)
+    else:  # a Path, or None
+        roots = [root] if root else []
     roots = roots or [default_root(d) for d in datas]
     if len(roots) != len(datas) or None in roots:
         raise error(root or data, f"{len(datas)} data set(s) ({', '.join(datas)}) need as many comma-separated "
@@ -703,9 +708,9 @@ def check_data_set(data: str, root, classes="all", log=print) -> None:
 
 
 def main(argv=None) -> int:
-    import cli
+    import train  # the command line every script shares
 
-    p = cli.Parser(description="Check a data set: class counts, and every image and mask opens and is complete.")
+    p = train.Parser(description="Check a data set: class counts, and every image and mask opens and is complete.")
     p.add_argument("--check", nargs=2, metavar=("DATA", "ROOT"), required=True,
                    help=f"count the classes of DATA ({', '.join(DATASETS)}) under ROOT and check every file")
     p.add_argument("--classes", default="all", help="'all' or a comma list")
@@ -715,6 +720,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    import cli
+    import train
 
-    cli.guard(main)
+    train.guard(main)

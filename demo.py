@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-import cli
 import data
 import inpformer
 from data import DataError
@@ -169,7 +168,9 @@ def backbone():
 
 
 def main(argv=None) -> int:
-    p = cli.script_parser(__doc__)
+    import train  # the command line every script shares (it imports this file)
+
+    p = train.script_parser(__doc__)
     p.add_argument("out", metavar="DIR", help="folder to write the demo set to (kept if it already holds it)")
     p.add_argument("--seed", type=int, default=0, help="demo set seed (default 0)")
     args = p.parse_args(argv)
@@ -178,4 +179,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    cli.guard(main)
+    import train
+
+    train.guard(main)

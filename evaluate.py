@@ -10,29 +10,20 @@ as metrics.json/.csv/.md with every image's score, and pictures of the most and 
     python evaluate.py --ckpt runs/mvtec-multi/model.safetensors --full-res     # pixel metrics at native resolution
     python evaluate.py --ckpt model.pth --data mvtec --data-root /data/mvtec --metrics adeval   # the paper's numbers
 
-Data arguments default to what the checkpoint records (data set, root, classes; sizes from its config); the
-authors' `model.pth` records none: give --data and --data-root. Written under --out (default `eval/` beside the
-checkpoint; `eval-<data>`, `-zero-shot`, `-full-res` for the other protocols): metrics.json (with each class's
-F1-max thresholds), metrics.csv (fractions), metrics.md (percent), image_scores.csv; --save-maps N:
-maps/<class>/{most,least}_NN_*.png. Scoring new images, calibrating a decision rule and ONNX export are
-predict.py's.
+Data arguments default to what the checkpoint records (data set, root, classes, sizes); the authors' `model.pth`
+records none: give --data and --data-root. Written under --out (default `eval/` beside the checkpoint, with
+`-<data>`, `-zero-shot`, `-full-res`, `-adeval` for the other protocols): metrics.json (with each class's F1-max
+thresholds), metrics.csv, metrics.md and image_scores.csv.
 
-Protocol (the official `evaluation_batch(max_ratio=0.01, resize_mask=256)`, constants in inpformer.py): maps at
-the crop size, resized bilinearly to 256x256, 5x5 Gaussian with sigma 4 and zero padding; image score = mean of
-the top 1% (655) of the smoothed pixels; ground truth = the crop-size mask resized to 256 with `nearest`, then
-> 0.5. Whole-frame and tiled checkpoints (line.geometry) score the whole frame the same way, with an
-antialiased resize and a reflect-padded Gaussian, so that the border counts like the inside. Each class is
-scored on its own; "mean" is the plain average over classes. Metrics come from metrics.py and are exact,
-not the 200-bin approximations of the authors' GPU code (expect pixel AP a little off the paper's numbers).
---full-res (the MVTec AD protocol) scores pixels at each image's own resolution over the part the centre crop
-saw. --zero-shot (paper Table S8): the map is the INP distance. Memory: one class at a time;
-exact metrics peak at about 2.4x the float32 maps; --map-dtype float16 halves that and moves the metrics
-(~0.015 points); --streaming keeps 65536-bin histograms (~0.1 GB) and writes its largest possible error
-("error_bounds"). --precision bf16 runs the model in bf16, also on CPUs with bf16 units; maps, scores and
-metrics stay fp32. --metrics adeval reports what the official code reports, to compare with the paper's
-tables: P-AUROC, P-AP and AUPRO from ADEval 1.1.0's 200 bins per class (line/adeval.py), the
-other four as here; written to `eval-adeval/`, recorded in metrics.json's "protocol".
+The protocol is the official `evaluation_batch(max_ratio=0.01, resize_mask=256)`: maps at the crop size, resized
+bilinearly to 256x256, a 5x5 Gaussian of sigma 4 with zero padding (constants in inpformer.py); the image score
+is the mean of the top 1% (655) of the smoothed pixels; the ground truth is the crop-size mask resized to 256
+with `nearest`, then > 0.5. Each class is scored on its own; "mean" is the plain average over classes. The
+metrics are exact (metrics.py), not the 200-bin approximations of the authors' GPU code, so pixel AP can differ a
+little from the paper's; --metrics adeval reproduces those (line/adeval.py).
 """
+import copy
+import csv
 import json
 import math
 import time
@@ -44,20 +35,30 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import cli
 import data as datasets  # the module; `data` is the name of a data set in the functions below
 import inpformer
 import metrics
-import scoring
+import train  # the command line every script shares
 
 METRICS = ("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO")  # the paper's column order
 FPR_LIMIT = metrics.FPR_LIMIT
 
 
+# -----------------------------------------------------------------------------------------------------
+# A model ready to score, and images to maps and scores
+
+
 @dataclass
-class Options(scoring.Options):
-    """How to evaluate: scoring.Options (batching, device, precision, geometry, zero-shot, pictures), and the
-    benchmark's own. The defaults are the command line's."""
+class Options:
+    """How to score images (batching, device and precision, how images are prepared, the kind of map), the
+    benchmark's own choices, and how pictures look. The defaults are the command line's but for workers: from
+    Python, images load in the calling process unless asked."""
+    batch_size: int = 16
+    device: str = "auto"
+    precision: str = "auto"   # the model runs in this dtype; maps and scores are fp32 whatever it is
+    workers: int = 0
+    geometry: datasets.ResizeCrop = None  # None: the model's own (datasets.geometry_of its config's)
+    zero_shot: bool = False   # maps are the INP distance (the paper's zero-shot protocol)
     full_res: bool = False    # pixel metrics at each image's own resolution (the MVTec AD protocol)
     streaming: bool = False   # pixel metrics from histograms, in constant memory
     map_dtype: str = "float32"
@@ -65,6 +66,119 @@ class Options(scoring.Options):
     bank_size: int = None     # the kNN baseline's memory bank, tokens a class at most (None: line.knn.BANK_SIZE)
     baseline: str = None      # "knn": also score the kNN baseline (line/knn.py) on every class
     save_maps: int = 0        # pictures of the N most and N least anomalous images of each class
+    pictures: object = None   # line.pictures.PictureStyle: how pictures look (None: its defaults)
+
+
+def load_ready(ckpt, device, precision):
+    """A checkpoint loaded straight onto `device` in `precision` (see ready_model: scoring it needs no copy)."""
+    dtype = train.PRECISIONS[train.resolve_precision(precision, device)]
+    model = inpformer.load_model(ckpt, device).to(dtype)
+    if half_on_cpu(model):
+        from line.cpu import use_cpu_attention
+
+        use_cpu_attention(model.encoder)
+    return model
+
+
+def half_on_cpu(model) -> bool:
+    """A model in bf16 on a CPU, where scoring takes line/cpu.py's speed paths: attention as plain products (the
+    CPU's bf16 units), a few images a pass."""
+    p = model.prototype_token
+    return p.device.type == "cpu" and p.dtype != torch.float32
+
+
+def asked_geometry(model, args, ckpt, log=print, base=None) -> datasets.ResizeCrop:
+    """The model's own geometry (or `base`, e.g. a calibration's), with the sizes the command line gives
+    (train.geometry); a note says when it differs from the model's."""
+    own = datasets.geometry_of(model.config.geometry)
+    geometry = train.geometry(args, base or own)
+    if geometry != own:
+        log(f"note: {ckpt} was trained at {own.describe()}; scoring at {geometry.describe()} as asked")
+    return geometry.check(model.encoder.config.patch_size)
+
+
+def ready_model(model, device="auto", precision="auto"):
+    """The model in eval mode on `device`, in `precision`: the model itself when it already is, else a copy,
+    so that scoring never changes the model the caller handed in."""
+    device = train.resolve_device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    dtype = train.PRECISIONS[train.resolve_precision(precision, device)]
+    p = model.prototype_token
+    if p.device == device and p.dtype == dtype and not model.training:
+        if not half_on_cpu(model):
+            return model
+        from line.cpu import uses_cpu_attention  # its attention is set on a copy: never on the caller's model
+
+        if uses_cpu_attention(model.encoder):
+            return model
+    model = copy.deepcopy(model).to(device, dtype).eval()
+    if half_on_cpu(model):
+        from line.cpu import use_cpu_attention
+
+        use_cpu_attention(model.encoder)
+    return model
+
+
+def predict_maps(model, x, zero_shot=False, geometry=None, tile_batch=Options.batch_size, predictor=None):
+    """Preprocessed images -> (B, 256, 256) smoothed float32 maps and (B,) image scores, on the protocol of
+    `geometry` (default: the model's; whole frames and tiles: line.frames.predict_frames): reconstruction error,
+    or with zero_shot the INP distance; or predictor(x, geometry) -> (maps, scores) instead (the kNN baseline).
+    x: a (B, 3, h, w) batch, or a list of frames (tiles); cast to the model's dtype and device."""
+    p = model.prototype_token
+    x = [f.to(p.device, p.dtype) for f in x] if isinstance(x, list) else x.to(p.device, p.dtype)
+    geometry = geometry or datasets.geometry_of(model.config.geometry)
+    with torch.inference_mode():
+        if predictor is not None:
+            maps, scores = predictor(x, geometry)
+        elif type(geometry) is datasets.ResizeCrop and not half_on_cpu(model):  # the paper's crop
+            maps, scores = model.predict_zero_shot(x) if zero_shot else model.predict(x)
+        else:  # whole frames and tiles, and bf16 on a CPU (line/cpu.py)
+            from line.frames import predict_frames
+
+            maps, scores = predict_frames(model, x, geometry, zero_shot, tile_batch)
+    return maps.float(), scores.float()
+
+
+def scored_batches(model, dataset, batch_size=Options.batch_size, workers=0, zero_shot=False, predictor=None):
+    """(batch, maps, scores) for each batch of `dataset` (an ImageDataset), maps and scores on the CPU, on the
+    dataset's geometry (predictor: see predict_maps). Tiled: one frame a batch, its tiles batch_size at a time,
+    so that memory follows the tile batch, not the frames' sizes."""
+    pin = model.prototype_token.device.type == "cuda"
+    frames = 1 if dataset.geometry.tile else batch_size
+    loader = torch.utils.data.DataLoader(dataset, batch_size=frames, num_workers=workers, pin_memory=pin,
+                                         collate_fn=datasets.ImageDataset.collate)
+    for batch in loader:
+        maps, scores = predict_maps(model, batch["image"], zero_shot, dataset.geometry, batch_size, predictor)
+        yield batch, maps.cpu(), scores.cpu()
+
+
+def masks_at_map_size(masks):
+    """(B, 1, h, w) 0/1 masks (or a list of (1, h, w)) -> (B, 256, 256) bool, as the official protocol resizes
+    them: nearest, then > 0.5."""
+    size = (inpformer.MAP_SIZE, inpformer.MAP_SIZE)
+    if isinstance(masks, list):
+        return torch.cat([masks_at_map_size(m[None]) for m in masks])
+    return F.interpolate(masks, size=size, mode="nearest")[:, 0] > 0.5
+
+
+class Progress:
+    """A progress line every `every` seconds: images done, images/s, ETA."""
+
+    def __init__(self, total, log, every=10.0):
+        self.total, self.log, self.every, self.done = total, log, every, 0
+        self.start = self.last = time.monotonic()
+
+    def step(self, n, what):
+        self.done += n
+        now = time.monotonic()
+        if now - self.last >= self.every and self.done < self.total:
+            self.last, rate = now, self.done / (now - self.start)
+            self.log(f"  {what}: {self.done}/{self.total} images, {rate:.1f} img/s, "
+                     f"ETA {train.format_time((self.total - self.done) / rate)}")
+
+    def rate(self):
+        return self.done / max(time.monotonic() - self.start, 1e-9)
 
 # -----------------------------------------------------------------------------------------------------
 # Accumulating and scoring one class
@@ -160,7 +274,7 @@ def evaluate(model, data, root, classes, opts=Options(), out_dir=None, log=print
     if opts.metrics == "adeval" and (opts.streaming or opts.full_res or opts.map_dtype != "float32"):
         raise ValueError("--metrics adeval bins each class's float32 256x256 maps as the official code does: drop "
                          "--streaming, --full-res and --map-dtype float16")
-    model = scoring.ready_model(model, opts.device, opts.precision)
+    model = ready_model(model, opts.device, opts.precision)
     geometry = (opts.geometry or datasets.geometry_of(model.config.geometry)).check(model.encoder.config.patch_size)
     classes = datasets.resolve_classes(data, root, classes)
     # Build every test set first: their pre-flight file checks fail now, not an hour into the run.
@@ -172,14 +286,16 @@ def evaluate(model, data, root, classes, opts=Options(), out_dir=None, log=print
         train_sets = {c: datasets.train_set(data, root, c, geometry) for c in classes}
         opts = replace(opts, bank_size=opts.bank_size or nearest.BANK_SIZE)
     total = sum(len(ds) for ds in test_sets.values())
-    precision = cli.resolve_precision(opts.precision, model.prototype_token.device)
+    precision = train.resolve_precision(opts.precision, model.prototype_token.device)
     maps_kind = "INP distance (zero-shot)" if opts.zero_shot else "reconstruction error"
     pixels_at = "original resolution" if opts.full_res else f"{inpformer.MAP_SIZE}x{inpformer.MAP_SIZE}"
     log(f"{data}: {len(classes)} classes, {total} test images, {geometry.describe()}, {maps_kind} maps, pixels at "
         f"{pixels_at}, {'streaming' if opts.streaming else 'exact'} metrics, {model.prototype_token.device} "
         f"{precision}")
-    progress = scoring.Progress(total, log)
-    per_class, counts, bounds, thresholds, rows, knn_per_class = {}, {}, {}, {}, [], {}
+    progress = Progress(total, log)
+    per_class, counts, thresholds = {}, {}, {}  # by class: the seven metrics, image counts, F1-max thresholds
+    bounds, knn_per_class = {}, {}              # by class: streaming error bounds, the kNN baseline's metrics
+    rows = []                                   # every image's score
     for cls, ds in test_sets.items():
         t0 = time.monotonic()
         acc, class_rows = score_class(model, ds, opts, progress)
@@ -192,15 +308,17 @@ def evaluate(model, data, root, classes, opts=Options(), out_dir=None, log=print
         n_bad = int(acc.labels.sum())
         counts[cls] = {"normal": len(ds) - n_bad, "anomalous": n_bad}
         line = f"  {cls}: {len(ds)} images ({n_bad} anomalous) in {time.monotonic() - t0:.1f}s; "
-        line += " ".join(f"{k} {_cell(m[k])}" for k in METRICS)
+        line += " ".join(f"{k} {cell(m[k])}" for k in METRICS)
         if acc.hist:
             bounds[cls] = acc.hist.error_bounds(fpr_limit=FPR_LIMIT)
             line += f"; binning error <= {100 * max(bounds[cls].values()):.3f} points"
         log(line)
         if out_dir and opts.save_maps:
+            from line.pictures import save_maps
+
             save_maps(model, ds, acc.scores.tolist(), opts, Path(out_dir) / "maps" / cls, cls)
         if opts.baseline == "knn":
-            knn_per_class[cls] = knn_baseline(model, train_sets[cls], ds, opts, log)
+            knn_per_class[cls] = nearest.evaluate_class(model, train_sets[cls], ds, opts, log)
     log(f"{data}: {total} images, {progress.rate():.1f} img/s")
     if opts.streaming:
         metric_kind = f"streaming ({metrics.PixelHistogram().bins} bins over [0, 2])"
@@ -225,62 +343,24 @@ def evaluate(model, data, root, classes, opts=Options(), out_dir=None, log=print
 
 def score_class(model, ds, opts, progress=None, predictor=None):
     """Every image of one class's test set scored: (ClassScores, [ImageScore]). predictor: another way to map
-    images (see scoring.predict_maps), else the model's own."""
+    images (see predict_maps), else the model's own."""
     pixels = not any(s.label and s.mask is None for s in ds.samples)
     acc = ClassScores(len(ds), opts.streaming, getattr(torch, opts.map_dtype), pixels, opts.metrics == "adeval")
     rows = []
-    batches = scoring.scored_batches(model, ds, opts.batch_size, opts.workers, opts.zero_shot, predictor)
+    batches = scored_batches(model, ds, opts.batch_size, opts.workers, opts.zero_shot, predictor)
     for batch, maps, scores in batches:
         if opts.full_res:  # each native mask, and the map resized to its box
             masks = batch["native_mask"]
             maps = [F.interpolate(m[None, None], size=t.shape, mode="bilinear", align_corners=False)[0, 0]
                     for m, t in zip(maps, masks)]
         else:
-            masks = scoring.masks_at_map_size(batch["mask"])
+            masks = masks_at_map_size(batch["mask"])
         acc.add(batch["label"], scores, masks, maps)
         rows += [ImageScore(ds.samples[0].cls, p, int(y), float(s))
                  for p, y, s in zip(batch["path"], batch["label"], scores)]
         if progress is not None:
             progress.step(len(scores), ds.samples[0].cls)
     return acc, rows
-
-
-def knn_baseline(model, train, ds, opts, log):
-    """The seven metrics of the kNN baseline (line/knn.py) on one class's test set `ds`: its bank from the class's
-    training set `train`, prepared as the model's images."""
-    t0 = time.monotonic()
-    cls = ds.samples[0].cls
-    from line import knn as nearest
-
-    knn = nearest.KNNBaseline(model, opts.bank_size, batch_size=opts.batch_size).fit(train, opts.workers)
-    acc, _ = score_class(model, ds, opts, predictor=knn.predict)
-    m = acc.compute(warn=lambda msg: log(f"  note: {cls} (knn baseline): {msg}"))
-    log(f"  {cls} (knn baseline, {len(knn.bank)} tokens in its bank) in {time.monotonic() - t0:.1f}s; "
-        + " ".join(f"{k} {_cell(m[k])}" for k in METRICS))
-    return {k: m[k] for k in METRICS}
-
-
-def save_maps(model, ds, scores, opts, folder, cls):
-    """Pictures of the opts.save_maps most and least anomalous images of one class: most_01_* has the highest
-    score, least_01_* the lowest (ties: the earlier image). These images are scored again, so that the pass
-    over the class keeps no maps. One colour scale: opts.pictures', else min..max of these pictures."""
-    n = opts.save_maps
-    most = sorted(range(len(ds)), key=lambda i: -scores[i])[:n]
-    least = sorted(range(len(ds)), key=lambda i: scores[i])[:n]
-    picks = [(f"most_{rank:02d}", i) for rank, i in enumerate(most, start=1)]
-    picks += [(f"least_{rank:02d}", i) for rank, i in enumerate(least, start=1)]
-    items = [ds[i] for _, i in picks]
-    maps = [scoring.predict_maps(model, item["image"][None], opts.zero_shot, ds.geometry, opts.batch_size)[0][0]
-            .cpu().numpy() for item in items]
-    style = opts.pictures
-    scale = style.scale() or (min(m.min() for m in maps), max(m.max() for m in maps), "min..max here")
-    folder.mkdir(parents=True, exist_ok=True)
-    for (name, i), item, amap in zip(picks, items, maps):
-        mask = scoring.masks_at_map_size(item["mask"][None])[0]
-        title = style.title(item["path"], float(scores[i]), cls)
-        image = scoring.picture(scoring.to_rgb(item["image"]), amap, scale, title, mask.numpy(),
-                                style.outline_threshold())
-        image.save(folder / f"{name}_{scoring.file_stem(item['path'])}.png", compress_level=scoring.PNG_LEVEL)
 
 
 def class_mean(per_class):
@@ -323,7 +403,7 @@ def combine(parts, **protocol):
 # Output
 
 
-def _cell(v):
+def cell(v):
     if v is None:
         return "—"
     return "n/a" if math.isnan(v) else f"{100 * v:.1f}"
@@ -334,13 +414,24 @@ def markdown_table(results) -> str:
     where absent)."""
     lines = ["| class | " + " | ".join(METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
     for name, m in [*results["classes"].items(), ("mean", results["mean"])]:
-        lines.append(f"| {name} | " + " | ".join(_cell(m[k]) for k in METRICS) + " |")
+        lines.append(f"| {name} | " + " | ".join(cell(m[k]) for k in METRICS) + " |")
     return "\n".join(lines)
 
 
 def to_json(x, **kw):
     """JSON with undefined metrics (NaN, which JSON lacks) written as null."""
-    return json.dumps(json.loads(json.dumps(x), parse_constant=lambda _: None), **kw)
+    return json.dumps(without_nan(x), **kw)
+
+
+def without_nan(x):
+    """x with every float NaN or infinity, in any nested dict or list, replaced by None."""
+    if isinstance(x, dict):
+        return {k: without_nan(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [without_nan(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
 
 
 def write_results(results, out_dir, image_scores=None):
@@ -350,22 +441,106 @@ def write_results(results, out_dir, image_scores=None):
     (out / "metrics.json").write_text(to_json(results, indent=1) + "\n")
     rows = [[name, *("" if m[k] is None else repr(m[k]) for k in METRICS)]
             for name, m in [*results["classes"].items(), ("mean", results["mean"])]]
-    scoring.write_csv(out / "metrics.csv", ["class", *METRICS], rows)
+    write_csv(out / "metrics.csv", ["class", *METRICS], rows)
     (out / "metrics.md").write_text(markdown_table(results) + "\n")
     if image_scores is not None:
-        scoring.write_csv(out / "image_scores.csv", ["class", "path", "label", "score"],
+        write_csv(out / "image_scores.csv", ["class", "path", "label", "score"],
                   [(r.cls, r.path, r.label, repr(r.score)) for r in image_scores])
+
+# -----------------------------------------------------------------------------------------------------
+# Checkpoints and the data they were trained on
+
+
+def checkpoint_files(path) -> list[Path]:
+    """[model file]: the file itself, <dir>/model.safetensors, or every <dir>/<class>/model.safetensors (the
+    models of a single-class run)."""
+    p = Path(path)
+    if not p.is_dir():
+        return [p]  # a file that is not there: loading it says so
+    found = sorted(p.glob("model.safetensors")) or sorted(p.glob("*/model.safetensors"))
+    if not found:
+        raise ValueError(f"{p}: no model.safetensors in it or in its sub-folders")
+    return found
+
+
+@dataclass
+class DataSet:
+    """One data set to score a model on."""
+    data: str
+    root: str
+    classes: object  # "all", a comma list or a list of names
+    own: bool = None  # the model was trained on it; None when the checkpoint does not say
+
+
+def plan_data_sets(meta: dict, ckpt, names=None, roots=None, classes=None) -> list[DataSet]:
+    """The data sets to score `ckpt` on: those named (names and roots: comma lists, as --data and --data-root),
+    else the ones it was trained on, with the classes it was trained on (another data set: all its classes,
+    unless `classes` names some). The checkpoint's own data is found by name, by folder (the same folder under
+    another data-set name), or as a "folder" data set whose classes are all classes the checkpoint knows (held-out
+    images of its own classes)."""
+    trained, trained_roots = datasets.split_list(meta.get("data")), datasets.split_list(meta.get("data_root"))
+    per_set, trained_classes = meta.get("classes_per_set"), meta.get("classes")
+    if not isinstance(per_set, list) or len(per_set) != len(trained):
+        per_set = [trained_classes or "all"] if len(trained) == 1 else ["all"] * len(trained)
+    wanted, roots = datasets.split_list(names) or trained, datasets.split_list(roots)
+    if not wanted:
+        raise ValueError(f"{ckpt}: the checkpoint records no data set (the official state dict has no metadata): "
+                         "pass --data and --data-root")
+    if roots and len(roots) != len(wanted):
+        raise ValueError(f"--data names {len(wanted)} data set(s) but --data-root gives {len(roots)} folder(s)")
+    sets = []
+    for i, name in enumerate(wanted):
+        k = _trained_index(name, i, trained, trained_roots, roots)
+        recorded_root = k is not None and k < len(trained_roots)
+        if roots:
+            root = roots[i]
+        elif recorded_root:
+            root = trained_roots[k]
+            if not Path(root).is_dir():
+                raise ValueError(f"{root}: not found; {ckpt} was trained on {name} there: pass --data-root where it "
+                                 "is now")
+        else:
+            root = datasets.default_root(name)
+        if root is None:
+            raise ValueError(f"--data {name} needs --data-root (the folder holding the data set)")
+        if k is not None:
+            own, wanted_classes = True, classes or per_set[k]
+        elif name == "folder" and trained_classes:
+            own, wanted_classes = set(datasets.list_classes(name, root)) <= set(trained_classes), classes or "all"
+        else:
+            own, wanted_classes = False, classes or "all"
+        sets.append(DataSet(name, root, wanted_classes, own=own if trained else None))
+    return sets
+
+
+def _trained_index(name, i, trained, trained_roots, roots):
+    """The index of data set `name` (the i-th asked) among those the checkpoint was trained on: by name, or by
+    its folder; None when it is another data set."""
+    if name in trained:
+        return trained.index(name)
+    if not roots:
+        return None
+    for j, trained_root in enumerate(trained_roots):
+        if Path(trained_root).resolve() == Path(roots[i]).resolve():
+            return j
+    return None
+
+
+def write_csv(path, header, rows):
+    """A CSV file of a header row and rows (the scripts' metrics.csv, image_scores.csv, predictions.csv)."""
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
 
 # -----------------------------------------------------------------------------------------------------
 # Command line
 
 
 def parse_args(argv=None):
-    p = cli.script_parser(__doc__)
+    p = train.script_parser(__doc__)
     p.add_argument("--ckpt", required=True,
                    help="project checkpoint (.safetensors), official state dict (model.pth or .safetensors), or "
                         "the folder of a run (<out>/model.safetensors or <out>/<class>/model.safetensors)")
-    cli.add_data_args(p, datasets.DATASETS, defaults={"batch-size": str(Options.batch_size)})
+    train.add_data_args(p, datasets.DATASETS, defaults={"batch-size": str(Options.batch_size)})
     p.add_argument("--out", type=Path, help="output folder (default: <checkpoint folder>/eval, or eval-<data>, "
                                             "-zero-shot, -full-res for those protocols)")
     p.add_argument("--zero-shot", action="store_true", help="anomaly map = INP distance (paper's zero-shot protocol)")
@@ -377,18 +552,18 @@ def parse_args(argv=None):
     p.add_argument("--baseline", choices=["knn"], help="also score a PatchCore-style nearest-neighbour baseline on "
                    "the same encoder (line/knn.py): its rows print under the table, metrics.json has them in "
                    "baselines.knn")
-    p.add_argument("--bank-size", type=cli.number(), metavar="N",
+    p.add_argument("--bank-size", type=train.number(), metavar="N",
                    help="the baseline's memory bank: at most N tokens per class, a seeded random subset (default "
                         "line.knn.BANK_SIZE)")
     p.add_argument("--streaming", action="store_true",
                    help="pixel metrics from 65536-bin histograms (constant memory; error bounds in metrics.json)")
     p.add_argument("--map-dtype", choices=["float32", "float16"], default="float32",
                    help="storage of maps for exact metrics (default float32); float16 halves it, rounding the scores")
-    p.add_argument("--save-maps", type=cli.number(low=0), default=0, metavar="N",
+    p.add_argument("--save-maps", type=train.number(low=0), default=0, metavar="N",
                    help="per class, pictures of the N most and N least anomalous test images")
-    cli.add_picture_args(p)
+    train.add_picture_args(p)
     args = p.parse_args(argv)
-    cli.check_picture_args(args)
+    train.check_picture_args(args)
     return args
 
 
@@ -397,7 +572,7 @@ class Job:
     """One model scored on one data set."""
     ckpt: Path
     meta: dict  # what the checkpoint records
-    data_set: scoring.DataSet
+    data_set: DataSet
     out: Path    # where its metrics go
     table: str   # the printed table its rows join
 
@@ -426,40 +601,48 @@ def plan_jobs(args, ckpts, first, sets, out) -> list[Job]:
         name = (datasets.split_list(meta.get("data")) or [sets[0].data])[0]
         roots = datasets.split_list(args.data_root) or datasets.split_list(meta.get("data_root")) or [sets[0].root]
         root = roots[0]
-        jobs.append(Job(ckpt, meta, scoring.DataSet(name, root, classes, own=True), out / ckpt.parent.name, "all"))
+        jobs.append(Job(ckpt, meta, DataSet(name, root, classes, own=True), out / ckpt.parent.name, "all"))
     if not jobs:
         raise ValueError(f"{args.ckpt}: no model for --classes {args.classes}")
     return jobs
 
 
-def main(argv=None, log=cli.log):
+def main(argv=None, log=train.log_line):
     args = parse_args(argv)
-    device, precision = cli.device_and_precision(args)
-    ckpts = scoring.checkpoint_files(args.ckpt)
+    device, precision = train.device_and_precision(args)
+    ckpts = checkpoint_files(args.ckpt)
     base = Path(args.ckpt) if Path(args.ckpt).is_dir() else ckpts[0].parent  # outputs go beside the model(s)
-    first_model = scoring.load_ready(ckpts[0], device, precision)  # a file that is no checkpoint fails here
+    first_model = load_ready(ckpts[0], device, precision)  # a file that is no checkpoint fails here
     first = inpformer.read_checkpoint_metadata(ckpts[0])
-    sets = scoring.plan_data_sets(first, ckpts[0], args.data, args.data_root, args.classes)
+    sets = plan_data_sets(first, ckpts[0], args.data, args.data_root, args.classes)
     foreign = [s.data for s in sets if s.own is False]
     if foreign and not args.zero_shot:
         log(f"note: {ckpts[0]} was trained on {first.get('data')}, not {', '.join(foreign)}; the paper's zero-shot "
             "protocol uses INP-distance maps: add --zero-shot")
-    suffix = "".join(f"-{d}" for d in foreign) + "-zero-shot" * args.zero_shot + "-full-res" * args.full_res
-    suffix += "-adeval" * (args.metrics == "adeval")
-    out = args.out or base / f"eval{suffix}"
+    protocols = [f"-{d}" for d in foreign]
+    if args.zero_shot:
+        protocols.append("-zero-shot")
+    if args.full_res:
+        protocols.append("-full-res")
+    if args.metrics == "adeval":
+        protocols.append("-adeval")
+    out = args.out or base / ("eval" + "".join(protocols))
     jobs = plan_jobs(args, ckpts, first, sets, out)
     opts = Options(batch_size=args.batch_size or Options.batch_size, device=str(device), precision=precision,
-                   workers=cli.workers(args.workers), zero_shot=args.zero_shot, full_res=args.full_res,
+                   workers=train.workers(args.workers), zero_shot=args.zero_shot, full_res=args.full_res,
                    streaming=args.streaming, map_dtype=args.map_dtype, metrics=args.metrics, save_maps=args.save_maps,
                    baseline=args.baseline, bank_size=args.bank_size)
     results, written = {}, []
     for job in jobs:
-        model = first_model if job.ckpt == ckpts[0] else scoring.load_ready(job.ckpt, device, precision)
-        geometry = scoring.asked_geometry(model, args, job.ckpt, log)
-        calibration = None if args.zero_shot else scoring.read_calibration(job.meta, job.ckpt, log)
-        if args.outline and not calibration:
-            log(f"note: --outline draws the calibrated pixel threshold, and {job.ckpt} has no calibration")
-        pictures = scoring.PictureStyle(calibration, args.outline, args.heat_range)
+        model = first_model if job.ckpt == ckpts[0] else load_ready(job.ckpt, device, precision)
+        geometry = asked_geometry(model, args, job.ckpt, log)
+        pictures = None
+        if args.save_maps:  # titled with the calibration's decisions, when the checkpoint has one
+            import line.decisions
+            import line.pictures
+
+            calibration = None if args.zero_shot else line.decisions.read_calibration(job.meta, job.ckpt, log)
+            pictures = line.pictures.picture_style(args, calibration, job.ckpt, log)
         job_opts = replace(opts, geometry=geometry, pictures=pictures)
         s = job.data_set
         results.setdefault(job.table, []).append(evaluate(model, s.data, s.root, s.classes, job_opts, job.out, log))
@@ -483,4 +666,4 @@ def main(argv=None, log=cli.log):
 
 
 if __name__ == "__main__":
-    cli.guard(main)
+    train.guard(main)

@@ -604,7 +604,7 @@ def load_model(path, device="cpu") -> INPFormer:
             config = INPFormerConfig(**json.loads(strings["inpformer_config"]))
             if "geometry" not in json.loads(strings["inpformer_config"]):  # written before metadata version 2
                 old = decode_metadata(strings)
-                config.geometry = {"image_size": old.get("image_size", 448), "crop_size": old.get("crop_size", 392)}
+                config.geometry = {k: old.get(k, v) for k, v in PAPER_GEOMETRY.items()}
         else:
             encoder = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
             heads = sd["decoder.0.attn.learn_scale"].shape[0]

@@ -35,6 +35,7 @@ large to keep in memory (Real-IAD), `PixelHistogram` accumulates fixed-width sco
 it states its resolution and bounds its own error.
 """
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -233,11 +234,24 @@ def _union(n, a, b):
     return comp, roots.size
 
 
-def _label_runs(mask):
-    """Runs of an (N, H, W) bool mask and their 8-connected region ids, regions never crossing images.
+@dataclass
+class Runs:
+    """The runs of a mask's rows (row r of image i is row i * H + r; a run covers columns start..stop-1) and the
+    8-connected region of each, numbered 0..n-1 in raster order of each region's first pixel."""
+    row: np.ndarray
+    start: np.ndarray
+    stop: np.ndarray
+    region: np.ndarray
+    n: int
 
-    Returns row, start, stop, region (per run, numbered in raster order of each region's first pixel), n.
-    """
+    def pixels(self, width):
+        """(flat index of every pixel of the runs in raster order, the length of each run)."""
+        length = self.stop - self.start
+        return _expand(self.row * width + self.start, length), length
+
+
+def label_runs(mask) -> Runs:
+    """The runs of an (N, H, W) bool mask and their 8-connected regions, regions never crossing images."""
     _, height, width = mask.shape
     row, start, stop = _runs(mask)
     # A run touches the runs of the next row that overlap it once widened by one pixel on each side (the
@@ -252,7 +266,7 @@ def _label_runs(mask):
     a = np.repeat(np.arange(row.size), count)
     b = _expand(first, count)
     region, n = _union(row.size, a, b)
-    return row, start, stop, region, n
+    return Runs(row, start, stop, region, n)
 
 
 def label_components(mask2d):
@@ -265,20 +279,20 @@ def label_components(mask2d):
     if m.ndim != 2:
         raise ValueError(f"label_components takes one (H, W) mask, got shape {m.shape}")
     height, width = m.shape
-    row, start, stop, region, n = _label_runs(m[None])
+    runs = label_runs(m[None])
     labels = np.zeros((height, width), np.int32)
-    length = stop - start
-    labels.reshape(-1)[_expand(row * width + start, length)] = np.repeat(region + 1, length)
-    return labels, n
+    pixels, length = runs.pixels(width)
+    labels.reshape(-1)[pixels] = np.repeat(runs.region + 1, length)
+    return labels, runs.n
 
 
 def _region_pixels(mask):
     """Flat indices of the anomalous pixels (raster order), the weight 1/|region| of each, and #regions."""
     _, _, width = mask.shape
-    row, start, stop, region, n = _label_runs(mask)
-    length = stop - start
-    size = np.bincount(region, weights=length, minlength=n)
-    return _expand(row * width + start, length), np.repeat(1.0 / size[region], length), n
+    runs = label_runs(mask)
+    pixels, length = runs.pixels(width)
+    size = np.bincount(runs.region, weights=length, minlength=runs.n)
+    return pixels, np.repeat(1.0 / size[runs.region], length), runs.n
 
 # -----------------------------------------------------------------------------------------------------
 # Curves

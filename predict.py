@@ -29,12 +29,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import cli
 import data as datasets  # the module; `data` is the name of a data set in the functions below
+import evaluate
 import inpformer
+import line.decisions
 import line.frames
+import line.pictures
 import metrics
-import scoring
+import train
 
 # -----------------------------------------------------------------------------------------------------
 # Calibration: a decision rule learnt on labelled images
@@ -159,7 +161,7 @@ class CalibrationSet:
     good_pixels: metrics.PixelHistogram
 
 
-def calibration_samples(data_set: scoring.DataSet) -> dict:
+def calibration_samples(data_set: evaluate.DataSet) -> dict:
     """{class: [Sample]} of the images of `data_set` to calibrate on (its test images, or the validation split of
     a data set that has one, data.CALIBRATION_SPLIT), every file checked; at least one must be good."""
     classes = datasets.resolve_classes(data_set.data, data_set.root, data_set.classes)
@@ -182,14 +184,14 @@ def good_samples(files, cls) -> dict:
 
 def score_calibration_set(model, test_sets, opts, log=print) -> CalibrationSet:
     """Every image of `test_sets` ({class: ImageDataset}) scored, with a histogram of its maps' pixels."""
-    model = scoring.ready_model(model, opts.device, opts.precision)
-    progress = scoring.Progress(sum(len(ds) for ds in test_sets.values()), log)
+    model = evaluate.ready_model(model, opts.device, opts.precision)
+    progress = evaluate.Progress(sum(len(ds) for ds in test_sets.values()), log)
     classes, labels, scores = [], [], []
     pixels, good_pixels = metrics.PixelHistogram(), metrics.PixelHistogram()
     for cls, ds in test_sets.items():
         has_masks = not any(s.label and s.mask is None for s in ds.samples)
-        for batch, maps, batch_scores in scoring.scored_batches(model, ds, opts.batch_size, opts.workers):
-            masks = scoring.masks_at_map_size(batch["mask"])
+        for batch, maps, batch_scores in evaluate.scored_batches(model, ds, opts.batch_size, opts.workers):
+            masks = evaluate.masks_at_map_size(batch["mask"])
             normal = batch["label"] == 0
             if has_masks:
                 pixels.update(masks, maps)
@@ -203,7 +205,7 @@ def score_calibration_set(model, test_sets, opts, log=print) -> CalibrationSet:
     return CalibrationSet(classes, np.asarray(labels, bool), np.asarray(scores, np.float64), pixels, good_pixels)
 
 
-def calibrate_on(model, test_sets, opts: scoring.Options, max_false_reject=None, max_false_pixels=MAX_FALSE_PIXELS,
+def calibrate_on(model, test_sets, opts: evaluate.Options, max_false_reject=None, max_false_pixels=MAX_FALSE_PIXELS,
                  log=print) -> dict:
     """Score `test_sets` ({class: ImageDataset}) and learn the rule: with a false-reject budget, the conformal
     thresholds of budget_calibration; else calibration(), pooled over the classes, plus each class's own F1-max
@@ -259,7 +261,7 @@ def calibration_target(path) -> Path:
     return target
 
 
-def write_calibration(path, rule, data_set: scoring.DataSet = None) -> Path:
+def write_calibration(path, rule, data_set: evaluate.DataSet = None) -> Path:
     """Store the calibration `rule` in a project checkpoint's metadata: the file is rewritten atomically, every
     tensor as it was. An official state dict (.pth) is left alone and a calibrated project checkpoint is written
     beside it, recording the data of `data_set`. Returns the file written."""
@@ -368,14 +370,14 @@ def find_regions(amap, threshold, min_area=1) -> tuple:
     return keep[labels], regions
 
 
-def predict_images(model, files, opts=scoring.Options(), out_dir=None, cls=None, log=print, rule=RegionRule()):
+def predict_images(model, files, opts=evaluate.Options(), out_dir=None, cls=None, log=print, rule=RegionRule()):
     """Score unlabelled images: [dict(path, class, score; with a calibration threshold, normalised, decision,
     regions, largest_area; heatmap)], and with out_dir predictions.csv, regions.csv, heatmaps/<name>.png and with
     rule.save_masks masks/<name>.png. Every image takes the threshold of class `cls` (only when named: never
     guessed from a path), else the pooled one. Regions (find_regions on the map at the image's own size) need a
     calibration's pixel threshold. The heat maps share one scale: opts.pictures', else min..max over all these
     images (their maps then wait in memory, 0.3 MB each, until all are scored)."""
-    model = scoring.ready_model(model, opts.device, opts.precision)
+    model = evaluate.ready_model(model, opts.device, opts.precision)
     geometry = opts.geometry or datasets.geometry_of(model.config.geometry)
     samples = [datasets.Sample(str(f), None, 0, "", "") for f in files]
     dataset = datasets.ImageDataset(samples, geometry)
@@ -385,14 +387,16 @@ def predict_images(model, files, opts=scoring.Options(), out_dir=None, cls=None,
     for folder in ("heatmaps", "masks") if out else ():
         if folder == "heatmaps" or rule.save_masks:
             (out / folder).mkdir(parents=True, exist_ok=True)
-    progress, rows, region_rows, used, waiting = scoring.Progress(len(files), log), [], [], set(), []
-    for batch, maps, scores in scoring.scored_batches(model, dataset, opts.batch_size, opts.workers, opts.zero_shot):
+    progress = evaluate.Progress(len(files), log)
+    rows, region_rows = [], []  # predictions.csv, regions.csv
+    used, waiting = set(), []   # picture names taken; pictures waiting for the common colour scale
+    for batch, maps, scores in evaluate.scored_batches(model, dataset, opts.batch_size, opts.workers, opts.zero_shot):
         for i, path in enumerate(batch["path"]):
             score = float(scores[i])
             row = {"path": path, "class": cls or "", "score": score}
             name = unique_name(path, used)
             if cal:
-                row.update(scoring.decide(score, cal, cls))
+                row.update(line.decisions.decide(score, cal, cls))
                 mask, regions = find_regions(native_map(maps[i], path, geometry), cal["pixel_threshold"],
                                              rule.min_area)
                 row.update(regions=len(regions), largest_area=max((r.area for r in regions), default=0))
@@ -408,7 +412,7 @@ def predict_images(model, files, opts=scoring.Options(), out_dir=None, cls=None,
             title = style.title(path, score, cls)
             if cal and rule.decide_by == "regions":
                 title = f"{Path(path).name}: score {score:.4g}, {row['regions']} regions {row['decision'].upper()}"
-            picture = dict(image=scoring.to_rgb(batch["image"][i]), map=maps[i].half(), title=title,
+            picture = dict(image=line.pictures.to_rgb(batch["image"][i]), map=maps[i].half(), title=title,
                            file=out / "heatmaps" / row["heatmap"])
             if scale:
                 _draw(picture, scale, style)
@@ -423,8 +427,8 @@ def predict_images(model, files, opts=scoring.Options(), out_dir=None, cls=None,
     if out:  # without a calibration normalised_score, decision and the region columns stay empty
         header = ["path", "class", "score", "normalised_score", "decision", "regions", "largest_area", "heatmap"]
         columns = ["path", "class", "score", "normalised", "decision", "regions", "largest_area", "heatmap"]
-        scoring.write_csv(out / "predictions.csv", header, [[r.get(k, "") for k in columns] for r in rows])
-        scoring.write_csv(out / "regions.csv", ["image", "class", "region", "area", "left", "top", "right", "bottom",
+        evaluate.write_csv(out / "predictions.csv", header, [[r.get(k, "") for k in columns] for r in rows])
+        evaluate.write_csv(out / "regions.csv", ["image", "class", "region", "area", "left", "top", "right", "bottom",
                                                 "max_score", "mean_score"], region_rows)
     n_bad = sum(r.get("decision") == "anomalous" for r in rows)
     summary = f"scored {len(rows)} images, {progress.rate():.1f} img/s; "
@@ -432,7 +436,7 @@ def predict_images(model, files, opts=scoring.Options(), out_dir=None, cls=None,
         summary += (f"{n_bad} anomalous, {len(rows) - n_bad} normal (any region of at least {rule.min_area} px over "
                     f"the pixel threshold {cal['pixel_threshold']:.4g}); {len(region_rows)} regions")
     elif cal:
-        t = scoring.class_threshold(cal, cls)
+        t = line.decisions.class_threshold(cal, cls)
         which = f"class {cls}" if cls in cal.get("classes", {}) else "pooled"
         rule_name = cal.get("rule", {}).get("image", "stored")
         summary += f"{n_bad} anomalous, {len(rows) - n_bad} normal ({which} threshold {t:.4g}, {rule_name}); "
@@ -445,8 +449,8 @@ def predict_images(model, files, opts=scoring.Options(), out_dir=None, cls=None,
 
 def _draw(waiting, scale, style):
     amap = waiting["map"].float().numpy()
-    picture = scoring.picture(waiting["image"], amap, scale, waiting["title"], outline=style.outline_threshold())
-    picture.save(waiting["file"], compress_level=scoring.PNG_LEVEL)
+    picture = line.pictures.picture(waiting["image"], amap, scale, waiting["title"], outline=style.outline_threshold())
+    picture.save(waiting["file"], compress_level=line.pictures.PNG_LEVEL)
 
 # -----------------------------------------------------------------------------------------------------
 # ONNX export
@@ -471,17 +475,19 @@ def fixed_model(model, input_size):
 
 class DecisionOutputs(torch.nn.Module):
     """The outputs both graphs end with: the map and score, and with a calibration the normalised score and the
-    decision (true: anomalous) under one threshold, the named class's or the pooled one (scoring.decide's rule)."""
+    decision (true: anomalous) under one threshold, the named class's or the pooled one (line.decisions.decide's
+    rule)."""
 
     def __init__(self, calibration=None, cls=None):
         super().__init__()
         self.calibration = calibration
-        self.threshold = scoring.class_threshold(calibration, cls) if calibration else None
+        self.threshold = line.decisions.class_threshold(calibration, cls) if calibration else None
 
     def forward(self, maps, scores):
         if not self.calibration:
             return maps, scores
-        return maps, scores, scoring.normalise(scores, self.calibration, self.threshold), scores >= self.threshold
+        normalised = line.decisions.normalise(scores, self.calibration, self.threshold)
+        return maps, scores, normalised, scores >= self.threshold
 
 
 class NormalisedGraph(torch.nn.Module):
@@ -530,7 +536,7 @@ class FrameGraph(torch.nn.Module):
         return self.outputs(*line.frames.score_frame_maps(frame_maps))
 
 
-def export_onnx(model, path, opts=scoring.Options(), images=None, cls=None, log=print, input_kind="frames",
+def export_onnx(model, path, opts=evaluate.Options(), images=None, cls=None, log=print, input_kind="frames",
                 frame_size=None):
     """Write the scoring path as ONNX and check it before it takes its name. input_kind "frames" (FrameGraph,
     input "frames": uint8 (B, H, W, 3), B, H and W dynamic unless frame_size fixes H and W) or "normalised"
@@ -551,7 +557,7 @@ def export_onnx(model, path, opts=scoring.Options(), images=None, cls=None, log=
     cal = opts.pictures.calibration
     files = image_files(images) if images else []
     # The graph is fp32 whatever --precision says: a model cast to bf16 first would lose its weights' precision.
-    fp32 = scoring.ready_model(model, "cpu", "fp32")
+    fp32 = evaluate.ready_model(model, "cpu", "fp32")
     if input_kind == "normalised":
         if geometry.tile is not None:
             raise ValueError("--export-input normalised takes one model input, and tiles are many: export frames")
@@ -617,7 +623,7 @@ def raw_frame(path, size=None) -> np.ndarray:
     """An image file as a camera frame: uint8 (H, W, 3) RGB, resized to `size` (height, width) when given. 16-bit
     and float images are refused: an 8-bit frame would clip them."""
     with Image.open(path) as im:
-        if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        if im.mode in datasets.WIDE_GREY:
             raise ValueError(f"{path}: a {im.mode} image is no 8-bit frame: export with --export-input normalised")
         im = im.convert("RGB")
         if size is not None and im.size != (size[1], size[0]):
@@ -638,7 +644,7 @@ def compare_with_python(session, model, geometry, calibration, cls, files, frame
         want = float(line.frames.predict_frames(model, x[None] if geometry.tile is None else [x], geometry)[1][0])
         worst = max(worst, abs(float(got[1][0]) - want) / max(abs(want), 1e-12))
         if calibration:
-            agree += bool(got[3][0]) == (want >= scoring.class_threshold(calibration, cls))
+            agree += bool(got[3][0]) == (want >= line.decisions.class_threshold(calibration, cls))
     log(f"  on {len(files)} images, the graph's scores against the Python path's: at most {100 * worst:.2f} % apart"
         + (f"; decisions agree on {agree} of {len(files)}" if calibration else ""))
 
@@ -648,7 +654,7 @@ def compare_with_python(session, model, geometry, calibration, cls, files, frame
 
 
 def parse_args(argv=None):
-    p = cli.script_parser(__doc__)
+    p = train.script_parser(__doc__)
     p.add_argument("--ckpt", required=True,
                    help="project checkpoint (.safetensors), official state dict (model.pth or .safetensors), or "
                         "the folder of a run (--calibrate: each model of a single-class run on its own class)")
@@ -664,37 +670,37 @@ def parse_args(argv=None):
                       help="write the scoring path as ONNX and check it with onnxruntime (on the --images given, "
                            "else on random inputs)")
     cal = p.add_argument_group("--calibrate")
-    cal.add_argument("--max-false-reject", type=cli.number(float, 0.0), metavar="P",
+    cal.add_argument("--max-false-reject", type=train.number(float, 0.0), metavar="P",
                      help="set the image thresholds from the good images alone so that a new good part is rejected "
                           "with probability at most P (the conformal rule; e.g. 0.01)")
-    cal.add_argument("--max-false-pixels", type=cli.number(float, 0.0), metavar="Q",
+    cal.add_argument("--max-false-pixels", type=train.number(float, 0.0), metavar="Q",
                      help=f"with --max-false-reject: the region threshold flags at most this share of the good "
                           f"images' pixels, below 1 (default {MAX_FALSE_PIXELS:g})")
     export = p.add_argument_group("--export")
     export.add_argument("--export-input", choices=["frames", "normalised"], default="frames",
                         help="frames (default): raw uint8 (B, H, W, 3) camera frames in, the resize, crop and "
                              "normalisation inside the graph; normalised: the preprocessed float batch, as before")
-    export.add_argument("--frame-size", type=cli.size("none"), metavar="HxW",
+    export.add_argument("--frame-size", type=train.size("none"), metavar="HxW",
                         help="fix the frames' size in the graph (needed for tiles at each frame's own size)")
     line = p.add_argument_group("--images")
-    line.add_argument("--min-area", type=cli.number(), metavar="N",
+    line.add_argument("--min-area", type=train.number(), metavar="N",
                       help="regions smaller than N pixels (of the image's own size) are ignored (default 1)")
     line.add_argument("--decide-by", choices=["score", "regions"], default="score",
                       help="score (default): anomalous at or above the image threshold; regions: anomalous when any "
                            "region of at least --min-area pixels is over the pixel threshold")
     line.add_argument("--save-masks", action="store_true",
                       help="write masks/<name>.png: each image's regions as a 0/255 mask of its own size")
-    cli.add_data_args(p, datasets.DATASETS, defaults={
-        "batch-size": str(scoring.Options.batch_size),
+    train.add_data_args(p, datasets.DATASETS, defaults={
+        "batch-size": str(evaluate.Options.batch_size),
         "classes help": "--calibrate: the classes to calibrate on, \"all\" or a comma list (default: the checkpoint's; "
                         "with --images: the class of those good images); --images: the one class whose threshold "
                         "to use (default: the pooled threshold)"})
     p.add_argument("--out", type=Path, help="output folder of --images (default: <checkpoint folder>/predictions)")
     p.add_argument("--zero-shot", action="store_true",
                    help="--images: anomaly map = INP distance (scores only: calibrations are for reconstruction maps)")
-    cli.add_picture_args(p)
+    train.add_picture_args(p)
     args = p.parse_args(argv)
-    cli.check_picture_args(args)
+    train.check_picture_args(args)
     if not (args.calibrate or args.images or args.export):
         raise ValueError("give --calibrate, --images PATH or --export OUT.onnx (see --help)")
     if args.calibrate and args.export:
@@ -721,30 +727,30 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None, log=cli.log):
+def main(argv=None, log=train.log_line):
     args = parse_args(argv)
-    device, precision = cli.device_and_precision(args)
-    ckpts = scoring.checkpoint_files(args.ckpt)
+    device, precision = train.device_and_precision(args)
+    ckpts = evaluate.checkpoint_files(args.ckpt)
     if (args.images or args.export) and len(ckpts) > 1:
         raise ValueError(f"{args.ckpt}: --images and --export need one model file, not a folder of {len(ckpts)}")
     if args.calibrate:
         return calibrate_main(args, ckpts, device, precision, log)
 
-    model = scoring.load_ready(ckpts[0], device, precision)
+    model = evaluate.load_ready(ckpts[0], device, precision)
     meta = inpformer.read_checkpoint_metadata(ckpts[0])
-    cal = None if args.zero_shot else scoring.read_calibration(meta, ckpts[0], log)
+    cal = None if args.zero_shot else line.decisions.read_calibration(meta, ckpts[0], log)
     # The calibration's geometry is the one its thresholds hold at: prediction starts from it.
     calibrated_at = calibration_geometry(cal)
-    geometry = scoring.asked_geometry(model, args, ckpts[0], log, base=calibrated_at)
+    geometry = evaluate.asked_geometry(model, args, ckpts[0], log, base=calibrated_at)
     if calibrated_at is not None and calibrated_at != geometry:
         log(f"note: {ckpts[0]} was calibrated at {calibrated_at.describe()}, not {geometry.describe()}: its "
             "thresholds may not hold")
     if args.outline and not cal:
         log(f"note: --outline draws the calibrated pixel threshold, and {ckpts[0]} has no calibration")
-    opts = scoring.Options(batch_size=args.batch_size or scoring.Options.batch_size, device=str(device),
-                           precision=precision, workers=cli.workers(args.workers), geometry=geometry,
+    opts = evaluate.Options(batch_size=args.batch_size or evaluate.Options.batch_size, device=str(device),
+                           precision=precision, workers=train.workers(args.workers), geometry=geometry,
                            zero_shot=args.zero_shot,
-                           pictures=scoring.PictureStyle(cal, args.outline, args.heat_range))
+                           pictures=line.pictures.PictureStyle(cal, args.outline, args.heat_range))
     calibrated = (cal or {}).get("class_names", list((cal or {}).get("classes", {})))
     if args.classes and ("," in args.classes or (cal and args.classes not in calibrated)):
         known = f" (calibrated: {', '.join(calibrated)})" if cal else ""
@@ -784,7 +790,7 @@ def calibrate_main(args, ckpts, device, precision, log):
             classes = args.classes
             if classes is None and len(ckpts) > 1:  # a single-class run: each model on its own class
                 classes = ",".join(datasets.split_list(meta.get("classes")))
-            sets = scoring.plan_data_sets(meta, ckpt, args.data, args.data_root, classes)
+            sets = evaluate.plan_data_sets(meta, ckpt, args.data, args.data_root, classes)
             if len(sets) > 1:
                 raise ValueError("--calibrate learns one rule per model: calibrate it on one data set")
             data_set = sets[0]
@@ -796,10 +802,10 @@ def calibrate_main(args, ckpts, device, precision, log):
             check_budget(sum(s.label == 0 for found in samples.values() for s in found), args.max_false_reject)
         plans.append((ckpt, meta, data_set, samples))
     for ckpt, meta, data_set, samples in plans:
-        model = scoring.load_ready(ckpt, device, precision)
-        geometry = scoring.asked_geometry(model, args, ckpt, log)
-        opts = scoring.Options(batch_size=args.batch_size or scoring.Options.batch_size, device=str(device),
-                               precision=precision, workers=cli.workers(args.workers), geometry=geometry)
+        model = evaluate.load_ready(ckpt, device, precision)
+        geometry = evaluate.asked_geometry(model, args, ckpt, log)
+        opts = evaluate.Options(batch_size=args.batch_size or evaluate.Options.batch_size, device=str(device),
+                               precision=precision, workers=train.workers(args.workers), geometry=geometry)
         test_sets = {c: datasets.ImageDataset(found, geometry) for c, found in samples.items()}
         if files is not None:
             log(f"{ckpt}: calibrating on {len(files)} good images")
@@ -828,4 +834,4 @@ def calibration_summary(target, rule, replaced=False) -> str:
 
 
 if __name__ == "__main__":
-    cli.guard(main)
+    train.guard(main)

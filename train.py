@@ -22,12 +22,14 @@ schedule), and ends with the same weights as an uninterrupted run; without a sta
 run it leaves as it is. A new run never replaces one unless told (--overwrite). Every log line also goes to
 `<out>/train.log`. At the end the run is evaluated (evaluate.py) unless --no-eval.
 """
+import argparse
 import contextlib
 import copy
-import json
 import math
 import os
+import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,10 +37,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import cli
 import data
 import demo
-import evaluate
 import inpformer
 
 # The official multi-class recipe's geometry (448 -> 392), batch and length; --data demo has its own (demo.RECIPE).
@@ -122,7 +122,7 @@ class EpochBatches(torch.utils.data.Sampler):
             yield idx[b * self.batch_size:(b + 1) * self.batch_size].tolist()
 
 # -----------------------------------------------------------------------------------------------------
-# The encoder, and its features cached once
+# The encoder
 
 
 def load_encoder(weights=None, backbone=None, is_demo=False, log=print) -> inpformer.ViT:
@@ -184,82 +184,6 @@ class LossModule(torch.nn.Module):
         return self.model.loss_from_features(*features)
 
 
-@dataclass
-class FeatureCache:
-    """The frozen encoder's outputs for every training image, in files under <out>/feature_cache/ that every
-    process memory-maps: en.bin (N, groups, tokens, D), fused.bin (N, tokens, D), and cache.json, written last,
-    which records what they were made from. The training images are not augmented on the fly, so the features
-    never change: a resumed run reuses the files, and --keep-cache keeps them after the run."""
-    folder: Path
-    en: torch.Tensor
-    fused: torch.Tensor
-    grid: tuple
-
-    def batch(self, idx, device):
-        """The features of the images `idx` as loss_from_features takes them, in fp32 on `device`."""
-        fp32 = dict(device=device, dtype=torch.float32)
-        return list(self.en[idx].to(**fp32).unbind(1)), self.fused[idx].to(**fp32), self.grid
-
-
-def feature_cache(run, encoder, recipe, batch_size, log) -> FeatureCache:
-    """The run's feature cache: the one in <out>/feature_cache when it was made from `recipe`, else made now,
-    each process encoding its share of the images into the shared files."""
-    folder, model, n = run.out / "feature_cache", run.model, len(run.dataset)
-    p = model.encoder.config.patch_size
-    h, w = data.geometry_of(model.config.geometry).input_size()
-    grid, width, groups = (h // p, w // p), model.encoder.config.embed_dim, len(model.config.fuse_groups)
-    shapes = {"en": (n, groups, grid[0] * grid[1], width), "fused": (n, grid[0] * grid[1], width)}
-    dtype = cli.PRECISIONS[recipe["dtype"]]
-    recipe = dict(recipe, shapes={k: list(v) for k, v in shapes.items()})
-    files = {k: str(folder / f"{k}.bin") for k in shapes}
-    found = None
-    with contextlib.suppress(OSError, ValueError):  # no cache yet, or one cut short before cache.json
-        found = json.loads((folder / "cache.json").read_text())
-    if found == recipe:
-        log(f"feature cache: reusing {folder} ({_gib(folder):.2f} GiB)")
-    else:
-        if found is not None:
-            log(f"feature cache: {folder} was made from other data or settings; making it again")
-        t0 = time.time()
-        if run.rank == 0:
-            shutil.rmtree(folder, ignore_errors=True)
-            folder.mkdir(parents=True)
-            for k, shape in shapes.items():
-                with open(files[k], "wb") as f:
-                    f.truncate(math.prod(shape) * dtype.itemsize)
-        _barrier(run)
-        mapped = {k: torch.from_file(files[k], shared=True, size=math.prod(s), dtype=dtype).view(s)
-                  for k, s in shapes.items()}
-        lo, hi = n * run.rank // run.world, n * (run.rank + 1) // run.world  # this process's share
-        share = torch.utils.data.Subset(run.dataset, range(lo, hi))
-        done = lo
-        for batch in torch.utils.data.DataLoader(share, batch_size=batch_size, num_workers=run.workers):
-            with run.amp:
-                en, fused = model.encode(batch["image"].to(run.device), encoder)
-            b = len(fused)
-            mapped["en"][done:done + b] = torch.stack(en, 1).to("cpu", dtype)
-            mapped["fused"][done:done + b] = fused.to("cpu", dtype)
-            done += b
-        del mapped  # unmapped: the writes are in the files
-        _barrier(run)
-        if run.rank == 0:
-            with inpformer.atomic_write(folder / "cache.json") as tmp:
-                Path(tmp).write_text(json.dumps(recipe, indent=1))
-        _barrier(run)
-        log(f"feature cache: encoded {n} images in {time.time() - t0:.0f}s into {folder} ({_gib(folder):.2f} GiB)")
-    en, fused = (torch.from_file(files[k], shared=False, size=math.prod(s), dtype=dtype).view(s)
-                 for k, s in shapes.items())
-    return FeatureCache(folder, en, fused, grid)
-
-
-def _gib(folder):
-    return sum(f.stat().st_size for f in Path(folder).glob("*.bin")) / 2**30
-
-
-def _barrier(run):
-    if run.world > 1:
-        dist.barrier()
-
 # -----------------------------------------------------------------------------------------------------
 # One training run: its state, setup, then the loop
 
@@ -287,7 +211,7 @@ class TrainingRun:
     rank: int = 0
     world: int = 1
     start: int = 0                # the iteration the loop starts at (after a resume)
-    features: FeatureCache = None  # cached encoder features, or None: the encoder runs in every step
+    features: object = None       # line.feature_cache.FeatureCache, or None: the encoder runs in every step
     loss_sum: float = 0.0         # the losses since the last log line: their sum and count
     loss_count: int = 0
 
@@ -391,7 +315,7 @@ def setup(args, encoder, sets, out, device, log, rank=0, world=1) -> TrainingRun
                 classes=[c for _, _, cs in sets for c in cs],
                 classes_per_set=[cs for _, _, cs in sets],
                 setting=args.setting, shots=args.shots, backbone=str(backbone), seed=args.seed, total_iters=total)
-    amp_dtype = None if args.precision == "fp32" else cli.PRECISIONS[args.precision]
+    amp_dtype = None if args.precision == "fp32" else PRECISIONS[args.precision]
     amp = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     encoder = step_encoder(model, device, amp_dtype)
     net = LossModule(model, encoder)
@@ -408,6 +332,8 @@ def setup(args, encoder, sets, out, device, log, rank=0, world=1) -> TrainingRun
     if world > 1:
         run.net = torch.nn.parallel.DistributedDataParallel(net, None if device.index is None else [device.index])
     if args.cache_features:
+        from line.feature_cache import feature_cache
+
         recipe = dict(run.identity, data_root=meta["data_root"], dtype=args.cache_features, images=len(dataset))
         run.features = feature_cache(run, encoder, recipe, per_process, log)
     return run
@@ -478,7 +404,7 @@ def progress_line(run, it, t0):
     eta = elapsed / done * (total - it)
     return (f"epoch {math.ceil(it / per_epoch)}/{math.ceil(total / per_epoch)} iter {it}/{total} loss "
             f"{run.loss_sum / run.loss_count:.4f} lr {run.opt.param_groups[0]['lr']:.2e} "
-            f"{images_per_s:.1f} img/s ETA {cli.format_time(eta)}")
+            f"{images_per_s:.1f} img/s ETA {format_time(eta)}")
 
 # -----------------------------------------------------------------------------------------------------
 # The log
@@ -488,8 +414,8 @@ class RunLog:
     """Log lines: to the screen, and once the run has passed its checks, also to <out>/train.log (appended across
     resumes; the lines logged before it opened are written first). Only the first torchrun process logs."""
 
-    def __init__(self, echo=cli.log, rank=0):
-        self.echo = echo if rank == 0 else quiet
+    def __init__(self, echo=None, rank=0):
+        self.echo = (echo or log_line) if rank == 0 else quiet
         self.rank, self.file, self.pending = rank, None, []
 
     def __call__(self, message):
@@ -526,9 +452,9 @@ def quiet(message):
 
 def parse_args(argv=None):
     r = demo.RECIPE
-    p = cli.script_parser(__doc__)
+    p = script_parser(__doc__)
     paper, small = RECIPE["geometry"], r["geometry"]
-    cli.add_data_args(p, data.DATASETS, required=True, defaults={
+    add_data_args(p, data.DATASETS, required=True, defaults={
         "data": "none, required", "classes": "all",
         "image-size": f"{paper.image_size[0]}; --data demo {small.image_size[0]}",
         "crop-size": f"{paper.crop_size[0]}; --data demo {small.crop_size[0]}; none with --tile",
@@ -536,7 +462,7 @@ def parse_args(argv=None):
         "batch-size": f"{RECIPE['batch_size']}; --data demo {r['batch_size']}; under torchrun the global batch, "
                       "split evenly",
         "workers": f"up to {RECIPE['workers']} (--data demo {r['workers']}), at most the CPUs"})
-    count, rate = cli.number(), cli.number(float, 0.0)
+    count, rate = number(), number(float, 0.0)
     p.add_argument("--setting", choices=["multi", "single", "few-shot"], default="multi",
                    help="one model for all classes (default), one per class, or one on k shots per class")
     p.add_argument("--shots", type=count, help="few-shot: training images per class")
@@ -548,13 +474,13 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=count, help=f"default {RECIPE['epochs']} (--data demo: {r['epochs']})")
     p.add_argument("--iters", type=count, help="total iterations; overrides --epochs")
     p.add_argument("--lr", type=rate, default=1e-3, help="peak learning rate (default 1e-3); the cosine ends at lr/10")
-    p.add_argument("--warmup", type=cli.number(low=0), default=100,
+    p.add_argument("--warmup", type=number(low=0), default=100,
                    help="warm-up iterations (default 100, at most a tenth of the run)")
     p.add_argument("--seed", type=int, default=1, help="seed of the initialisation and the data order (default 1)")
     p.add_argument("--out", type=Path, help="output folder (default runs/<data>-<setting>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its training state")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
-    p.add_argument("--save-every", type=cli.number(float, -1.0), default=600.0, metavar="SECONDS",
+    p.add_argument("--save-every", type=number(float, -1.0), default=600.0, metavar="SECONDS",
                    help="seconds between saves of the training state and model (default 600; 0: every epoch); a "
                         "run also saves when it ends")
     p.add_argument("--cache-features", nargs="?", const="fp32", choices=["fp32", "bf16"],
@@ -571,9 +497,9 @@ def parse_args(argv=None):
         if getattr(args, name) is None:
             setattr(args, name, recipe[name])
     args.classes = args.classes or "all"
-    args.workers = cli.workers(args.workers, recipe["workers"])
-    args.precision = cli.device_and_precision(args)[1]
-    args.geometry = cli.geometry(args, recipe["geometry"]).check()
+    args.workers = workers(args.workers, recipe["workers"])
+    args.precision = device_and_precision(args)[1]
+    args.geometry = geometry(args, recipe["geometry"]).check()
     if (args.setting == "few-shot") != bool(args.shots):
         raise ValueError("--shots k goes with --setting few-shot, and --setting few-shot needs --shots k")
     if args.resume and args.overwrite:
@@ -647,8 +573,8 @@ def main(argv=None, log=None):
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} is the global batch: it must divide evenly among the "
                          f"{world} processes")
-    device = cli.device(args.device)
-    log = RunLog(log or cli.log, rank)
+    device = resolve_device(args.device)
+    log = RunLog(log, rank)
     plans = plan(args, log)  # checks everything before anything is written
     if all(p.finished for p in plans):
         log(f"{args.out}: the run is finished; nothing to do (evaluate it with evaluate.py --ckpt {args.out})")
@@ -684,6 +610,8 @@ def main(argv=None, log=None):
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         if rank == 0 and not args.no_eval:
+            import evaluate  # it imports this file's command line
+
             evaluate.main(["--ckpt", str(args.out), "--batch-size", str(args.batch_size), "--workers",
                            str(args.workers), "--device", str(device), "--precision", args.precision], log=log)
         return checkpoints
@@ -700,5 +628,244 @@ def _with(args, **changes):
     return out
 
 
+# -----------------------------------------------------------------------------------------------------
+# The command line every script shares (evaluate.py, predict.py, data.py and demo.py import it from here):
+# argument types that name the flag and the value they refuse, the data and device options, the device and
+# precision rule, the log line, and guard(). Library code raises plain exceptions (ValueError, data.DataError,
+# inpformer.WeightsError, OSError) with one-line messages; `if __name__ == "__main__": guard(main)` prints them.
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # see resolve_precision
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line raises ValueError (one line, exit 2 through guard) instead of printing
+    the usage text and exiting by itself."""
+
+    def error(self, message):
+        raise ValueError(f"{message} (see --help)")
+
+
+def script_parser(doc) -> Parser:
+    """The parser of a script whose docstring opens with a one-paragraph summary followed by its examples: --help
+    shows the summary first and the examples last."""
+    summary, examples = doc.split("\n\n")[:2]
+    return Parser(description=summary, epilog="examples:\n" + examples,
+                  formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def number(kind=int, low=1):
+    """An argparse type: a whole number of at least `low`, or (kind=float) a finite number above `low`."""
+    def parse(text):
+        with contextlib.suppress(ValueError):
+            value = kind(text)
+            if kind is int and value >= low:
+                return value
+            if kind is float and math.isfinite(value) and value > low:
+                return value
+        wanted = f"a whole number of at least {low}" if kind is int else f"a number above {low}"
+        raise argparse.ArgumentTypeError(f"{text!r} is not {wanted}")
+    return parse
+
+
+def size(word):
+    """An argparse type for sizes: "N" (N x N), "HxW" (H rows high, W wide), or the one `word` (none, native)."""
+    def parse(text):
+        if text.strip().lower() == word:
+            return word
+        with contextlib.suppress(ValueError):
+            parts = [int(p) for p in text.lower().split("x")]
+            if len(parts) in (1, 2) and all(p >= 1 for p in parts):
+                return (parts[0], parts[-1])
+        raise argparse.ArgumentTypeError(f"{text!r} is not N, HxW (e.g. 350x140: 350 rows high, 140 wide) or {word}")
+    return parse
+
+
+def tile_size(text):
+    """An argparse type: a whole number of at least 1, or none."""
+    if text.strip().lower() == "none":
+        return "none"
+    return number()(text)
+
+
+def fraction(text):
+    """An argparse type: a number from 0 up to (not including) 1."""
+    with contextlib.suppress(ValueError):
+        value = float(text)
+        if 0.0 <= value < 1.0:
+            return value
+    raise argparse.ArgumentTypeError(f"{text!r} is not a number from 0 up to 1 (1 excluded)")
+
+
+def names_of(known):
+    """An argparse type: a comma list of names, each one of `known` (e.g. data.DATASETS)."""
+    def parse(text):
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        unknown = [n for n in names if n not in known]
+        if unknown or not names:
+            shown = ", ".join(map(repr, unknown)) or repr(text)
+            raise argparse.ArgumentTypeError(f"unknown data set {shown} (known: {', '.join(known)})")
+        return ",".join(names)
+    return parse
+
+
+def add_data_args(parser, datasets, required=False, defaults=None):
+    """The data, size and device options of the scripts; `datasets` are the data set names --data knows. Their
+    defaults are None here: each script fills them in (train.py from the recipe, evaluate.py and predict.py from
+    the checkpoint) and says so in `defaults`, {option: its --help text}; unnamed options read "default: the
+    checkpoint's"."""
+    defaults = {"workers": "up to 4, at most the CPUs", **(defaults or {})}
+
+    def default(option):
+        text = defaults.get(option, "the checkpoint's")
+        return f"(default: {text})"
+
+    g = parser.add_argument_group("data and device")
+    g.add_argument("--data", type=names_of(datasets), required=required,
+                   help=f"data set: {', '.join(datasets)}, or a comma list of them {default('data')}")
+    g.add_argument("--data-root", help="folder holding the data set (a comma list, one per --data; demo: demo_data/)")
+    g.add_argument("--classes", help=defaults.get("classes help", f'"all" or a comma list of class names '
+                                                                   f'{default("classes")}'))
+    g.add_argument("--image-size", type=size("native"), metavar="N|HxW|native",
+                   help="the resize of every frame: N x N, or H rows x W columns (frames of other shapes are stretched "
+                        "to it); native: each frame's own size, with --tile " + default("image-size"))
+    g.add_argument("--crop-size", type=size("none"), metavar="N|HxW|none",
+                   help="the centre crop of the resized frame fed to the model, a multiple of the patch size 14 (the "
+                        "paper's protocol); none: the whole frame " + default("crop-size"))
+    g.add_argument("--tile", type=tile_size, metavar="N|none",
+                   help="cover each resized frame with N x N tiles (a multiple of 14; --crop-size none is implied), "
+                        "each scored on its own, their maps averaged where they overlap; none: no tiles "
+                        + default("tile"))
+    g.add_argument("--tile-overlap", type=fraction, metavar="F",
+                   help="the fraction of a tile neighbouring tiles share, 0 <= F < 1 " + default("tile-overlap"))
+    g.add_argument("--bit-depth", type=number(), metavar="N",
+                   help="significant bits of 16-bit and float grey images (e.g. 12); their values are divided by "
+                        "2^N - 1 (default: 16 for integer images; float images must lie in [0, 1]) "
+                        + default("bit-depth"))
+    g.add_argument("--batch-size", type=number(), help=f"images per batch {default('batch-size')}")
+    g.add_argument("--workers", type=number(low=0), help=f"data-loading processes {default('workers')}")
+    g.add_argument("--device", default="auto", help='"auto" (default: cuda if available, else cpu), "cpu", "cuda", '
+                                                    '"cuda:1"')
+    g.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto",
+                   help="the model's dtype (auto: fp32, the official recipe; bf16 is opt-in, also on CPUs with bf16 "
+                        "units; fp16 on CUDA only). Maps, scores and losses stay fp32.")
+
+
+def geometry(args, base) -> data.ResizeCrop:
+    """`base` (the recipe's or the checkpoint's geometry) with the sizes the command line gives; --tile without
+    --crop-size means the whole frame. Not yet checked against a patch size."""
+    changes = {}
+    if args.image_size is not None:
+        changes["image_size"] = None if args.image_size == "native" else args.image_size
+    if args.crop_size is not None:
+        changes["crop_size"] = None if args.crop_size == "none" else args.crop_size
+    if args.tile == "none":
+        changes["tile"] = None
+    elif args.tile is not None:
+        changes["tile"] = args.tile
+        changes.setdefault("crop_size", None)
+    if args.tile_overlap is not None:
+        changes["tile_overlap"] = args.tile_overlap
+    if args.bit_depth is not None:
+        changes["bit_depth"] = args.bit_depth
+    geometry = data.geometry_of({**base.to_dict(), **changes})
+    if args.tile_overlap is not None and geometry.tile is None:
+        raise ValueError(f"--tile-overlap {args.tile_overlap}: the overlap of tiles, with --tile N")
+    return geometry
+
+
+def add_picture_args(parser):
+    """--heat-range and --outline: how evaluate.py's and predict.py's pictures are coloured (line/pictures.py)."""
+    parser.add_argument("--heat-range", nargs=2, type=float, metavar=("LO", "HI"),
+                        help="colour heat maps on this range (default: the calibration's; without one, min..max over "
+                             "the images drawn)")
+    parser.add_argument("--outline", action="store_true",
+                        help="draw the edge of the region above the calibrated pixel threshold on pictures")
+
+
+def check_picture_args(args):
+    if args.heat_range and not args.heat_range[0] < args.heat_range[1]:
+        raise ValueError(f"--heat-range {' '.join(map(str, args.heat_range))}: LO must be below HI")
+
+
+def log_line(message):
+    """A log line on stdout, at once (a pipe would otherwise hold it back until the run ends)."""
+    print(message, flush=True)
+
+
+def resolve_precision(precision, device) -> str:
+    """"auto" is fp32, as the official code trains and evaluates; bf16 and fp16 are opt-in. fp16 needs CUDA
+    (CPUs have no fast fp16 matrix products; bf16 runs on CPUs with bf16 units such as AVX512-BF16 or AMX)."""
+    name = "fp32" if precision in (None, "auto") else precision
+    if name not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: use auto, {', '.join(PRECISIONS)}")
+    if name == "fp16" and torch.device(device).type != "cuda":
+        raise ValueError("--precision fp16 runs on CUDA only (use bf16 on a CPU)")
+    return name
+
+
+def resolve_device(name) -> torch.device:
+    """"auto" (or None): the first CUDA device when there is one, else the CPU; anything else must name a device
+    that is here."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise ValueError(f"--device {name}: no CUDA device is available here (use --device cpu)")
+        if (dev.index or 0) >= count:
+            raise ValueError(f"--device {name}: only {count} CUDA device(s) here")
+    return dev
+
+
+def device_and_precision(args) -> tuple[torch.device, str]:
+    """The device --device names and the precision --precision resolves to there (resolve_precision)."""
+    dev = resolve_device(args.device)
+    return dev, resolve_precision(args.precision, dev)
+
+
+def workers(asked=None, default=4) -> int:
+    """Loader processes: as asked, else up to `default`; never more than the CPUs this process may use."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(default if asked is None else asked, cpus)
+
+
+def format_time(seconds) -> str:
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def one_line(exc: BaseException) -> str:
+    """The one-line message of `exc`, also when a DataLoader worker re-raised it with the worker's whole
+    traceback as the message: the original message is its last line, after the exception's name."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    if len(lines) == 1:
+        return lines[0]
+    return re.sub(r"^(?:[\w.]+\.)?DataError: ", "", lines[-1])
+
+
+def guard(main) -> None:
+    """Run main(); bad input (a ValueError such as data.DataError or inpformer.WeightsError, or an OSError) ends
+    with one line "error: ..." on stderr and exit status 2. INPFORMER_TRACEBACK=1 shows the traceback instead."""
+    try:
+        rc = main()
+        sys.exit(rc if isinstance(rc, int) else 0)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except (ValueError, OSError, torch.cuda.OutOfMemoryError) as e:
+        if os.environ.get("INPFORMER_TRACEBACK"):
+            raise
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            message = "out of GPU memory; lower --batch-size"
+        else:
+            message = one_line(e)
+        print(f"error: {' '.join(message.split())}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    cli.guard(main)
+    guard(main)

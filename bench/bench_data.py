@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import cli  # noqa: E402
+import train  # noqa: E402
 import data  # noqa: E402
 import demo  # noqa: E402
 from data import ResizeCrop  # noqa: E402
@@ -59,14 +59,14 @@ def main():
     try:
         classes = data.resolve_classes(args.data, root, args.classes)
         geometry = ResizeCrop(args.image_size, args.crop_size)
-        train = data.train_set(args.data, root, classes, geometry)
+        training = data.train_set(args.data, root, classes, geometry)
         test = torch.utils.data.ConcatDataset([data.test_set(args.data, root, c, geometry) for c in classes])
     except data.DataError as e:
-        print(f"error: {cli.one_line(e)}", file=sys.stderr)
+        print(f"error: {train.one_line(e)}", file=sys.stderr)
         return 2
     with Image.open(test.datasets[0].samples[0].image) as im:
         kind = f"{im.size[0]}x{im.size[1]} {im.mode} {im.format}"
-    print(f"data: {args.data} {root} ({', '.join(classes)}): {len(train)} train, {len(test)} test images, {kind}")
+    print(f"data: {args.data} {root} ({', '.join(classes)}): {len(training)} train, {len(test)} test images, {kind}")
     print(f"pipeline: resize {args.image_size}, crop {args.crop_size}, batch {args.batch_size}, "
           f"torch {torch.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     # More workers than CPUs is the point of the 4-worker row on small machines; the warning would repeat.

@@ -27,7 +27,6 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import cli  # noqa: E402
 import data  # noqa: E402
 import inpformer  # noqa: E402
 import train  # noqa: E402
@@ -56,7 +55,7 @@ def row(what, batch, seconds, peak):
 
 def train_steps(model, x, device, precision, iters):
     """Seconds per training step of `model` on the batch x, encoder in the step and on cached features."""
-    amp_dtype = None if precision == "fp32" else cli.PRECISIONS[precision]
+    amp_dtype = None if precision == "fp32" else train.PRECISIONS[precision]
     amp = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     params = model.trainable_parameters()
     opt, scaler = train.StableAdamW(params), torch.amp.GradScaler(device.type, enabled=False)
@@ -95,8 +94,8 @@ def main():
     print("| what | batch | per iteration | images/s | peak GPU memory (MiB) |\n|---|---:|---:|---:|---:|")
 
     for precision in ("fp32", "bf16"):  # prediction as evaluate.py and predict.py run it: the model cast once
-        m = copy.deepcopy(model).to(device, cli.PRECISIONS[precision]).eval()
-        x = torch.randn(2 * batch, 3, size, size, device=device, dtype=cli.PRECISIONS[precision])
+        m = copy.deepcopy(model).to(device, train.PRECISIONS[precision]).eval()
+        x = torch.randn(2 * batch, 3, size, size, device=device, dtype=train.PRECISIONS[precision])
         dt, peak = timed(lambda: m.predict(x), iters, device)
         row(f"predict {precision}", 2 * batch, dt, peak)
         del m
@@ -113,7 +112,7 @@ def main():
             Image.fromarray(rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)).save(path, compress_level=1)
             samples.append(data.Sample(path, None, 0, "synthetic", "good"))
         ds = data.ImageDataset(samples, data.ResizeCrop(size * 8 // 7, size))
-        workers = cli.workers(None, 8)
+        workers = train.workers(None, 8)
         loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
                                              pin_memory=device.type == "cuda", persistent_workers=workers > 0)
         params = model.trainable_parameters()

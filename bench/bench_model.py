@@ -33,7 +33,6 @@ from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sd
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(HERE, ".."), HERE]
-import cli  # noqa: E402
 import inpformer  # noqa: E402
 import line.cpu  # noqa: E402
 import line.frames  # noqa: E402
@@ -104,7 +103,7 @@ def ours_train_step(model, precision):
     params = model.trainable_parameters()
     opt = train.StableAdamW(params)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    amp_dtype = None if precision == "fp32" else cli.PRECISIONS[precision]
+    amp_dtype = None if precision == "fp32" else train.PRECISIONS[precision]
     amp = torch.autocast("cpu", dtype=amp_dtype, enabled=amp_dtype is not None)
     loss = train.LossModule(model, train.step_encoder(model, torch.device("cpu"), amp_dtype))
 

@@ -29,9 +29,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
+import evaluate  # noqa: E402
 import inpformer  # noqa: E402
 import metrics  # noqa: E402
-import scoring  # noqa: E402
 from line.geometry import Geometry  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
@@ -64,7 +64,7 @@ def whole_frame_maps(model, root, cls):
     ds = data.test_set("folder", root, cls, g)
     whole = data.test_set("folder", root, cls, WHOLE)
     labels, scores, maps, paths = [], [], [], []
-    for batch, batch_maps, batch_scores in scoring.scored_batches(model, ds, batch_size=8):
+    for batch, batch_maps, batch_scores in evaluate.scored_batches(model, ds, batch_size=8):
         if g.crop_size is not None:
             frame_h, frame_w = g.image_size
             top, left, h, w = g.crop_box(frame_h, frame_w)
@@ -80,7 +80,7 @@ def whole_frame_maps(model, root, cls):
         scores.append(batch_scores)
         maps.append(batch_maps)
         paths += batch["path"]
-    masks = torch.stack([scoring.masks_at_map_size(whole[i]["mask"][None])[0] for i in range(len(whole))])
+    masks = torch.stack([evaluate.masks_at_map_size(whole[i]["mask"][None])[0] for i in range(len(whole))])
     assert [s.image for s in whole.samples] == paths
     return torch.tensor(labels), torch.cat(scores), masks, torch.cat(maps), paths
 

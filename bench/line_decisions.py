@@ -32,9 +32,9 @@ sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import inpformer  # noqa: E402
+import line.decisions  # noqa: E402
 import line.frames  # noqa: E402
 import predict  # noqa: E402
-import scoring  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 WEIGHTS = SHARED / "weights" / "dinov2_vits14_imgfocus" / "model.safetensors"
@@ -67,7 +67,7 @@ def halves(root, classes, geometry):
 
 
 def budget_rows(model, root, classes, budgets):
-    opts = scoring.Options(batch_size=16, device="cpu")
+    opts = evaluate.Options(batch_size=16, device="cpu")
     first, second = halves(root, classes, data.geometry_of(model.config.geometry))
     held_out = predict.score_calibration_set(model, second, opts, log=lambda m: None)
     rows = []
@@ -78,7 +78,7 @@ def budget_rows(model, root, classes, budgets):
             except ValueError as e:
                 rows.append((p, str(e)))
                 continue
-        thresholds = np.array([scoring.class_threshold(rule, c) for c in held_out.classes])
+        thresholds = np.array([line.decisions.class_threshold(rule, c) for c in held_out.classes])
         rejected = held_out.scores >= thresholds
         good, bad = ~held_out.labels, held_out.labels
         rows.append((p, dict(threshold=rule["image_threshold"], classes=rule["classes"],
@@ -98,7 +98,7 @@ def export_row(ckpt, root, classes, tmp):
     files = [s.image for s in data.list_samples("folder", root, cls, "test")][1::2][:40]
     path = Path(tmp) / f"{cls}.onnx"
     with contextlib.redirect_stdout(io.StringIO()):
-        predict.export_onnx(model, path, scoring.Options(geometry=data.geometry_of(model.config.geometry)), None, cls,
+        predict.export_onnx(model, path, evaluate.Options(geometry=data.geometry_of(model.config.geometry)), None, cls,
                             log=lambda m: None)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     graph = predict.FrameGraph(model, data.geometry_of(model.config.geometry))

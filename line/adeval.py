@@ -79,10 +79,10 @@ def _adeval_curve(mask, score, bins):
     """ADEval's per-threshold counts, in its order: index k = 0..bins is "anomalous when bin >= k"."""
     _, _, width = mask.shape
     b, overflow = _adeval_bin(score, bins)
-    row, start, stop, region, n_regions = metrics._label_runs(mask)
-    length = stop - start
-    anomalous = metrics._expand(row * width + start, length)  # flat indices, raster order
-    area = np.bincount(region, weights=length, minlength=n_regions)
+    runs = metrics.label_runs(mask)
+    anomalous, length = runs.pixels(width)  # flat indices, raster order
+    region = runs.region
+    area = np.bincount(region, weights=length, minlength=runs.n)
     # ADEval keeps 1/area in a float32 weight map, so a region weighs float32(1/area) * area, not exactly 1.
     weight = np.repeat((1.0 / area).astype(np.float32).astype(np.float64)[region], length)
 
@@ -104,7 +104,7 @@ def _adeval_curve(mask, score, bins):
         return low[-1] - low[:-1], float(low[-1])
 
     (tp, p), (fp, n), (m, m_total) = above(stats["pos"]), above(stats["neg"]), above(stats["mass"])
-    return {"tp": tp, "fp": fp, "mass": m, "p": p, "n": n, "m_total": m_total, "n_regions": n_regions}
+    return {"tp": tp, "fp": fp, "mass": m, "p": p, "n": n, "m_total": m_total, "n_regions": runs.n}
 
 
 def _trapezoid(x, y):

@@ -9,9 +9,12 @@ distance to the bank; the token map then takes the model's own path (upsampled t
 tiles, resampled to 256 x 256, smoothed by the same Gaussian), and the image score is the map's maximum
 (PatchCore's rule). A bank larger than bank_size tokens is subsampled at random, seeded.
 """
+import time
+
 import torch
 import torch.nn.functional as F
 
+import evaluate
 import inpformer
 import line.frames
 
@@ -77,3 +80,16 @@ class KNNBaseline:
             maps.append(m)
             scores.append(s)
         return torch.cat(maps), torch.cat(scores)
+
+
+def evaluate_class(model, train_set, ds, opts, log):
+    """The seven metrics of the kNN baseline (line/knn.py) on one class's test set `ds`: its bank from the class's
+    training set `train_set`, prepared as the model's images."""
+    t0 = time.monotonic()
+    cls = ds.samples[0].cls
+    knn = KNNBaseline(model, opts.bank_size, batch_size=opts.batch_size).fit(train_set, opts.workers)
+    acc, _ = evaluate.score_class(model, ds, opts, predictor=knn.predict)
+    m = acc.compute(warn=lambda msg: log(f"  note: {cls} (knn baseline): {msg}"))
+    log(f"  {cls} (knn baseline, {len(knn.bank)} tokens in its bank) in {time.monotonic() - t0:.1f}s; "
+        + " ".join(f"{k} {evaluate.cell(m[k])}" for k in evaluate.METRICS))
+    return {k: m[k] for k in evaluate.METRICS}

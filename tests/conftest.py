@@ -14,10 +14,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("INPFORMER_SHARED", ROOT.parent / "shared"))
 sys.path.insert(0, str(ROOT))
 
-import cli  # noqa: E402
 import data  # noqa: E402
 import demo as demo_set  # noqa: E402  (`demo` is the fixture below)
 import inpformer  # noqa: E402
+import train  # noqa: E402
 
 IMAGE, CROP, BATCH = 128, 112, 4
 GEOMETRY = data.ResizeCrop(IMAGE, CROP)
@@ -25,21 +25,21 @@ DEMO_SIZE = 160  # demo images larger than IMAGE, so that --full-res has a real 
 
 
 def run_main(main, *argv):
-    """A script's main(argv) in this process, as its command line runs it (through cli.guard): the exit status
+    """A script's main(argv) in this process, as its command line runs it (through train.guard): the exit status
     and what it printed, as subprocess.run reports them, without a new interpreter for every call."""
     out, err, code = io.StringIO(), io.StringIO(), 0
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            cli.guard(lambda: main([str(a) for a in argv]))
+            train.guard(lambda: main([str(a) for a in argv]))
         except SystemExit as e:
             code = e.code or 0
     return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def expect_one_line_error(capsys, main, *words):
-    """main() through cli.guard ends with exit status 2 and one line "error: ..." on stderr holding every word."""
+    """main() through train.guard ends with exit status 2 and one line "error: ..." on stderr holding every word."""
     with pytest.raises(SystemExit) as e:
-        cli.guard(main)
+        train.guard(main)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2, err
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import cli
 import data
+import train
 from conftest import ROOT, shared
 from data import ResizeCrop as Geometry
 
@@ -422,7 +422,7 @@ def sample_cases(tmp_path):
 
 
 def assert_names(err, path):
-    msg = cli.one_line(err)
+    msg = train.one_line(err)
     assert "\n" not in str(err) and str(path) in msg, msg
 
 
@@ -465,7 +465,7 @@ def test_loader_worker_error_comes_back_as_one_line(tmp_path):
     try:
         next(batches)
     except data.DataError as e:        # re-raised in this process as the same type
-        text, msg = str(e), cli.one_line(e)
+        text, msg = str(e), train.one_line(e)
         # The traceback holds the iterator in a reference cycle; freed later by the garbage collector, its
         # worker shutdown waits out a 5 s timeout. Dropping the traceback lets `del` stop the worker at once.
         e.__traceback__ = None
@@ -486,8 +486,8 @@ def test_cli_check_and_exit_status(tmp_path, capsys):
 
 
 def test_one_line_of_plain_and_wrapped_errors():
-    assert cli.one_line(data.DataError("a.png: broken")) == "a.png: broken"
+    assert train.one_line(data.DataError("a.png: broken")) == "a.png: broken"
     wrapped = data.DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent "
                              "call last):\n  File \"x.py\", line 1\n    raise\ndata.DataError: a.png: broken\n")
-    assert cli.one_line(wrapped) == "a.png: broken"
-    assert cli.one_line(RuntimeError("x\nValueError: boom")) == "ValueError: boom"
+    assert train.one_line(wrapped) == "a.png: broken"
+    assert train.one_line(RuntimeError("x\nValueError: boom")) == "ValueError: boom"

@@ -49,3 +49,24 @@ def test_no_line_of_the_project_is_over_120_characters():
     files = sorted(ROOT.glob("*.py")) + sorted((ROOT / "line").glob("*.py"))
     long = [f"{f.name}:{i}" for f in files for i, line in enumerate(f.read_text().splitlines(), 1) if len(line) > 120]
     assert not long
+
+
+def test_the_papers_path_runs_the_core_alone(demo, tmp_path):
+    """`train.py --data demo` (its evaluation included) and evaluate.py on the authors' checkpoint load no module of
+    line/: the reference core runs the paper's path by itself."""
+    ckpt = shared("fixtures", "official_tiny", "inpformer_official.safetensors")
+    sizes = ["--image-size", "128", "--crop-size", "112", "--workers", "0"]
+    script = f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+import evaluate, train
+train.main(["--data", "demo", "--data-root", {demo!r}, "--iters", "2", "--batch-size", "4",
+            "--out", {str(tmp_path / "run")!r}, *{sizes!r}])
+assert evaluate.main(["--ckpt", {str(ckpt)!r}, "--data", "folder", "--data-root", {demo!r}, "--classes", "tiles",
+                      "--out", {str(tmp_path / "eval")!r}, *{sizes!r}]) == 0
+print("line modules:", sorted(m for m in sys.modules if m == "line" or m.startswith("line.")))
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "line modules: []" in r.stdout, r.stdout
+    assert (tmp_path / "run" / "eval" / "metrics.json").is_file() and (tmp_path / "eval" / "metrics.json").is_file()

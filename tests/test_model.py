@@ -6,11 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import cli
 import data
 import inpformer
 import line.cpu
 import line.weights
+import train
 from conftest import ROOT, shared
 
 TINY = "fixtures", "official_tiny"
@@ -293,11 +293,11 @@ def test_geometry_travels_in_the_config_and_metadata_reads_back_as_written(io, t
 
 def test_precision_rule_is_fp32_unless_asked():
     cpu = torch.device("cpu")
-    assert cli.resolve_precision("auto", cpu) == "fp32" and cli.resolve_precision(None, "cuda") == "fp32"
-    assert cli.resolve_precision("bf16", cpu) == "bf16" and cli.resolve_precision("fp16", "cuda") == "fp16"
+    assert train.resolve_precision("auto", cpu) == "fp32" and train.resolve_precision(None, "cuda") == "fp32"
+    assert train.resolve_precision("bf16", cpu) == "bf16" and train.resolve_precision("fp16", "cuda") == "fp16"
     with pytest.raises(ValueError, match="fp16 runs on CUDA only"):
-        cli.resolve_precision("fp16", cpu)
-    assert set(cli.PRECISIONS) == {"fp32", "bf16", "fp16"}
+        train.resolve_precision("fp16", cpu)
+    assert set(train.PRECISIONS) == {"fp32", "bf16", "fp16"}
 
 
 def test_a_model_cast_to_bf16_still_predicts(io):

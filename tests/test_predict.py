@@ -15,13 +15,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import cli
 import data
 import inpformer
+import line.decisions
 import line.frames
 import metrics
 import predict
-import scoring
+import train
 from conftest import BATCH, CROP, GEOMETRY, IMAGE, ROOT, expect_one_line_error, run_main, shared
 
 TINY = "fixtures", "official_tiny"
@@ -144,7 +144,7 @@ def test_export_onnx_round_trip_matches_pytorch(ckpt, model, demo, tmp_path):
                heat_range=[0.0, 1.0], classes={})
     notes = []  # an incomplete calibration (hand-edited, say) is ignored with a note, never a traceback
     hand_edited = dict(calibration={"image_threshold": 0.1})
-    assert scoring.read_calibration(hand_edited, "x", notes.append) is None
+    assert line.decisions.read_calibration(hand_edited, "x", notes.append) is None
     assert "unreadable calibration metadata" in notes[0]
     path = tmp_path / "model.safetensors"
     shutil.copy(ckpt, path)
@@ -162,13 +162,13 @@ def test_export_onnx_round_trip_matches_pytorch(ckpt, model, demo, tmp_path):
         assert maps.shape == (b, 256, 256) and scores.shape == (b,)
         assert np.abs(maps - want_maps.numpy()).max() <= 1e-4 * float(want_maps.abs().max())
         assert np.abs(scores - want_scores.numpy()).max() <= 1e-4 * float(want_scores.abs().max())
-        assert normalised == pytest.approx([scoring.decide(float(s), cal)["normalised"] for s in scores], abs=1e-6)
+        assert normalised == pytest.approx([line.decisions.decide(float(s), cal)["normalised"] for s in scores], abs=1e-6)
     assert normalised[1] == pytest.approx(0.5, abs=1e-6)  # the threshold
 
 
 def test_a_score_exactly_at_the_threshold_is_anomalous_in_python_and_in_the_graph(tmp_path):
     """The rule "anomalous at or above the threshold", at the threshold and one float32 step either side: in
-    scoring.decide, in the graphs' DecisionOutputs, and in that module exported to ONNX."""
+    line.decisions.decide, in the graphs' DecisionOutputs, and in that module exported to ONNX."""
     import onnxruntime
 
     t = np.float32(0.375)
@@ -176,7 +176,7 @@ def test_a_score_exactly_at_the_threshold_is_anomalous_in_python_and_in_the_grap
                classes={})
     scores = np.array([np.nextafter(t, np.float32(-1)), t, np.nextafter(t, np.float32(2))], np.float32)
     want = [False, True, True]
-    assert [scoring.decide(float(s), cal)["decision"] == "anomalous" for s in scores] == want
+    assert [line.decisions.decide(float(s), cal)["decision"] == "anomalous" for s in scores] == want
     graph = predict.DecisionOutputs(cal)
     maps = torch.zeros(3, 4, 4)
     assert graph(maps, torch.from_numpy(scores))[3].tolist() == want
@@ -189,8 +189,8 @@ def test_a_score_exactly_at_the_threshold_is_anomalous_in_python_and_in_the_grap
 
 
 def test_export_without_the_onnx_extras_says_what_to_install(ckpt, tmp_path):
-    code = ("import sys; sys.modules['onnxruntime'] = None; import cli, predict; "
-            f"cli.guard(lambda: predict.main(['--ckpt', {str(ckpt)!r}, '--export', {str(tmp_path / 'm.onnx')!r}]))")
+    code = ("import sys; sys.modules['onnxruntime'] = None; import predict, train; "
+            f"train.guard(lambda: predict.main(['--ckpt', {str(ckpt)!r}, '--export', {str(tmp_path / 'm.onnx')!r}]))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "pip install onnx onnxscript onnxruntime" in r.stderr
     assert not list(tmp_path.iterdir())
@@ -213,7 +213,7 @@ def test_calibration_rules_with_and_without_anomalies():
     lo, hi = cal["heat_range"]
     assert lo == pytest.approx(np.median(maps[~masks]), abs=hist.resolution)
     assert (lo + hi) / 2 == pytest.approx(cal["pixel_threshold"])
-    assert scoring.decide(0.28, cal)["normalised"] == 0.5 and scoring.decide(0.27, cal)["decision"] == "normal"
+    assert line.decisions.decide(0.28, cal)["normalised"] == 0.5 and line.decisions.decide(0.27, cal)["decision"] == "normal"
 
     normal = metrics.PixelHistogram()
     normal.update(masks[:3], maps[:3])
@@ -490,7 +490,7 @@ def test_the_exported_graph_fed_raw_frames_decides_as_predict_does(ckpt, demo, t
         assert abs(float(score[0]) - want) <= 0.01 * abs(want), row["path"]
         assert maps.shape == (1, 256, 256) and decision.dtype == bool
         cal = inpformer.read_checkpoint_metadata(path)["calibration"]
-        assert float(normalised[0]) == pytest.approx(scoring.normalise(float(score[0]), cal, cal["classes"]["tiles"]),
+        assert float(normalised[0]) == pytest.approx(line.decisions.normalise(float(score[0]), cal, cal["classes"]["tiles"]),
                                                      abs=1e-6)
         agree += bool(decision[0]) == (row["decision"] == "anomalous")
     assert agree >= 0.98 * len(rows)
@@ -513,7 +513,7 @@ def test_whole_frame_and_tiled_geometries_export(ckpt, demo, tmp_path, flags, fr
     _, scores = session.run(None, {"frames": np.ascontiguousarray(frames)})
     args = predict.parse_args(["--ckpt", str(ckpt), "--export", str(out), *flags])
     model = inpformer.load_model(ckpt)
-    geometry = cli.geometry(args, data.geometry_of(model.config.geometry))
+    geometry = train.geometry(args, data.geometry_of(model.config.geometry))
     for f, got in zip(frames, scores):
         x = data.load_image(Image.fromarray(np.ascontiguousarray(f)), geometry)
         want = float(line.frames.predict_frames(model, [x] if geometry.tile else x[None], geometry)[1][0])

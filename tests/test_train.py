@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-import cli
 import data
 import demo
 import inpformer
@@ -369,7 +368,7 @@ def test_the_backbone_is_logged_and_a_contradicting_backbone_refused(demo_root, 
 
 def test_loader_workers_never_exceed_the_cpus_this_process_may_use():
     cpus = len(os.sched_getaffinity(0))
-    assert cli.workers(None) == min(4, cpus) and cli.workers(64) == cpus and cli.workers(0) == 0
+    assert train.workers(None) == min(4, cpus) and train.workers(64) == cpus and train.workers(0) == 0
     assert train.parse_args(["--data", "mvtec", "--data-root", "x"]).workers == min(4, cpus)
 
 
@@ -489,7 +488,7 @@ def test_torchrun_batch_is_global_and_the_feature_cache_is_made_once(demo_root, 
     with pytest.raises(SystemExit):  # a batch that does not split evenly is refused
         os.environ["WORLD_SIZE"] = "3"
         try:
-            cli.guard(lambda: train.main([str(a) for a in tiny_args(demo_root, tmp_path / "odd", "--no-eval")]))
+            train.guard(lambda: train.main([str(a) for a in tiny_args(demo_root, tmp_path / "odd", "--no-eval")]))
         finally:
             del os.environ["WORLD_SIZE"]
     assert not (tmp_path / "odd").exists()
