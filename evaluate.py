@@ -20,7 +20,8 @@ bilinearly to 256x256, a 5x5 Gaussian of sigma 4 with zero padding (constants in
 is the mean of the top 1% (655) of the smoothed pixels; the ground truth is the crop-size mask resized to 256
 with `nearest`, then > 0.5. Each class is scored on its own; "mean" is the plain average over classes. The
 metrics are exact (metrics.py), not the 200-bin approximations of the authors' GPU code, so pixel AP can differ a
-little from the paper's; --metrics adeval reproduces those (line/adeval.py).
+little from the paper's; --metrics adeval reproduces those (line/adeval.py). What goes beyond the paper (whole
+frames and tiles, pictures, the kNN baseline, bf16 on a CPU) is in the line/ folder, imported only where needed.
 """
 import copy
 import csv

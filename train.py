@@ -21,6 +21,9 @@ written, then `<out>/model.safetensors` (the whole model, what `evaluate.py --ck
 schedule), and ends with the same weights as an uninterrupted run; without a state it refuses, and a finished
 run it leaves as it is. A new run never replaces one unless told (--overwrite). Every log line also goes to
 `<out>/train.log`. At the end the run is evaluated (evaluate.py) unless --no-eval.
+
+What goes beyond the paper (whole frames and tiles, wide grey images, the feature cache, bf16 on a CPU, the
+download) is in the line/ folder, imported only in the branch that needs it; the README's "Read the code" maps it.
 """
 import argparse
 import contextlib
@@ -164,9 +167,12 @@ def step_encoder(model, device, amp_dtype):
     on every step; the copy lives as long as the run and is never saved (the checkpoint keeps the fp32 one)."""
     if amp_dtype is None:
         return model.encoder
-    from line.cpu import use_cpu_attention  # faster bf16 attention on a CPU
+    encoder = copy.deepcopy(model.encoder).to(device, amp_dtype)
+    if device.type == "cpu":
+        from line.cpu import use_cpu_attention  # bf16 attention as plain products, the CPU's bf16 units
 
-    return use_cpu_attention(copy.deepcopy(model.encoder).to(device, amp_dtype))
+        use_cpu_attention(encoder)
+    return encoder
 
 
 class LossModule(torch.nn.Module):
