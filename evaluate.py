@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import data as datasets  # the module; `data` is the name of a data set in the functions below
+import data
 import inpformer
 import metrics
 import train  # the command line every script shares
@@ -58,7 +58,7 @@ class Options:
     device: str = "auto"
     precision: str = "auto"   # the model runs in this dtype; maps and scores are fp32 whatever it is
     workers: int = 0
-    geometry: datasets.ResizeCrop = None  # None: the model's own (datasets.geometry_of its config's)
+    geometry: data.ResizeCrop = None  # None: the model's own (data.geometry_of its config's)
     zero_shot: bool = False   # maps are the INP distance (the paper's zero-shot protocol)
     full_res: bool = False    # pixel metrics at each image's own resolution (the MVTec AD protocol)
     streaming: bool = False   # pixel metrics from histograms, in constant memory
@@ -88,10 +88,10 @@ def half_on_cpu(model) -> bool:
     return p.device.type == "cpu" and p.dtype != torch.float32
 
 
-def asked_geometry(model, args, ckpt, log=print, base=None) -> datasets.ResizeCrop:
+def asked_geometry(model, args, ckpt, log=print, base=None) -> data.ResizeCrop:
     """The model's own geometry (or `base`, e.g. a calibration's), with the sizes the command line gives
     (train.geometry); a note says when it differs from the model's."""
-    own = datasets.geometry_of(model.config.geometry)
+    own = data.geometry_of(model.config.geometry)
     geometry = train.geometry(args, base or own)
     if geometry != own:
         log(f"note: {ckpt} was trained at {own.describe()}; scoring at {geometry.describe()} as asked")
@@ -128,11 +128,11 @@ def predict_maps(model, x, zero_shot=False, geometry=None, tile_batch=Options.ba
     x: a (B, 3, h, w) batch, or a list of frames (tiles); cast to the model's dtype and device."""
     p = model.prototype_token
     x = [f.to(p.device, p.dtype) for f in x] if isinstance(x, list) else x.to(p.device, p.dtype)
-    geometry = geometry or datasets.geometry_of(model.config.geometry)
+    geometry = geometry or data.geometry_of(model.config.geometry)
     with torch.inference_mode():
         if predictor is not None:
             maps, scores = predictor(x, geometry)
-        elif type(geometry) is datasets.ResizeCrop and not half_on_cpu(model):  # the paper's crop
+        elif type(geometry) is data.ResizeCrop and not half_on_cpu(model):  # the paper's crop
             maps, scores = model.predict_zero_shot(x) if zero_shot else model.predict(x)
         else:  # whole frames and tiles, and bf16 on a CPU (line/cpu.py)
             from line.frames import predict_frames
@@ -148,7 +148,7 @@ def scored_batches(model, dataset, batch_size=Options.batch_size, workers=0, zer
     pin = model.prototype_token.device.type == "cuda"
     frames = 1 if dataset.geometry.tile else batch_size
     loader = torch.utils.data.DataLoader(dataset, batch_size=frames, num_workers=workers, pin_memory=pin,
-                                         collate_fn=datasets.ImageDataset.collate)
+                                         collate_fn=data.ImageDataset.collate)
     for batch in loader:
         maps, scores = predict_maps(model, batch["image"], zero_shot, dataset.geometry, batch_size, predictor)
         yield batch, maps.cpu(), scores.cpu()
@@ -258,8 +258,9 @@ class ImageScore:
     score: float
 
 
-def evaluate(model, data, root, classes, opts=Options(), out_dir=None, log=print):
-    """The seven metrics of `model` on the test sets of `classes` ("all", "a,b" or a list) of one data set.
+def evaluate(model, data_set, root, classes, opts=Options(), out_dir=None, log=print):
+    """The seven metrics of `model` on the test sets of `classes` ("all", "a,b" or a list) of the data set named
+    `data_set` (as --data names it).
 
     The model is scored as it is when it already sits on opts.device in opts.precision, else as a copy: the
     caller's model never changes. Returns {"classes": {class: {metric: value}}, "mean": {metric: value},
@@ -276,21 +277,21 @@ def evaluate(model, data, root, classes, opts=Options(), out_dir=None, log=print
         raise ValueError("--metrics adeval bins each class's float32 256x256 maps as the official code does: drop "
                          "--streaming, --full-res and --map-dtype float16")
     model = ready_model(model, opts.device, opts.precision)
-    geometry = (opts.geometry or datasets.geometry_of(model.config.geometry)).check(model.encoder.config.patch_size)
-    classes = datasets.resolve_classes(data, root, classes)
+    geometry = (opts.geometry or data.geometry_of(model.config.geometry)).check(model.encoder.config.patch_size)
+    classes = data.resolve_classes(data_set, root, classes)
     # Build every test set first: their pre-flight file checks fail now, not an hour into the run.
-    test_sets = {c: datasets.test_set(data, root, c, geometry, native=opts.full_res) for c in classes}
+    test_sets = {c: data.test_set(data_set, root, c, geometry, native=opts.full_res) for c in classes}
     train_sets = {}
     if opts.baseline == "knn":  # the baseline's banks, from each class's training images: checked now too
         from line import knn as nearest
 
-        train_sets = {c: datasets.train_set(data, root, c, geometry) for c in classes}
+        train_sets = {c: data.train_set(data_set, root, c, geometry) for c in classes}
         opts = replace(opts, bank_size=opts.bank_size or nearest.BANK_SIZE)
     total = sum(len(ds) for ds in test_sets.values())
     precision = train.resolve_precision(opts.precision, model.prototype_token.device)
     maps_kind = "INP distance (zero-shot)" if opts.zero_shot else "reconstruction error"
     pixels_at = "original resolution" if opts.full_res else f"{inpformer.MAP_SIZE}x{inpformer.MAP_SIZE}"
-    log(f"{data}: {len(classes)} classes, {total} test images, {geometry.describe()}, {maps_kind} maps, pixels at "
+    log(f"{data_set}: {len(classes)} classes, {total} test images, {geometry.describe()}, {maps_kind} maps, pixels at "
         f"{pixels_at}, {'streaming' if opts.streaming else 'exact'} metrics, {model.prototype_token.device} "
         f"{precision}")
     progress = Progress(total, log)
@@ -320,7 +321,7 @@ def evaluate(model, data, root, classes, opts=Options(), out_dir=None, log=print
             save_maps(model, ds, acc.scores.tolist(), opts, Path(out_dir) / "maps" / cls, cls)
         if opts.baseline == "knn":
             knn_per_class[cls] = nearest.evaluate_class(model, train_sets[cls], ds, opts, log)
-    log(f"{data}: {total} images, {progress.rate():.1f} img/s")
+    log(f"{data_set}: {total} images, {progress.rate():.1f} img/s")
     if opts.streaming:
         metric_kind = f"streaming ({metrics.PixelHistogram().bins} bins over [0, 2])"
     elif opts.metrics == "adeval":
@@ -328,7 +329,7 @@ def evaluate(model, data, root, classes, opts=Options(), out_dir=None, log=print
                        "value, trapezoid AP; I-AUROC, I-AP, I-F1max, P-F1max exact)")
     else:
         metric_kind = f"exact ({opts.map_dtype} maps)"
-    protocol = dict(data=data, root=str(root), geometry=geometry.to_dict(),
+    protocol = dict(data=data_set, root=str(root), geometry=geometry.to_dict(),
                     maps="inp-distance" if opts.zero_shot else "reconstruction",
                     pixels="original" if opts.full_res else inpformer.MAP_SIZE, gaussian_sigma=inpformer.GAUSSIAN_SIGMA,
                     gaussian_padding="zeros" if geometry.crop_size else "reflect",  # see line.frames
@@ -479,11 +480,11 @@ def plan_data_sets(meta: dict, ckpt, names=None, roots=None, classes=None) -> li
     unless `classes` names some). The checkpoint's own data is found by name, by folder (the same folder under
     another data-set name), or as a "folder" data set whose classes are all classes the checkpoint knows (held-out
     images of its own classes)."""
-    trained, trained_roots = datasets.split_list(meta.get("data")), datasets.split_list(meta.get("data_root"))
+    trained, trained_roots = data.split_list(meta.get("data")), data.split_list(meta.get("data_root"))
     per_set, trained_classes = meta.get("classes_per_set"), meta.get("classes")
     if not isinstance(per_set, list) or len(per_set) != len(trained):
         per_set = [trained_classes or "all"] if len(trained) == 1 else ["all"] * len(trained)
-    wanted, roots = datasets.split_list(names) or trained, datasets.split_list(roots)
+    wanted, roots = data.split_list(names) or trained, data.split_list(roots)
     if not wanted:
         raise ValueError(f"{ckpt}: the checkpoint records no data set (the official state dict has no metadata): "
                          "pass --data and --data-root")
@@ -501,13 +502,13 @@ def plan_data_sets(meta: dict, ckpt, names=None, roots=None, classes=None) -> li
                 raise ValueError(f"{root}: not found; {ckpt} was trained on {name} there: pass --data-root where it "
                                  "is now")
         else:
-            root = datasets.default_root(name)
+            root = data.default_root(name)
         if root is None:
             raise ValueError(f"--data {name} needs --data-root (the folder holding the data set)")
         if k is not None:
             own, wanted_classes = True, classes or per_set[k]
         elif name == "folder" and trained_classes:
-            own, wanted_classes = set(datasets.list_classes(name, root)) <= set(trained_classes), classes or "all"
+            own, wanted_classes = set(data.list_classes(name, root)) <= set(trained_classes), classes or "all"
         else:
             own, wanted_classes = False, classes or "all"
         sets.append(DataSet(name, root, wanted_classes, own=own if trained else None))
@@ -541,7 +542,7 @@ def parse_args(argv=None):
     p.add_argument("--ckpt", required=True,
                    help="project checkpoint (.safetensors), official state dict (model.pth or .safetensors), or "
                         "the folder of a run (<out>/model.safetensors or <out>/<class>/model.safetensors)")
-    train.add_data_args(p, datasets.DATASETS, defaults={"batch-size": str(Options.batch_size)})
+    train.add_data_args(p, data.DATASETS, defaults={"batch-size": str(Options.batch_size)})
     p.add_argument("--out", type=Path, help="output folder (default: <checkpoint folder>/eval, or eval-<data>, "
                                             "-zero-shot, -full-res for those protocols)")
     p.add_argument("--zero-shot", action="store_true", help="anomaly map = INP distance (paper's zero-shot protocol)")
@@ -591,16 +592,16 @@ def plan_jobs(args, ckpts, first, sets, out) -> list[Job]:
     if any(s.own is False for s in sets):
         raise ValueError(f"{args.ckpt}: a single-class run evaluates each model on its own class; pick one model "
                          "file to evaluate on another data set")
-    wanted = set(datasets.split_list(args.classes)) - {"all"}
+    wanted = set(data.split_list(args.classes)) - {"all"}
     jobs = []
     for ckpt in ckpts:
         meta = inpformer.read_checkpoint_metadata(ckpt)
-        trained = datasets.split_list(meta.get("classes")) or [ckpt.parent.name]
+        trained = data.split_list(meta.get("classes")) or [ckpt.parent.name]
         classes = [c for c in trained if not wanted or c in wanted]
         if not classes:
             continue
-        name = (datasets.split_list(meta.get("data")) or [sets[0].data])[0]
-        roots = datasets.split_list(args.data_root) or datasets.split_list(meta.get("data_root")) or [sets[0].root]
+        name = (data.split_list(meta.get("data")) or [sets[0].data])[0]
+        roots = data.split_list(args.data_root) or data.split_list(meta.get("data_root")) or [sets[0].root]
         root = roots[0]
         jobs.append(Job(ckpt, meta, DataSet(name, root, classes, own=True), out / ckpt.parent.name, "all"))
     if not jobs:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import data as datasets  # the module; `data` is the name of a data set in the functions below
+import data
 import evaluate
 import inpformer
 import line.decisions
@@ -164,12 +164,12 @@ class CalibrationSet:
 def calibration_samples(data_set: evaluate.DataSet) -> dict:
     """{class: [Sample]} of the images of `data_set` to calibrate on (its test images, or the validation split of
     a data set that has one, data.CALIBRATION_SPLIT), every file checked; at least one must be good."""
-    classes = datasets.resolve_classes(data_set.data, data_set.root, data_set.classes)
-    split = datasets.CALIBRATION_SPLIT.get(data_set.data, "test")
+    classes = data.resolve_classes(data_set.data, data_set.root, data_set.classes)
+    split = data.CALIBRATION_SPLIT.get(data_set.data, "test")
     found = {}
     for c in classes:
-        found[c] = datasets.list_samples(data_set.data, data_set.root, c, split)
-        datasets.check_samples(found[c])
+        found[c] = data.list_samples(data_set.data, data_set.root, c, split)
+        data.check_samples(found[c])
     if not any(s.label == 0 for samples in found.values() for s in samples):
         raise ValueError(f"{data_set.root}: no good image of {data_set.data} ({split} split) to calibrate on")
     return found
@@ -177,8 +177,8 @@ def calibration_samples(data_set: evaluate.DataSet) -> dict:
 
 def good_samples(files, cls) -> dict:
     """{class: [Sample]} of unlabelled images taken as good parts of class `cls` ("" for no class), checked."""
-    samples = [datasets.Sample(str(f), None, 0, cls or "", "good") for f in files]
-    datasets.check_samples(samples)
+    samples = [data.Sample(str(f), None, 0, cls or "", "good") for f in files]
+    data.check_samples(samples)
     return {cls or "": samples}
 
 
@@ -222,7 +222,7 @@ def calibrate_on(model, test_sets, opts: evaluate.Options, max_false_reject=None
             if scored.labels[of_class].any():
                 per_class[c] = metrics.f1_threshold(scored.labels[of_class], scored.scores[of_class])[1]
         rule["classes"] = per_class
-    geometry = opts.geometry or datasets.geometry_of(model.config.geometry)
+    geometry = opts.geometry or data.geometry_of(model.config.geometry)
     rule.update(geometry=geometry.to_dict(), class_names=[c for c in test_sets if c])
     return rule
 
@@ -230,14 +230,14 @@ def calibrate_on(model, test_sets, opts: evaluate.Options, max_false_reject=None
 def training_images(meta: dict) -> set:
     """The resolved paths of the images the checkpoint was trained on (empty when it does not say)."""
     found = set()
-    names, roots = datasets.split_list(meta.get("data")), datasets.split_list(meta.get("data_root"))
+    names, roots = data.split_list(meta.get("data")), data.split_list(meta.get("data_root"))
     per_set = meta.get("classes_per_set")
     if not isinstance(per_set, list):
         per_set = [meta.get("classes")] * len(names)
     for name, root, classes in zip(names, roots, per_set):
         with contextlib.suppress(ValueError, OSError):  # the data moved or changed: nothing to compare
-            for c in datasets.resolve_classes(name, root, classes):
-                found |= {str(Path(s.image).resolve()) for s in datasets.list_samples(name, root, c, "train")}
+            for c in data.resolve_classes(name, root, classes):
+                found |= {str(Path(s.image).resolve()) for s in data.list_samples(name, root, c, "train")}
     return found
 
 
@@ -247,9 +247,9 @@ def calibration_geometry(rule):
         return None
     with contextlib.suppress(TypeError, KeyError, ValueError):
         if "geometry" in rule:
-            return datasets.geometry_of(rule["geometry"])
+            return data.geometry_of(rule["geometry"])
         if "image_size" in rule:  # calibrations written before the geometry had tiles
-            return datasets.geometry_of({"image_size": rule["image_size"], "crop_size": rule["crop_size"]})
+            return data.geometry_of({"image_size": rule["image_size"], "crop_size": rule["crop_size"]})
     return None
 
 
@@ -296,9 +296,9 @@ def image_files(specs):
     for spec in map(Path, specs):
         if not spec.exists():
             raise ValueError(f"{spec}: no such file or folder")
-        files += datasets.images_in(spec, "**/*") if spec.is_dir() else [spec]
+        files += data.images_in(spec, "**/*") if spec.is_dir() else [spec]
     if not files:
-        raise ValueError(f"{', '.join(map(str, specs))}: no images ({', '.join(datasets.IMAGE_SUFFIXES)})")
+        raise ValueError(f"{', '.join(map(str, specs))}: no images ({', '.join(data.IMAGE_SUFFIXES)})")
     return files
 
 
@@ -336,8 +336,8 @@ class RegionRule:
 def native_map(amap, path, geometry) -> np.ndarray:
     """An image's (256, 256) map at the image's own size: resized into the part of it the model saw (the crop
     box, or the whole image); -inf elsewhere, so that what a crop never saw is never flagged."""
-    width, height = datasets.image_size(path)
-    left, top, right, bottom = datasets.crop_box(width, height, geometry)
+    width, height = data.image_size(path)
+    left, top, right, bottom = data.crop_box(width, height, geometry)
     full = np.full((height, width), -np.inf, np.float32)
     inner = F.interpolate(torch.as_tensor(amap, dtype=torch.float32)[None, None], size=(bottom - top, right - left),
                           mode="bilinear", align_corners=False)
@@ -378,9 +378,9 @@ def predict_images(model, files, opts=evaluate.Options(), out_dir=None, cls=None
     calibration's pixel threshold. The heat maps share one scale: opts.pictures', else min..max over all these
     images (their maps then wait in memory, 0.3 MB each, until all are scored)."""
     model = evaluate.ready_model(model, opts.device, opts.precision)
-    geometry = opts.geometry or datasets.geometry_of(model.config.geometry)
-    samples = [datasets.Sample(str(f), None, 0, "", "") for f in files]
-    dataset = datasets.ImageDataset(samples, geometry)
+    geometry = opts.geometry or data.geometry_of(model.config.geometry)
+    samples = [data.Sample(str(f), None, 0, "", "") for f in files]
+    dataset = data.ImageDataset(samples, geometry)
     style, cal = opts.pictures, opts.pictures.calibration
     scale = style.scale()
     out = Path(out_dir) if out_dir else None
@@ -518,8 +518,8 @@ class FrameGraph(torch.nn.Module):
         self.geometry, self.frame_size = geometry, frame_size or geometry.image_size
         self.model = fixed_model(model, geometry.input_size())
         self.outputs = DecisionOutputs(calibration, cls)
-        self.register_buffer("mean", torch.tensor(datasets.IMAGENET_MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(datasets.IMAGENET_STD).view(1, 3, 1, 1))
+        self.register_buffer("mean", torch.tensor(data.IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(data.IMAGENET_STD).view(1, 3, 1, 1))
 
     def forward(self, frames):
         x = frames.permute(0, 3, 1, 2).float() / 255
@@ -553,7 +553,7 @@ def export_onnx(model, path, opts=evaluate.Options(), images=None, cls=None, log
                          "pip install onnx onnxscript onnxruntime") from None
     if Path(path).exists():
         raise ValueError(f"{path}: exists; not replacing it")
-    geometry = opts.geometry or datasets.geometry_of(model.config.geometry)
+    geometry = opts.geometry or data.geometry_of(model.config.geometry)
     cal = opts.pictures.calibration
     files = image_files(images) if images else []
     # The graph is fp32 whatever --precision says: a model cast to bf16 first would lose its weights' precision.
@@ -565,7 +565,7 @@ def export_onnx(model, path, opts=evaluate.Options(), images=None, cls=None, log
         h, w = geometry.input_size()
         x = torch.randn(3, 3, h, w, generator=torch.Generator().manual_seed(0))
         for i, f in enumerate(files[:3]):  # the given images first
-            x[i] = datasets.load_image(f, geometry)
+            x[i] = data.load_image(f, geometry)
         dynamic = {0: torch.export.Dim("batch", min=1)}
     else:
         if geometry.bit_depth is not None:
@@ -623,7 +623,7 @@ def raw_frame(path, size=None) -> np.ndarray:
     """An image file as a camera frame: uint8 (H, W, 3) RGB, resized to `size` (height, width) when given. 16-bit
     and float images are refused: an 8-bit frame would clip them."""
     with Image.open(path) as im:
-        if im.mode in datasets.WIDE_GREY:
+        if im.mode in data.WIDE_GREY:
             raise ValueError(f"{path}: a {im.mode} image is no 8-bit frame: export with --export-input normalised")
         im = im.convert("RGB")
         if size is not None and im.size != (size[1], size[0]):
@@ -640,7 +640,7 @@ def compare_with_python(session, model, geometry, calibration, cls, files, frame
         frame = raw_frame(f, frame_size)
         got = session.run(None, {"frames": frame[None]})
         # the file as predict.py --images reads it; a frame resized to --frame-size, as the graph gets it
-        x = datasets.load_image(Image.fromarray(frame) if frame_size else f, geometry)
+        x = data.load_image(Image.fromarray(frame) if frame_size else f, geometry)
         want = float(line.frames.predict_frames(model, x[None] if geometry.tile is None else [x], geometry)[1][0])
         worst = max(worst, abs(float(got[1][0]) - want) / max(abs(want), 1e-12))
         if calibration:
@@ -690,7 +690,7 @@ def parse_args(argv=None):
                            "region of at least --min-area pixels is over the pixel threshold")
     line.add_argument("--save-masks", action="store_true",
                       help="write masks/<name>.png: each image's regions as a 0/255 mask of its own size")
-    train.add_data_args(p, datasets.DATASETS, defaults={
+    train.add_data_args(p, data.DATASETS, defaults={
         "batch-size": str(evaluate.Options.batch_size),
         "classes help": "--calibrate: the classes to calibrate on, \"all\" or a comma list (default: the checkpoint's; "
                         "with --images: the class of those good images); --images: the one class whose threshold "
@@ -789,7 +789,7 @@ def calibrate_main(args, ckpts, device, precision, log):
         if files is None:
             classes = args.classes
             if classes is None and len(ckpts) > 1:  # a single-class run: each model on its own class
-                classes = ",".join(datasets.split_list(meta.get("classes")))
+                classes = ",".join(data.split_list(meta.get("classes")))
             sets = evaluate.plan_data_sets(meta, ckpt, args.data, args.data_root, classes)
             if len(sets) > 1:
                 raise ValueError("--calibrate learns one rule per model: calibrate it on one data set")
@@ -806,7 +806,7 @@ def calibrate_main(args, ckpts, device, precision, log):
         geometry = evaluate.asked_geometry(model, args, ckpt, log)
         opts = evaluate.Options(batch_size=args.batch_size or evaluate.Options.batch_size, device=str(device),
                                precision=precision, workers=train.workers(args.workers), geometry=geometry)
-        test_sets = {c: datasets.ImageDataset(found, geometry) for c, found in samples.items()}
+        test_sets = {c: data.ImageDataset(found, geometry) for c, found in samples.items()}
         if files is not None:
             log(f"{ckpt}: calibrating on {len(files)} good images")
         else:

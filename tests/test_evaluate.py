@@ -1,7 +1,6 @@
 """evaluate.py, the benchmark: its metrics against metrics.py on maps computed here independently, the official
 fixture's maps through the shared map path, the zero-shot, streaming, float16 and full-resolution protocols,
 pictures, checkpoint defaults, the caller's model left as it was, and one-line errors for bad input."""
-import copy
 import csv
 import dataclasses
 import json
@@ -23,8 +22,6 @@ import inpformer
 import line.cpu
 import line.pictures
 import metrics
-import train
-from line import knn
 from line.adeval import adeval_pixel_metrics
 from conftest import BATCH, CROP, DEMO_SIZE, GEOMETRY, IMAGE, ROOT, expect_one_line_error, run_main, shared
 
@@ -298,22 +295,6 @@ def test_bad_checkpoint_exit_status_from_the_shell(bad_files):
     assert r.stderr.count("\n") == 1 and str(bad_files / "truncated.safetensors") in r.stderr, r.stderr
 
 
-def test_bf16_cpu_scoring_agrees_with_fp32():
-    """--precision bf16 on the CPU (the whole model cast once, maps and scores in fp32): on the official
-    fixture model the maps stay within 1% of their maximum and the scores within 0.5% (measured: 0.18% and
-    0.03%)."""
-    io = load_file(shared(*TINY, "io.safetensors"))
-    fp32 = inpformer.load_model(shared(*TINY, "inpformer_official.safetensors"))
-    bf16 = evaluate.ready_model(fp32, "cpu", "bf16")
-    assert bf16.prototype_token.dtype == torch.bfloat16 and fp32.prototype_token.dtype == torch.float32  # a copy
-    for size in (224, 392):
-        m32, s32 = evaluate.predict_maps(fp32, io[f"x_{size}"])
-        m16, s16 = evaluate.predict_maps(bf16, io[f"x_{size}"])
-        assert m16.dtype == s16.dtype == torch.float32
-        assert 0 < (m16 - m32).abs().max() <= 0.01 * m32.abs().max()
-        assert (s16 - s32).abs().max() <= 0.005 * s32.abs().max()
-
-
 def test_a_class_without_ground_truth_gets_image_metrics_only(ckpt, model, demo, tmp_path, capsys):
     shutil.copytree(f"{demo}/tiles", tmp_path / "line" / "tiles", ignore=shutil.ignore_patterns("ground_truth"))
     got = evaluate.evaluate(model, "folder", tmp_path / "line", "all", options(), out_dir=tmp_path / "out")
@@ -349,28 +330,6 @@ def test_evaluate_leaves_the_callers_model_as_it_was(model, demo):
     assert abs(bf16["classes"]["tiles"]["I-AUROC"] - fp32["classes"]["tiles"]["I-AUROC"]) <= 0.1
 
 
-def test_scoring_on_a_cpu_takes_the_cpu_paths_without_touching_the_callers_model(model, monkeypatch):
-    """bf16 on a CPU: the scored model's blocks attend through line/cpu.py (a copy's: the caller's model keeps its
-    own, also when it already is bf16), and a model that has them is scored as it is; images go through the
-    network a few a pass (line.cpu.raw_maps); train.py's bf16 encoder takes the same attention. fp32 is the core's
-    path: the whole batch in one pass (measured no slower on a CPU)."""
-    bf16 = evaluate.ready_model(model, "cpu", "bf16")
-    assert line.cpu.uses_cpu_attention(bf16.encoder) and not line.cpu.uses_cpu_attention(model.encoder)
-    cast = copy.deepcopy(model).to(torch.bfloat16)
-    ready = evaluate.ready_model(cast, "cpu", "bf16")
-    assert ready is not cast and not line.cpu.uses_cpu_attention(cast.encoder)
-    assert evaluate.ready_model(ready, "cpu", "bf16") is ready
-    encoder = train.step_encoder(model, torch.device("cpu"), torch.bfloat16)
-    assert line.cpu.uses_cpu_attention(encoder) and not line.cpu.uses_cpu_attention(model.encoder)
-    monkeypatch.setattr(line.cpu, "images_per_pass", lambda model, x: 2)
-    for scored, want in ((ready, [2, 2, 1]), (model, [5])):
-        passes = []
-        monkeypatch.setattr(scored, "raw_maps", lambda x, zero_shot=False, passes=passes: passes.append(len(x))
-                            or torch.zeros(len(x), 1, *x.shape[-2:]))
-        maps, scores = evaluate.predict_maps(scored, torch.randn(5, 3, 112, 112))
-        assert passes == want and maps.shape == (5, 256, 256)
-
-
 def test_adeval_metrics_are_the_official_codes(ckpt, model, demo, tmp_path, capsys):
     """--metrics adeval: P-AUROC, P-AP and AUPRO from ADEval's 200 bins per class (line.adeval
     on the protocol's maps), the other four exact; recorded in metrics.json, written apart from the exact run."""
@@ -397,22 +356,3 @@ def test_held_out_images_of_the_checkpoints_classes_are_its_own_data(demo, tmp_p
     [held] = evaluate.plan_data_sets(meta, "ckpt", "folder", str(tmp_path / "held"))
     [other] = evaluate.plan_data_sets(meta, "ckpt", "folder", str(tmp_path / "other"))
     assert (held.own, held.classes) == (True, "all") and other.own is False
-
-
-def test_the_knn_baseline_is_within_a_few_points_of_the_texture_ad_patchcore_numbers():
-    """The PatchCore-style kNN on the real ViT-S/14, texture_ad at 256 -> 224, every training token in the bank:
-    the fixture's README reports I-AUROC 1.000/0.788 and P-AUROC 0.995/0.939 (brick/grass)."""
-    root = shared("fixtures", "texture_ad")
-    vit = inpformer.load_backbone(shared("weights", "dinov2_vits14_imgfocus", "model.safetensors"))
-    model = inpformer.INPFormer(vit, geometry=data.ResizeCrop(256, 224).to_dict()).eval()
-    reference = {"brick": (1.000, 0.995), "grass": (0.788, 0.939)}
-    opts = evaluate.Options(batch_size=16, device="cpu", bank_size=knn.BANK_SIZE)
-    torch.set_num_threads(2)
-    try:
-        for cls, (i_auroc, p_auroc) in reference.items():
-            ds = data.test_set("folder", root, cls, data.ResizeCrop(256, 224))
-            train = data.train_set("folder", root, cls, data.ResizeCrop(256, 224))
-            got = knn.evaluate_class(model, train, ds, opts, log=lambda m: None)
-            assert abs(got["I-AUROC"] - i_auroc) <= 0.03 and abs(got["P-AUROC"] - p_auroc) <= 0.02, (cls, got)
-    finally:
-        torch.set_num_threads(1)

@@ -8,8 +8,6 @@ from safetensors.torch import load_file, save_file
 
 import data
 import inpformer
-import line.cpu
-import line.weights
 import train
 from conftest import ROOT, shared
 
@@ -131,21 +129,26 @@ def features(vit, x):
         return torch.stack(vit.eval()(x, [2, 9]))
 
 
-def test_timm_and_pth_namings_give_the_same_backbone(io, tmp_path):
-    sd = hub_state_dict()
+def timm_names(sd):
+    """A torch-hub DINOv2 state dict in timm's names: the class position folded into cls_token, no mask_token."""
     timm = {k: v for k, v in sd.items() if k not in ("mask_token", "register_tokens", "pos_embed", "cls_token")}
     timm["cls_token"] = sd["cls_token"] + sd["pos_embed"][:, :1]
     timm["pos_embed"] = sd["pos_embed"][:, 1:].contiguous()
     timm["reg_token"] = sd["register_tokens"]
-    save_file(timm, tmp_path / "timm.safetensors")
+    return timm
+
+
+def test_pth_namings_give_the_same_backbone_and_timm_names_are_left_to_line(io, tmp_path):
+    sd = hub_state_dict()
     torch.save(sd, tmp_path / "hub.pth")
     torch.save({"module." + k: v for k, v in sd.items()}, tmp_path / "ddp.pth")  # saved from a DDP wrapper
     ref = features(inpformer.load_backbone(shared(*TINY, "backbone_hub.safetensors")), io["x_224"])
-    for f in ("timm.safetensors", "hub.pth", "ddp.pth"):
-        vit = (line.weights.load_backbone if f.startswith("timm") else inpformer.load_backbone)(tmp_path / f)
+    for f in ("hub.pth", "ddp.pth"):
+        vit = inpformer.load_backbone(tmp_path / f)
         assert vit.config.num_register_tokens == 4 and vit.config.depth == 10
         assert torch.allclose(features(vit, io["x_224"]), ref, atol=1e-5), f
-    with pytest.raises(inpformer.TimmNames, match="timm.safetensors: timm's names"):  # the core leaves them to line/
+    save_file(timm_names(sd), tmp_path / "timm.safetensors")
+    with pytest.raises(inpformer.TimmNames, match="timm.safetensors: timm's names"):  # line/weights.py reads them
         inpformer.load_backbone(tmp_path / "timm.safetensors")
 
 
@@ -305,53 +308,6 @@ def test_a_model_cast_to_bf16_still_predicts(io):
     maps, scores = model.predict(io["x_224"].to(torch.bfloat16))
     assert maps.dtype == scores.dtype == torch.float32
     assert (scores - io["score256_224"]).abs().max() <= 0.005 * io["score256_224"].abs().max()
-
-
-def test_cpu_half_precision_attention_equals_the_fused_kernel_and_average_equals_a_stacked_mean():
-    """line.cpu.attention runs bf16 inference on a CPU as products 128 query rows at a time (the tokens here are
-    not a multiple of 128, so the last chunk is short); fp32 and anything autograd records take the fused kernel.
-    Both against softmax attention written out in float64."""
-    torch.manual_seed(0)
-    q, k, v = torch.randn(3, 2, 4, 300, 16).unbind(0)
-    weights = torch.softmax(q.double() @ k.double().transpose(-2, -1) / 4, dim=-1)
-    exact = (weights @ v.double()).transpose(1, 2).reshape(2, 300, 64)
-    assert_close("fp32", inpformer.attention(q, k, v), exact, 1e-5)
-    assert torch.equal(line.cpu.attention(q, k, v), inpformer.attention(q, k, v))
-    half = [t.bfloat16() for t in (q, k, v)]
-    with torch.no_grad():
-        chunked = line.cpu.attention(*half)
-    assert chunked.dtype == torch.bfloat16 and chunked.shape == (2, 300, 64)
-    assert_close("bf16, chunked", chunked, exact, 0.02)
-    recorded = line.cpu.attention(*[t.clone().requires_grad_() for t in half])
-    assert recorded.grad_fn is not None and not torch.equal(recorded.detach(), chunked)  # the fused kernel
-    assert_close("bf16, fused", recorded, exact, 0.02)
-    layers = list(torch.randn(4, 2, 300, 16).unbind(0))
-    assert torch.equal(inpformer.average(layers), torch.stack(layers, dim=1).mean(dim=1))
-    assert torch.equal(inpformer.average(layers[:1]), layers[0]) and inpformer.average(layers[:1]) is not layers[0]
-    half_layers = [t.bfloat16() for t in layers]
-    mean = inpformer.average(half_layers)
-    assert mean.dtype == torch.bfloat16
-    assert_close("bf16 mean", mean, torch.stack(half_layers, dim=1).mean(dim=1), 2 ** -8)
-
-
-def test_on_a_cpu_inference_runs_a_few_images_a_pass_with_the_same_maps(io, monkeypatch):
-    """line.cpu.raw_maps splits a CPU batch into passes of images_per_pass images (memory the allocator can reuse);
-    maps and scores, reconstruction and zero-shot, are those of one pass over the whole batch, to round-off, in
-    order."""
-    with torch.device("meta"):  # only the arithmetic of images_per_pass: no weights needed
-        base = inpformer.INPFormer(inpformer.vit_base())
-    assert line.cpu.images_per_pass(base, torch.zeros(16, 3, 392, 392)) == 2  # ViT-B at 392 px: 789 tokens
-    assert line.cpu.images_per_pass(base, torch.zeros(16, 3, 392, 392, device="meta")) == 16  # not a CPU: one pass
-    model = model_from("official")
-    x = torch.cat([io["x_224"], io["x_224"].flip(-1), io["x_224"].flip(-2)])  # 6 different images
-    assert line.cpu.images_per_pass(model, x) >= 6  # a tiny model: one pass
-    whole = model.predict(x), model.predict_zero_shot(x)
-    monkeypatch.setattr(line.cpu, "images_per_pass", lambda model, x: 4)  # passes of 4 and 2
-    split = [inpformer.score_maps(line.cpu.raw_maps(model, x, zero_shot)) for zero_shot in (False, True)]
-    for kind, (maps, scores), (ref_maps, ref_scores) in zip(("reconstruction", "zero-shot"), split, whole):
-        assert_close(f"{kind} maps", maps, ref_maps, 1e-5)
-        assert_close(f"{kind} scores", scores, ref_scores, 1e-5)
-    assert (whole[0][1][:2] - whole[0][1][2:4]).abs().max() > 1e-3  # the images differ: order would show
 
 
 def test_a_loaded_model_owns_its_weights_when_its_file_is_rewritten_in_place(tmp_path):
