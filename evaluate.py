@@ -81,10 +81,10 @@ def load_ready(ckpt, device, precision):
     return model
 
 
-def half_on_cpu(model) -> bool:
-    """A model in bf16 on a CPU, where scoring takes line/cpu.py's speed paths: attention as plain products (the
-    CPU's bf16 units), a few images a pass."""
-    p = model.prototype_token
+def half_on_cpu(module) -> bool:
+    """A model (or its encoder) in bf16 on a CPU, where scoring takes line/cpu.py's speed paths: attention as plain
+    products (the CPU's bf16 units), a few images a pass."""
+    p = next(module.parameters())
     return p.device.type == "cpu" and p.dtype != torch.float32
 
 

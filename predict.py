@@ -496,13 +496,11 @@ class NormalisedGraph(torch.nn.Module):
 
     def __init__(self, model, geometry, calibration=None, cls=None):
         super().__init__()
-        self.model, self.whole_frame = fixed_model(model, geometry.input_size()), geometry.crop_size is None
+        self.model, self.geometry = fixed_model(model, geometry.input_size()), geometry
         self.outputs = DecisionOutputs(calibration, cls)
 
     def forward(self, x):
-        if self.whole_frame:
-            return self.outputs(*line.frames.score_frame_maps(self.model.raw_maps(x)))
-        return self.outputs(*self.model.predict(x))
+        return self.outputs(*line.frames.score_as(self.geometry, self.model.raw_maps(x)))
 
 
 class FrameGraph(torch.nn.Module):
@@ -528,12 +526,11 @@ class FrameGraph(torch.nn.Module):
         top, left, h, w = self.geometry.crop_box(height, width)
         x = (x[:, :, top:top + h, left:left + w] - self.mean) / self.std
         g = self.geometry
-        if g.tile is None and g.crop_size is not None:
-            return self.outputs(*self.model.predict(x))
         if g.tile is None:
-            return self.outputs(*line.frames.score_frame_maps(self.model.raw_maps(x)))
-        frame_maps = line.frames.stitch_tiles(x, g.tile, g.tile_overlap, self.model.raw_maps, batch_size=None)
-        return self.outputs(*line.frames.score_frame_maps(frame_maps))
+            maps = self.model.raw_maps(x)
+        else:
+            maps = line.frames.stitch_tiles(x, g.tile, g.tile_overlap, self.model.raw_maps, batch_size=None)
+        return self.outputs(*line.frames.score_as(g, maps))
 
 
 def export_onnx(model, path, opts=evaluate.Options(), images=None, cls=None, log=print, input_kind="frames",

@@ -4,6 +4,7 @@ use the CPU's bf16 units where its fused kernel does not.
 """
 import torch
 
+import evaluate
 import inpformer
 
 # glibc reuses freed blocks below 32 MiB; a larger one comes fresh from the kernel on every allocation, zeroed
@@ -50,16 +51,10 @@ def attention(q, k, v):
     return out.view(B, N, h * d)
 
 
-def needs_cpu_attention(encoder) -> bool:
-    """Whether `attention` above is faster for this encoder: on a CPU, in half precision."""
-    p = encoder.cls_token
-    return p.device.type == "cpu" and p.dtype != torch.float32
-
-
 def use_cpu_attention(encoder):
-    """The encoder's blocks attend with `attention` above where it needs it (needs_cpu_attention); else nothing
-    changes."""
-    if needs_cpu_attention(encoder):
+    """The encoder's blocks attend with `attention` above where it is faster (evaluate.half_on_cpu: on a CPU, in
+    half precision); else nothing changes."""
+    if evaluate.half_on_cpu(encoder):
         for block in encoder.blocks:
             block.attention = attention
     return encoder

@@ -18,8 +18,7 @@ def predict_frames(model, frames, geometry=None, zero_shot=False, tile_batch=16)
     maps and (B,) scores, fp32."""
     geometry = geometry or data.geometry_of(model.config.geometry)
     if geometry.tile is None:
-        maps = line.cpu.raw_maps(model, frames, zero_shot)
-        return score_frame_maps(maps) if geometry.crop_size is None else inpformer.score_maps(maps)
+        return score_as(geometry, line.cpu.raw_maps(model, frames, zero_shot))
     results = [predict_tiled(model, f, geometry.tile, geometry.tile_overlap, tile_batch, zero_shot) for f in frames]
     return torch.cat([m for m, _ in results]), torch.cat([s for _, s in results])
 
@@ -31,6 +30,14 @@ def predict_tiled(model, frame, tile, overlap=0.0, batch_size=16, zero_shot=Fals
     covering the frame gives exactly the whole-frame pass. (1, 256, 256), (1,)."""
     frame_map = stitch_tiles(frame[None], tile, overlap, lambda t: line.cpu.raw_maps(model, t, zero_shot), batch_size)
     return score_frame_maps(frame_map)
+
+
+def score_as(geometry, maps, max_ratio=inpformer.MAX_RATIO):
+    """Raw maps of inputs prepared with `geometry` -> (maps, scores): the paper's zero-padded protocol for its
+    crop (inpformer.score_maps), score_frame_maps for whole frames and tiles."""
+    if geometry.crop_size is not None:
+        return inpformer.score_maps(maps, max_ratio=max_ratio)
+    return score_frame_maps(maps, max_ratio)
 
 
 def score_frame_maps(maps, max_ratio=inpformer.MAX_RATIO):

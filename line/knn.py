@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 import evaluate
-import inpformer
 import line.frames
 
 BANK_SIZE = 65536  # tokens kept per class: 192 MiB at ViT-B's 768 dimensions
@@ -68,10 +67,8 @@ class KNNBaseline:
     def predict(self, frames, geometry):
         """(B, 256, 256) maps and (B,) scores, the map's maximum, for frames prepared with `geometry` (a batch,
         or for tiles a list of frames, stitched as the model stitches its tiles)."""
-        if geometry.tile is None and geometry.crop_size is not None:
-            return inpformer.score_maps(self.raw_maps(frames), max_ratio=0)
         if geometry.tile is None:
-            return line.frames.score_frame_maps(self.raw_maps(frames), max_ratio=0)
+            return line.frames.score_as(geometry, self.raw_maps(frames), max_ratio=0)
         maps, scores = [], []
         for frame in frames:
             frame_map = line.frames.stitch_tiles(frame[None], geometry.tile, geometry.tile_overlap, self.raw_maps,
