@@ -20,8 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-import inpformer  # noqa: E402
-from bench_runs import write_class  # noqa: E402
+from bench_runs import whole_runs, write_checkpoint, write_class  # noqa: E402
 
 
 def main():
@@ -34,13 +33,9 @@ def main():
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="before_after_"))
     write_class(work / "data", a.images)
-    torch.manual_seed(0)
-    torch.save(inpformer.INPFormer(inpformer.vit_base()).eval().state_dict(), work / "model.pth")
+    write_checkpoint(work)
     trees = {"before": a.before, "after": a.after}
-    common = ["--ckpt", str(work / "model.pth"), "--batch-size", str(a.batch_size), "--precision", "fp32"]
-    runs = {"evaluate.py": ["evaluate.py", *common, "--data", "mvtec", "--data-root", str(work / "data"),
-                            "--classes", "part"],
-            "predict.py --images": ["predict.py", *common, "--images", str(work / "data/part/test")]}
+    runs = {name: [*argv, "--precision", "fp32"] for name, argv in whole_runs(work, a.batch_size).items()}
     best = {}
     for r in range(a.rounds):
         order = list(trees) if r % 2 == 0 else list(trees)[::-1]

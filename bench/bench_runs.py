@@ -59,6 +59,25 @@ def write_class(folder: Path, n: int, size=512, seed=0):
             Image.fromarray((mask * 255).astype(np.uint8)).save(folder / f"part/ground_truth/spot/{i:03d}_mask.png")
 
 
+def write_checkpoint(work: Path):
+    """A ViT-B/14-with-registers INP-Former with seeded random weights as work/model.pth, the authors' format
+    (names only, no metadata); returns the model."""
+    torch.manual_seed(0)
+    model = inpformer.INPFormer(inpformer.vit_base()).eval()
+    torch.save(model.state_dict(), work / "model.pth")
+    return model
+
+
+def whole_runs(work: Path, batch_size) -> dict:
+    """{name: argv} of the runs as a user starts them, on work/model.pth and work/data (write_class)."""
+    common = ["--ckpt", str(work / "model.pth"), "--batch-size", str(batch_size)]
+    return {
+        "evaluate.py": ["evaluate.py", *common, "--data", "mvtec", "--data-root", str(work / "data"),
+                        "--classes", "part"],
+        "predict.py --images": ["predict.py", *common, "--images", str(work / "data/part/test")],
+    }
+
+
 def model_gain(model, batch, rounds=3):
     """{precision: images/s} of the model's maps and scores on a batch at the paper's 392 x 392 as the runs compute
     them (line.frames.predict_frames, line/cpu.py's attention in bf16), the best of interleaved rounds."""
@@ -86,18 +105,10 @@ def main():
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_runs_"))
     write_class(work / "data", a.images)
-    torch.manual_seed(0)
-    model = inpformer.INPFormer(inpformer.vit_base()).eval()
-    torch.save(model.state_dict(), work / "model.pth")  # the authors' format: names only, no metadata
-
+    model = write_checkpoint(work)
     own = model_gain(model, a.batch_size)
     del model
-    common = ["--ckpt", str(work / "model.pth"), "--batch-size", str(a.batch_size)]
-    runs = {
-        "evaluate.py": ["evaluate.py", *common, "--data", "mvtec", "--data-root", str(work / "data"),
-                        "--classes", "part"],
-        "predict.py --images": ["predict.py", *common, "--images", str(work / "data/part/test")],
-    }
+    runs = whole_runs(work, a.batch_size)
     seconds = {}
     for r in range(a.rounds):
         for name, argv in runs.items():
