@@ -71,7 +71,7 @@ def ckpt(demo, tmp_path_factory):
     torch.set_num_threads(1)  # tiny ops: a second thread gains nothing, and competes with the other core's work
     torch.manual_seed(0)
     vit = inpformer.ViTConfig(embed_dim=64, depth=10, num_heads=1, num_register_tokens=0)
-    model = inpformer.INPFormer(inpformer.ViT(vit), inp_num=4, decoder_depth=8, geometry=GEOMETRY)
+    model = inpformer.INPFormer(inpformer.ViT(vit), inp_num=4, decoder_depth=8, geometry=GEOMETRY.to_dict())
     train = torch.utils.data.DataLoader(data.train_set("folder", demo, "all", GEOMETRY), batch_size=8,
                                         shuffle=True, generator=torch.Generator().manual_seed(0))
     opt = torch.optim.Adam(model.trainable_parameters(), lr=3e-3)
