@@ -65,36 +65,53 @@ class StableAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self):
+        # Multi-tensor (torch._foreach_*) form: a few dozen operations a step for all tensors, not ~15 per tensor.
         for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g, state = p.grad, self.state[p]
+            lr, grads = group["lr"], [p.grad for p in params]
+            states = [self.state[p] for p in params]
+            for p, state in zip(params, states):
                 if not state:
                     state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
                     if group["amsgrad"]:
                         state["max_exp_avg_sq"] = torch.zeros_like(p)
-                t = state["step"] = state["step"] + 1
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                state["exp_avg"].mul_(beta1).add_(g, alpha=1 - beta1)
-                v = state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                if group["amsgrad"]:
-                    v = torch.maximum(state["max_exp_avg_sq"], v, out=state["max_exp_avg_sq"])
-                denom = (v.sqrt() / math.sqrt(1 - beta2**t)).add_(group["eps"])
-                rms = (g / denom).norm() / math.sqrt(g.numel())
-                scale = torch.clamp(rms / group["clip_threshold"], min=1.0)
-                p.addcdiv_(state["exp_avg"], denom * scale, value=-group["lr"] / (1 - beta1**t))
+                state["step"] += 1
+            steps = [state["step"] for state in states]
+            exp_avg = [state["exp_avg"] for state in states]
+            v = [state["exp_avg_sq"] for state in states]
+            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+            torch._foreach_mul_(exp_avg, beta1)
+            torch._foreach_add_(exp_avg, grads, alpha=1 - beta1)
+            torch._foreach_mul_(v, beta2)
+            torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
+            if group["amsgrad"]:
+                v_max = [state["max_exp_avg_sq"] for state in states]
+                torch._foreach_maximum_(v_max, v)
+                v = v_max
+            denom = torch._foreach_sqrt(v)
+            torch._foreach_div_(denom, [math.sqrt(1 - beta2**t) for t in steps])
+            torch._foreach_add_(denom, group["eps"])
+            # Each tensor's update is divided by max(1, RMS(g / denom) / clip_threshold).
+            scale = torch._foreach_norm(torch._foreach_div(grads, denom))
+            torch._foreach_div_(scale, [math.sqrt(g.numel()) * group["clip_threshold"] for g in grads])
+            torch._foreach_clamp_min_(scale, 1.0)
+            torch._foreach_mul_(denom, scale)
+            torch._foreach_addcdiv_(params, exp_avg, denom, [-lr / (1 - beta1**t) for t in steps])
 
 
 def optimizer_step(loss, opt, scaler, params, max_norm=0.1):
-    """Backward, then the official global gradient-norm clipping (on unscaled fp16 gradients), then a step."""
+    """Backward, then the official global gradient-norm clipping (on unscaled fp16 gradients), then a step.
+    Returns the gradient norm before clipping, a tensor on the device (reading it would wait for the step)."""
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.unscale_(opt)
-    torch.nn.utils.clip_grad_norm_(params, max_norm=max_norm)
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm=max_norm)
     scaler.step(opt)
     scaler.update()
+    return norm
 
 
 def warm_cosine(it, total, base, final, warmup):
@@ -161,6 +178,13 @@ def fingerprint(encoder) -> str:
     return f"{len(values)}:{sum(values):.10e}"
 
 
+def use_tf32():
+    """--tf32: CUDA's matrix products in TF32 too (torch's default, which the official code keeps, runs them in
+    fp32 and only convolutions in TF32)."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
 def step_encoder(model, device, amp_dtype):
     """The encoder the training steps run: the model's own, or under bf16/fp16 autocast a copy cast once to that
     dtype. Autocast caches the casts of trainable weights only, so it would cast the frozen fp32 encoder again
@@ -177,17 +201,19 @@ def step_encoder(model, device, amp_dtype):
 
 class LossModule(torch.nn.Module):
     """The training loss as a forward(), for DistributedDataParallel: model.loss of images (their features from
-    `encoder`), or of cached features."""
+    `encoder`), or of cached features. compile: the trainable part (everything after the frozen encoder) runs
+    through torch.compile."""
 
-    def __init__(self, model, encoder):
+    def __init__(self, model, encoder, compile=False):
         super().__init__()
         self.model, self.encoder = model, encoder
+        self.loss_from_features = torch.compile(model.loss_from_features) if compile else model.loss_from_features
 
     def forward(self, x=None, features=None):
         if features is None:
             en, fused = self.model.encode(x, self.encoder)
             features = (en, fused, self.model.token_grid(x))
-        return self.model.loss_from_features(*features)
+        return self.loss_from_features(*features)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -199,7 +225,7 @@ class TrainingRun:
     """One model in training: what setup() builds, the loop reads and updates, and a resume restores."""
     model: inpformer.INPFormer
     net: torch.nn.Module          # LossModule, wrapped in DistributedDataParallel under torchrun
-    dataset: torch.utils.data.Dataset
+    dataset: torch.utils.data.Dataset  # the training images as data.py reads them
     batches: EpochBatches         # this process's batches
     opt: StableAdamW
     scaler: torch.amp.GradScaler  # enabled for fp16 only
@@ -217,9 +243,11 @@ class TrainingRun:
     rank: int = 0
     world: int = 1
     start: int = 0                # the iteration the loop starts at (after a resume)
+    store: data.ImageStore = None  # the training images decoded once (None: few-shot's views, or cached features)
     features: object = None       # line.feature_cache.FeatureCache, or None: the encoder runs in every step
-    loss_sum: float = 0.0         # the losses since the last log line: their sum and count
+    loss_sum: torch.Tensor = None  # float64 on the device: the sum of this process's losses since the last log line
     loss_count: int = 0
+    first_bad: torch.Tensor = None  # on the device: the first iteration whose loss was not finite (inf: none yet)
 
 
 def run_identity(args, sets, encoder=None, total=None) -> dict:
@@ -241,7 +269,7 @@ def save(run, it):
     leaves a state one save ahead of the model, which --resume handles)."""
     state = dict(model={k: v for k, v in run.model.state_dict().items() if not k.startswith("encoder.")},
                  opt=run.opt.state_dict(), scaler=run.scaler.state_dict(), rng=torch.get_rng_state(),
-                 iteration=it, window=[run.loss_sum, run.loss_count], identity=run.identity)
+                 iteration=it, window=[float(run.loss_sum), run.loss_count], identity=run.identity)
     with inpformer.atomic_write(run.out / "train_state.pt") as tmp:
         torch.save(state, tmp)
     run.meta.update(iteration=it, finished=it == run.total)
@@ -288,7 +316,8 @@ def restore(path, run):
         raise ValueError(f"{path}: not a training state of this model ({inpformer.first_line(e)}); use the same "
                          "--weights/--inp-num as the run it comes from, or another --out") from None
     torch.set_rng_state(state["rng"])
-    run.loss_sum, run.loss_count = state["window"]
+    run.loss_sum.fill_(state["window"][0])
+    run.loss_count = state["window"][1]
     return state["iteration"]
 
 
@@ -324,14 +353,16 @@ def setup(args, encoder, sets, out, device, log, rank=0, world=1) -> TrainingRun
     amp_dtype = None if args.precision == "fp32" else PRECISIONS[args.precision]
     amp = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     encoder = step_encoder(model, device, amp_dtype)
-    net = LossModule(model, encoder)
+    net = LossModule(model, encoder, compile=args.compile)
     run = TrainingRun(model=model, net=net, dataset=dataset, batches=batches,
                       opt=StableAdamW(model.trainable_parameters(), lr=args.lr, weight_decay=1e-4),
                       scaler=torch.amp.GradScaler(device.type, enabled=args.precision == "fp16"), amp=amp,
                       device=device, out=out, meta=meta, identity=run_identity(args, sets, model.encoder, total),
                       total=total, warmup=min(args.warmup, total // 10),  # a short run still spends most at full lr
                       lr=args.lr, log_every=args.log_every or len(batches), save_every=args.save_every,
-                      workers=args.workers, rank=rank, world=world)
+                      workers=args.workers, rank=rank, world=world,
+                      loss_sum=torch.zeros((), dtype=torch.float64, device=device),
+                      first_bad=torch.full((), math.inf, dtype=torch.float64, device=device))
     if args.resume:
         run.start = restore(out / "train_state.pt", run)
         log(f"resuming {out} at iteration {run.start}/{total}")
@@ -342,58 +373,41 @@ def setup(args, encoder, sets, out, device, log, rank=0, world=1) -> TrainingRun
 
         recipe = dict(run.identity, data_root=meta["data_root"], dtype=args.cache_features, images=len(dataset))
         run.features = feature_cache(run, encoder, recipe, per_process, log)
+    elif not args.shots:  # few-shot's shots are read once already, and their views made from them
+        run.store = data.image_store(dataset, out / "image_cache", args.workers, log, rank, world)
     return run
 
 
-def mean_over_processes(value: torch.Tensor, run) -> float:
-    """The loss averaged over the torchrun processes (one all-reduce; a NaN on any process makes it NaN on every
-    one, so that all stop together); the value itself in one process."""
-    value = value.detach().float().clone()
-    if run.world > 1:
-        dist.all_reduce(value)
-        value /= run.world
-    return value.item()
-
-
 def train(run: TrainingRun, log):
-    """The loop: one step per batch, a save on the schedule and at the end. Returns the checkpoint's path."""
+    """The loop: one step per batch, a save on the schedule and at the end. Returns the checkpoint's path. No
+    step waits for the device: the loss is summed there and read at log lines only (check_window), where a loss
+    that was not finite stops the run; a save between log lines checks first (check_before_save)."""
     model, batches, total = run.model, run.batches, run.total
     ckpt, per_epoch, it, t0 = run.out / "model.safetensors", len(batches), run.start, time.time()
     last_save = time.monotonic()
-    loader = None
-    if run.features is None:
-        loader = torch.utils.data.DataLoader(run.dataset, batch_sampler=batches, num_workers=run.workers,
-                                             pin_memory=run.device.type == "cuda", persistent_workers=run.workers > 0)
+    loader = training_loader(training_data(run), batches, run.workers, run.device)
     model.train()
     while it < total:
         batches.epoch, batches.skip = it // per_epoch, it % per_epoch
-        # The loader consumes the same batch sampler, so zip pairs each batch with its indices.
-        steps = zip(batches, loader) if loader is not None else ((idx, None) for idx in batches)
-        for idx, batch in steps:
+        for batch in loader:
             for g in run.opt.param_groups:
                 g["lr"] = warm_cosine(it, total, run.lr, run.lr * 0.1, run.warmup)
             with run.amp:
-                if run.features is not None:
-                    loss = run.net(features=run.features.batch(idx, run.device))
-                else:
-                    loss = run.net(batch["image"].to(run.device, non_blocking=True))
-            value = mean_over_processes(loss, run)
-            if not math.isfinite(value):
-                kept = f"the last saved checkpoint {ckpt} is kept" if ckpt.is_file() else "no checkpoint was written"
-                raise ValueError(f"loss became {value} at iteration {it} (epoch {it // per_epoch + 1}); {kept}. "
-                                 "Try --precision fp32 or a lower --lr")
-            optimizer_step(loss, run.opt, run.scaler, model.trainable_parameters())
+                loss = run.net(**step_inputs(run, batch))
+            add_loss(run, loss, it)
+            grad_norm = optimizer_step(loss, run.opt, run.scaler, model.trainable_parameters())
             it += 1
-            run.loss_sum, run.loss_count = run.loss_sum + value, run.loss_count + 1
-            line = None  # logged after the save
-            if it % run.log_every == 0 or it == total:
-                line = progress_line(run, it, t0)
-                run.loss_sum, run.loss_count = 0.0, 0
             if run.save_every:
                 due = time.monotonic() - last_save >= run.save_every
             else:
                 due = it % per_epoch == 0
-            if run.rank == 0 and (due or it == total):  # with the loss window: a resume logs the same losses
+            save_now = run.rank == 0 and (due or it == total)  # rank 0's clock decides, alone
+            line = None  # logged after the save
+            if it % run.log_every == 0 or it == total:
+                line = progress_line(run, it, t0, check_window(run, it, ckpt))
+            elif save_now:
+                check_before_save(run, grad_norm, it, ckpt)
+            if save_now:  # with the loss window: a resume logs the same losses
                 save(run, it)
                 last_save = time.monotonic()
             if line:
@@ -403,14 +417,83 @@ def train(run: TrainingRun, log):
     return ckpt
 
 
-def progress_line(run, it, t0):
+def training_loader(dataset, batches, workers, device) -> torch.utils.data.DataLoader:
+    """The batches of `batches` from `dataset` (the feature cache, the image store, or few-shot's views), gathered
+    in `workers` loader processes, a batch ahead. A store in memory is gathered in this process: a batch takes
+    about a millisecond there, less than handing it over from a worker."""
+    if isinstance(dataset, data.ImageStore) and dataset.folder is None:
+        workers = 0
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                                       collate_fn=getattr(dataset, "collate", None),
+                                       pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+
+
+def training_data(run) -> torch.utils.data.Dataset:
+    """What the steps of `run` read: its feature cache, else its image store, else (few-shot) its views."""
+    if run.features is not None:
+        return run.features
+    return run.store if run.store is not None else run.dataset
+
+
+def step_inputs(run, batch) -> dict:
+    """The arguments of run.net for one batch from the loader, on the device."""
+    if run.features is not None:
+        return dict(features=run.features.on_device(batch, run.device))
+    if run.store is not None:  # decoded once; normalised here, on the device
+        return dict(x=data.normalise(batch.to(run.device, non_blocking=True)))
+    return dict(x=batch["image"].to(run.device, non_blocking=True))  # few-shot: views of the normalised shots
+
+
+def add_loss(run, loss, it):
+    """Add a step's loss to the window on the device, noting the first iteration whose loss is not finite,
+    without reading either."""
+    value = loss.detach().double()
+    run.loss_sum += value
+    run.loss_count += 1
+    run.first_bad = torch.where(torch.isfinite(value), run.first_bad, run.first_bad.clamp(max=it))
+
+
+def check_window(run, it, ckpt) -> float:
+    """At a log line (the same iterations on every process): the window's mean loss over the processes, then a
+    new window. A loss that was not finite on any process stops every process with the same line."""
+    loss_sum, first_bad = run.loss_sum.clone(), run.first_bad.clone()
+    if run.world > 1:
+        dist.all_reduce(loss_sum)
+        dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+        loss_sum /= run.world
+    loss_sum, first_bad = loss_sum.item(), first_bad.item()
+    if math.isfinite(first_bad):
+        raise stopped(run, f"loss became {loss_sum}", int(first_bad), it, ckpt)
+    run.loss_sum.zero_()
+    mean, run.loss_count = loss_sum / run.loss_count, 0
+    return mean
+
+
+def check_before_save(run, grad_norm, it, ckpt):
+    """Rank 0 saves by its own clock, so it checks alone: its losses since the last log line, and the last
+    gradient norm (the same on every process under DDP, where another process's bad loss shows). Under fp16 an
+    infinite norm is GradScaler's skipped step, not a fault."""
+    first_bad = run.first_bad.item()
+    if math.isfinite(first_bad):
+        raise stopped(run, f"loss became {run.loss_sum.item()}", int(first_bad), it, ckpt)
+    if not run.scaler.is_enabled() and not math.isfinite(grad_norm.item()):
+        raise stopped(run, f"the gradient norm became {grad_norm.item()}", it - 1, it, ckpt)
+
+
+def stopped(run, what, bad, it, ckpt) -> ValueError:
+    """The error that stops a run: what went wrong at iteration `bad`, seen at iteration `it`, and what is kept."""
+    kept = f"the last saved checkpoint {ckpt} is kept" if ckpt.is_file() else "no checkpoint was written"
+    return ValueError(f"{what} at iteration {bad} (epoch {bad // len(run.batches) + 1}; checked at iteration {it} "
+                      f"before any save); {kept}. Try --precision fp32 or a lower --lr")
+
+
+def progress_line(run, it, t0, loss):
     per_epoch, total = len(run.batches), run.total
     elapsed, done = time.time() - t0, it - run.start
     images_per_s = done * run.batches.batch_size * run.world / elapsed
     eta = elapsed / done * (total - it)
     return (f"epoch {math.ceil(it / per_epoch)}/{math.ceil(total / per_epoch)} iter {it}/{total} loss "
-            f"{run.loss_sum / run.loss_count:.4f} lr {run.opt.param_groups[0]['lr']:.2e} "
-            f"{images_per_s:.1f} img/s ETA {format_time(eta)}")
+            f"{loss:.4f} lr {run.opt.param_groups[0]['lr']:.2e} {images_per_s:.1f} img/s ETA {format_time(eta)}")
 
 # -----------------------------------------------------------------------------------------------------
 # The log
@@ -493,7 +576,13 @@ def parse_args(argv=None):
                    help="compute the frozen encoder's features once, into memory-mapped files in <out>/feature_cache "
                         "shared by every process, in fp32 (default) or bf16 (half the size: MVTec AD at ViT-B/392 is "
                         "26 GB in fp32)")
-    p.add_argument("--keep-cache", action="store_true", help="keep <out>/feature_cache after the run")
+    p.add_argument("--keep-cache", action="store_true",
+                   help="keep <out>/feature_cache and <out>/image_cache (the training images decoded once, when they "
+                        "do not fit in memory) after the run")
+    p.add_argument("--tf32", action="store_true",
+                   help="CUDA only: matrix products in TF32 (faster; their inputs rounded to 10 mantissa bits, where "
+                        "the official code keeps fp32's 23; convolutions use TF32 either way, torch's default)")
+    p.add_argument("--compile", action="store_true", help="run the trainable part through torch.compile")
     p.add_argument("--log-every", type=count, help="log every N iterations (default: every epoch)")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
     args = p.parse_args(argv)
@@ -510,8 +599,8 @@ def parse_args(argv=None):
         raise ValueError("--shots k goes with --setting few-shot, and --setting few-shot needs --shots k")
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the run in --out, --overwrite replaces it: pass one of them")
-    if args.keep_cache and not args.cache_features:
-        raise ValueError("--keep-cache keeps the files of --cache-features: pass both, or neither")
+    if args.tf32 and device_and_precision(args)[0].type != "cuda":
+        raise ValueError("--tf32 runs on CUDA only (drop it on a CPU)")
     args.out = args.out or Path("runs") / f"{args.data.replace(',', '+')}-{args.setting}"
     return args
 
@@ -597,6 +686,11 @@ def main(argv=None, log=None):
         if world > 1:
             batch = f"{world} processes x {args.batch_size // world} images = global batch {args.batch_size}"
         log(f"device {device}, precision {args.precision}, {batch}; images: {args.geometry.describe()}")
+        if args.tf32:
+            use_tf32()
+        speed = [flag for flag, on in (("--tf32", args.tf32), ("--compile", args.compile)) if on]
+        if speed:
+            log(f"speed flags: {', '.join(speed)}")
         checkpoints = []
         for p in plans:
             label = f"== class {p.sets[0][2][0]}" if len(plans) > 1 else f"training {p.out}"
@@ -610,8 +704,9 @@ def main(argv=None, log=None):
             resume = args.resume and (p.out / "train_state.pt").is_file()
             run = setup(_with(args, resume=resume), encoder, p.sets, p.out, device, log, rank, world)
             checkpoints.append(train(run, log))
-            if run.features is not None and not args.keep_cache and rank == 0:
-                shutil.rmtree(run.features.folder, ignore_errors=True)
+            for cache in (run.features, run.store):
+                if cache is not None and cache.folder is not None and not args.keep_cache and rank == 0:
+                    shutil.rmtree(cache.folder, ignore_errors=True)
             del run  # the model, its optimizer and casts go before the next class's
             if device.type == "cuda":
                 torch.cuda.empty_cache()

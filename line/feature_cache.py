@@ -18,7 +18,7 @@ import train
 
 
 @dataclass
-class FeatureCache:
+class FeatureCache(torch.utils.data.Dataset):
     """The frozen encoder's outputs for every training image, in files under <out>/feature_cache/ that every
     process memory-maps: en.bin (N, groups, tokens, D), fused.bin (N, tokens, D), and cache.json, written last,
     which records what they were made from. The training images are not augmented on the fly, so the features
@@ -28,10 +28,22 @@ class FeatureCache:
     fused: torch.Tensor
     grid: tuple
 
-    def batch(self, idx, device):
-        """The features of the images `idx` as loss_from_features takes them, in fp32 on `device`."""
-        fp32 = dict(device=device, dtype=torch.float32)
-        return list(self.en[idx].to(**fp32).unbind(1)), self.fused[idx].to(**fp32), self.grid
+    def __len__(self):
+        return len(self.fused)
+
+    def __getitems__(self, idx):
+        """The features of the images `idx`, gathered from the files (in a loader worker, a batch ahead)."""
+        idx = torch.tensor(idx)
+        return self.en.index_select(0, idx), self.fused.index_select(0, idx)
+
+    @staticmethod
+    def collate(batch):
+        return batch  # __getitems__ gathered it
+
+    def on_device(self, batch, device):
+        """A gathered batch as loss_from_features takes it, in fp32 on `device`."""
+        en, fused = (t.to(device, non_blocking=True).float() for t in batch)
+        return list(en.unbind(1)), fused, self.grid
 
 
 def feature_cache(run, encoder, recipe, batch_size, log) -> FeatureCache:

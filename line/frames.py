@@ -2,6 +2,7 @@
 the centre crop of a square resize. The geometry (line.geometry.Geometry, recorded in the model's config) says
 which.
 """
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -81,14 +82,23 @@ def stitch_tiles(frames, tile, overlap, tile_maps, batch_size=16):
 class TileDataset(torch.utils.data.Dataset):
     """The training samples of a tiled geometry: item k is one tile of one frame (Geometry.tile_positions of its
     resized frame), dict(image (3, tile, tile), mask, label, path, cls). A frame is decoded again for each of
-    its tiles (cache the encoder's features, train.py --cache-features, to decode each only once)."""
+    its tiles here; training decodes each frame once, into data.image_store."""
 
     def __init__(self, samples, geometry):
         self.frames, self.tile, self.index = data.ImageDataset(samples, geometry), geometry.tile, []
-        for i, s in enumerate(self.frames.samples):
+        self.samples, self.geometry, self.positions = self.frames.samples, geometry, []
+        for i, s in enumerate(self.samples):
             width, height = data.image_size(s.image)
             frame = geometry.frame_size(height, width)
-            self.index += [(i, top, left) for top, left in geometry.tile_positions(*frame)]
+            self.positions.append(geometry.tile_positions(*frame))
+            self.index += [(i, top, left) for top, left in self.positions[i]]
+        self.frame_items = [len(p) for p in self.positions]
+
+    def decoded(self, i) -> np.ndarray:
+        """The tiles of frame i before normalisation, in item order: (tiles, C, tile, tile) (data.image_store
+        decodes each frame once)."""
+        frame = self.frames.decoded(i)[0]
+        return np.stack([frame[:, top:top + self.tile, left:left + self.tile] for top, left in self.positions[i]])
 
     def __len__(self):
         return len(self.index)

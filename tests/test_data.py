@@ -491,3 +491,67 @@ def test_one_line_of_plain_and_wrapped_errors():
                              "call last):\n  File \"x.py\", line 1\n    raise\ndata.DataError: a.png: broken\n")
     assert train.one_line(wrapped) == "a.png: broken"
     assert train.one_line(RuntimeError("x\nValueError: boom")) == "ValueError: boom"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The training images decoded once
+
+def store_tree(root, kind):
+    """Three training images of one class: RGB, grey, 16-bit grey, or a mix of grey and colour and of 8 and 16
+    bits; each a different size, as line frames are."""
+    folder = root / "part" / "train" / "good"
+    folder.mkdir(parents=True)
+    for i, (h, w) in enumerate([(48, 40), (61, 83), (50, 50)]):
+        rgb = texture(i, h, w).astype(np.uint8)
+        grey = rgb[..., 0]
+        wide = grey.astype(np.uint16) * 257 + np.uint16(i)
+        images = {"rgb": Image.fromarray(rgb), "grey": Image.fromarray(grey), "16-bit": Image.fromarray(wide),
+                  "mixed": [Image.fromarray(rgb), Image.fromarray(grey), Image.fromarray(wide)][i]}
+        images[kind].save(folder / f"{i:03d}.png")
+    return root
+
+
+@pytest.mark.parametrize("budget", [data.STORE_IN_MEMORY, 0], ids=["in-memory", "file"])
+@pytest.mark.parametrize("kind,recorded", [
+    ("rgb", {"image_size": [72, 72], "crop_size": [63, 63]}),
+    ("grey", {"image_size": [72, 72], "crop_size": [63, 63]}),
+    ("16-bit", {"image_size": [72, 72], "crop_size": [63, 63], "bit_depth": 16}),
+    ("mixed", {"image_size": [72, 72], "crop_size": [63, 63], "bit_depth": 16}),
+    ("rgb", {"image_size": [42, 70], "crop_size": None}),  # a whole frame, 42 rows by 70 columns
+])
+def test_the_image_store_gives_the_loaders_images_bit_for_bit(tmp_path, kind, recorded, budget):
+    root = store_tree(tmp_path / "data", kind)
+    dataset = data.train_set("folder", root, "all", data.geometry_of(recorded))
+    lines = []
+    store = data.image_store(dataset, tmp_path / "run" / "image_cache", workers=0, log=lines.append, budget=budget)
+    loader = torch.utils.data.DataLoader(store, batch_sampler=[[2, 0], [1]], collate_fn=store.collate)
+    batches = [data.normalise(b) for b in loader]
+    stored = torch.cat([batches[0][1:], batches[1], batches[0][:1]])  # items 0, 1, 2
+    expected = torch.stack([dataset[i]["image"] for i in range(3)])
+    assert stored.dtype == torch.float32 and torch.equal(stored, expected)
+    if kind == "rgb" and recorded["crop_size"]:  # and the official transform's own torch operations
+        assert torch.equal(stored[1], reference_pipeline(dataset.samples[1].image, 72, 63))
+    where = "in memory" if budget else f"at {tmp_path / 'run' / 'image_cache' / 'images.bin'}"
+    assert lines[-1].startswith(f"image cache: 3 images, 0.00 GiB, {where}")
+    assert store.pixels.dtype == (torch.float32 if kind in ("16-bit", "mixed") else torch.uint8)
+    assert store.pixels.shape[1] == (1 if kind in ("grey", "16-bit") else 3)
+
+
+def test_a_stale_image_store_is_made_again(tmp_path):
+    root = store_tree(tmp_path / "data", "rgb")
+    dataset = data.train_set("folder", root, "all", Geometry(72, 63))
+    folder, lines = tmp_path / "run" / "image_cache", []
+    data.image_store(dataset, folder, log=lines.append, budget=0)
+    data.image_store(dataset, folder, log=lines.append, budget=0)
+    assert lines[-1].endswith("(reused)")
+    changed = dataset.samples[1].image
+    Image.fromarray(texture(7, 61, 83).astype(np.uint8)).save(changed)  # a file replaced in place
+    dataset = data.train_set("folder", root, "all", Geometry(72, 63))
+    store = data.image_store(dataset, folder, log=lines.append, budget=0)
+    assert "was made from other files or settings; making it again" in lines[-2]
+    assert torch.equal(data.normalise(store.__getitems__([1]))[0], dataset[1]["image"])
+    (folder / "store.json").unlink()  # a store cut short before its record: made again, not trusted
+    data.image_store(dataset, folder, log=lines.append, budget=0)
+    assert "decoded in" in lines[-1]
+    data.image_store(data.train_set("folder", root, "all", Geometry(80, 63)), folder, log=lines.append, budget=0)
+    assert "making it again" in lines[-2]  # another geometry

@@ -194,6 +194,21 @@ def test_a_class_of_mixed_sizes_trains_tiled_at_each_frames_own_scale(demo, tmp_
     assert "pixels at original resolution" in r.stdout
 
 
+def test_a_tiled_training_frame_is_decoded_once_into_the_store(demo, tmp_path, monkeypatch):
+    root = mixed_sizes(tmp_path / "mixed", demo)
+    g = Geometry(image_size=None, crop_size=None, tile=56, tile_overlap=0.5)
+    tiles = data.train_set("folder", root, "all", g)
+    opened = []
+    read = data._open
+    monkeypatch.setattr(data, "_open", lambda path, *a: opened.append(path) or read(path, *a))
+    store = data.image_store(tiles, tmp_path / "image_cache", log=lambda m: None)
+    assert sorted(opened) == sorted(s.image for s in tiles.samples)  # each frame once, not once per tile
+    opened.clear()
+    assert len(store) == len(tiles) > len(tiles.samples)
+    for k in range(len(tiles)):
+        assert torch.equal(data.normalise(store.__getitems__([k]))[0], tiles[k]["image"]), k
+
+
 def test_full_res_whole_frame_masks_cover_every_pixel(demo):
     ds = data.test_set("folder", demo, "tiles", Geometry(126, None), native=True)
     item = next(ds[i] for i in range(len(ds)) if ds.samples[i].mask)
