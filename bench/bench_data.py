@@ -1,14 +1,15 @@
-"""Images/s of the MVTec-style loading pipeline (decode, resize 448, centre crop 392, normalise) in a DataLoader.
-
-Reads every train image (image only) and every test image (image and mask) of the chosen classes, with 0, 2
-and 4 workers; each setting gets an untimed warm-up pass, so file caching and worker start-up do not count.
+"""Images/s of the training loader as train.py builds it (its batch sampler, workers and normalisation): the store
+that decodes each image once (data.image_store), against decoding every image again every epoch, in one run.
 
     python bench/bench_data.py                                     # generated 1024x1024 PNGs, MVTec layout
     python bench/bench_data.py --data folder --root ../shared/fixtures/texture_ad   # 256x256 grey PNGs
-    python bench/bench_data.py --data mvtec --root /data/mvtec_anomaly_detection --classes bottle,carpet
+    python bench/bench_data.py --data mvtec --root /data/mvtec_anomaly_detection --classes bottle,carpet --workers 2
 
-The generated set (make_demo at 1024x1024: 2 classes x 32 train + 32 test images) is cached in the temp
-folder, so only the first run pays the ~20 s it takes to write.
+"decode-every-epoch" is one epoch of the DataLoader over data.ImageDataset (decode, resize, crop, normalise in
+the workers), after an untimed one that warms the page cache. "first epoch" runs from a cold start (workers not
+started, no store) to the last batch, the store's decoding pass included; "later epochs" are epochs 2 and on, as
+many as take at least --seconds. Both paths end with normalised float32 batches. The generated set (make_demo at
+1024x1024: 2 classes x 32 train images) is cached in the temp folder, so only the first run pays for writing it.
 """
 import argparse
 import os
@@ -28,16 +29,12 @@ import demo  # noqa: E402
 from data import ResizeCrop  # noqa: E402
 
 
-def images_per_second(dataset, workers: int, batch_size: int, passes: int) -> float:
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                         persistent_workers=workers > 0)
-    for _ in loader:                      # warm-up: page cache, worker start-up
-        pass
-    start = time.perf_counter()
-    for _ in range(passes):
-        for _ in loader:
-            pass
-    return passes * len(dataset) / (time.perf_counter() - start)
+def epoch(loader, batches, n, normalise=False):
+    """One epoch of `loader` (its sampler `batches` at epoch n), each batch made the model's input."""
+    batches.epoch = n
+    for batch in loader:
+        x = data.normalise(batch) if normalise else batch["image"]
+        assert x.dtype == torch.float32
 
 
 def main():
@@ -48,8 +45,9 @@ def main():
     p.add_argument("--image-size", type=int, default=448)
     p.add_argument("--crop-size", type=int, default=392)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--workers", default="0,2,4")
-    p.add_argument("--passes", type=int, default=2, help="timed passes per setting")
+    p.add_argument("--workers", type=int, default=4, help="loader processes (train.py's default: 4, at most the CPUs)")
+    p.add_argument("--passes", type=int, default=1, help="timed decode-every-epoch epochs")
+    p.add_argument("--seconds", type=float, default=5.0, help="the least time the later epochs are timed for")
     args = p.parse_args()
 
     root = args.root
@@ -60,21 +58,39 @@ def main():
         classes = data.resolve_classes(args.data, root, args.classes)
         geometry = ResizeCrop(args.image_size, args.crop_size)
         training = data.train_set(args.data, root, classes, geometry)
-        test = torch.utils.data.ConcatDataset([data.test_set(args.data, root, c, geometry) for c in classes])
     except data.DataError as e:
         print(f"error: {train.one_line(e)}", file=sys.stderr)
         return 2
-    with Image.open(test.datasets[0].samples[0].image) as im:
+    with Image.open(training.samples[0].image) as im:
         kind = f"{im.size[0]}x{im.size[1]} {im.mode} {im.format}"
-    print(f"data: {args.data} {root} ({', '.join(classes)}): {len(training)} train, {len(test)} test images, {kind}")
-    print(f"pipeline: resize {args.image_size}, crop {args.crop_size}, batch {args.batch_size}, "
+    print(f"data: {args.data} {root} ({', '.join(classes)}): {len(training)} training images, {kind}")
+    print(f"loader: resize {args.image_size}, crop {args.crop_size}, batch {args.batch_size}, workers {args.workers}, "
           f"torch {torch.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
-    # More workers than CPUs is the point of the 4-worker row on small machines; the warning would repeat.
-    warnings.filterwarnings("ignore", message="This DataLoader will create")
-    for workers in (int(w) for w in args.workers.split(",")):
-        tr = images_per_second(train, workers, args.batch_size, args.passes)
-        te = images_per_second(test, workers, args.batch_size, args.passes)
-        print(f"workers {workers}: train {tr:7.1f} images/s (image)   test {te:7.1f} images/s (image + mask)")
+    warnings.filterwarnings("ignore", message="This DataLoader will create")  # more workers than CPUs, if asked
+    batches = train.EpochBatches(len(training), args.batch_size, seed=1)
+    images = len(batches) * args.batch_size
+
+    every = train.training_loader(training, batches, args.workers, torch.device("cpu"))
+    epoch(every, batches, 0)  # warm-up: page cache, worker start-up
+    start = time.perf_counter()
+    for n in range(args.passes):
+        epoch(every, batches, 1 + n)
+    decode_every_epoch = args.passes * images / (time.perf_counter() - start)
+    del every
+
+    with tempfile.TemporaryDirectory() as folder:
+        start = time.perf_counter()
+        store = data.image_store(training, Path(folder) / "image_cache", args.workers, log=print)
+        once = train.training_loader(store, batches, args.workers, torch.device("cpu"))
+        epoch(once, batches, 0, normalise=True)
+        first = images / (time.perf_counter() - start)
+        start, n = time.perf_counter(), 1
+        while n == 1 or time.perf_counter() - start < args.seconds:
+            epoch(once, batches, n, normalise=True)
+            n += 1
+        later = (n - 1) * images / (time.perf_counter() - start)
+    print(f"loader: first epoch {first:.1f} img/s, later epochs {later:.1f} img/s, decode-every-epoch "
+          f"{decode_every_epoch:.1f} img/s (workers {args.workers}, batch {args.batch_size}, {args.crop_size} px)")
     return 0
 
 

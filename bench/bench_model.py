@@ -20,11 +20,14 @@ official code's random ones loaded into both where --official is given (speed do
 """
 import argparse
 import copy
+import importlib.util
 import os
 import resource
 import statistics
 import sys
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -99,23 +102,37 @@ def count_flops(fn, x):
     return counter.flops
 
 
-def ours_train_step(model, precision):
+def ours_train_step(model, precision, train=train):
+    """A step as `train` (train.py, or another checkout's: --before) runs it."""
     params = model.trainable_parameters()
     opt = train.StableAdamW(params)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     amp_dtype = None if precision == "fp32" else train.PRECISIONS[precision]
     amp = torch.autocast("cpu", dtype=amp_dtype, enabled=amp_dtype is not None)
     loss = train.LossModule(model, train.step_encoder(model, torch.device("cpu"), amp_dtype))
+    window = SimpleNamespace(loss_sum=torch.zeros((), dtype=torch.float64), loss_count=0,
+                             first_bad=torch.full((), torch.inf, dtype=torch.float64))
 
     def step(x):
         with amp:
             value = loss(x)
-        value.item()  # as train.py: the non-finite check
+        if hasattr(train, "add_loss"):
+            train.add_loss(window, value, 0)  # the loss stays on the device until a log line
+        else:
+            value.item()  # the loop before that read it in every step
         train.optimizer_step(value, opt, scaler, params)
     return step
 
 
-def paths(mode, official_dir):
+def checkout_train(folder):
+    """train.py of another checkout, as a module of its own (on this checkout's model code)."""
+    spec = importlib.util.spec_from_file_location("train_before", Path(folder) / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def paths(mode, official_dir, before=None):
     """{name: (callable(x), its dtype, the callable whose FLOPs are counted)} of the paths to time, every model on
     the same weights. A model's FLOPs are counted once, in fp32: its bf16 path does the same arithmetic."""
     torch.manual_seed(0)
@@ -151,6 +168,9 @@ def paths(mode, official_dir):
         # the weights: the bf16 path has no fp32 step of its own, and counting runs a step
         spare = copy.deepcopy(ours).train()
         found["ours train step bf16"] = (steps["bf16"], "bf16", ours_train_step(spare, "fp32"))
+        if before:
+            step = ours_train_step(copy.deepcopy(ours).train(), "fp32", checkout_train(before))
+            found["before train step fp32"] = (step, "fp32", step)
     return found
 
 
@@ -161,9 +181,11 @@ def main(mode="forward", doc=__doc__):
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--size", type=int, default=392)
     p.add_argument("--reps", type=int, default=7, help="interleaved repetitions of every path (default 7)")
+    p.add_argument("--before", metavar="DIR", help="train mode: also the fp32 step of another checkout's train.py "
+                                                  "(e.g. a git worktree of an older commit)")
     a = p.parse_args()
     x = torch.randn(a.batch, 3, a.size, a.size)
-    found = paths(a.mode, a.official)
+    found = paths(a.mode, a.official, a.before)
     tokens = (a.size // 14) ** 2 + 5  # patches, class token, 4 registers
     # The rows the model multiplies at once: a training step's whole batch; in inference on a CPU, the images
     # of one pass (line.cpu.CPU_PASS_BYTES), as predict runs them (the plain forward takes the batch at once).

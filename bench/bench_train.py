@@ -4,6 +4,7 @@ them; this project's in fp32 and in bf16 autocast, the official code's in fp32 (
 
     python bench/bench_train.py                                   # this project: fp32 and bf16 on the CPU
     python bench/bench_train.py --official /path/to/INP-Former    # ... beside the official training step
+    python bench/bench_train.py --before /tmp/before              # ... beside another checkout's (before/after)
 
 The same harness as bench_model.py (its docstring says what is measured): the matrix-product rates at the
 model's shapes, counted FLOPs per step, interleaved repetitions, the fraction of the roofline, and the ratio to
