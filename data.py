@@ -736,6 +736,7 @@ def test_set(data, root, cls, geometry: ResizeCrop, check: bool = True,
 # decoded, resized and cropped in one pass before training and normalised on the device in each step.
 
 STORE_IN_MEMORY = 4 * 2**30  # bytes: a larger store (or one under torchrun) is a memory-mapped file in the run folder
+STORE_VERSION = 1  # of how the store holds pixels (_pixels); a store.json of another version is made again
 
 
 class ImageStore(torch.utils.data.Dataset):
@@ -757,28 +758,42 @@ class ImageStore(torch.utils.data.Dataset):
     def collate(batch):
         return batch  # __getitems__ gathered it
 
+    def __reduce__(self):
+        if self.folder is None:
+            return super().__reduce__()
+        # To a loader worker started afresh (spawn, forkserver): the file's name, not a copy of its bytes.
+        return _mapped_store, (self.folder, tuple(self.pixels.shape), self.pixels.dtype)
+
+
+def _mapped_store(folder: Path, shape, dtype) -> ImageStore:
+    pixels = torch.from_file(str(folder / "images.bin"), shared=False, size=math.prod(shape), dtype=dtype)
+    return ImageStore(pixels.view(shape), folder)
+
 
 def image_store(dataset, folder: Path, workers=0, log=print, rank=0, world=1, budget=STORE_IN_MEMORY) -> ImageStore:
     """The training images of `dataset` decoded once by `workers` loader processes: in memory when they fit
     `budget` in one process, else in <folder>/images.bin, which every torchrun process maps and fills its share of.
     folder/store.json, written last, records what it was made from (each file's size and modification time, the
     geometry); a store it does not describe is made again, so a resumed run reuses the file or rebuilds it, never
-    a stale one."""
+    a stale one. A store in memory is made at every start."""
     parts = dataset.datasets if isinstance(dataset, torch.utils.data.ConcatDataset) else [dataset]
     frames = [(part, i) for part in parts for i in range(len(part.samples))]
-    items = [part.frame_items[i] for part, i in frames]  # dataset items (tiles) per decoded frame
+    items = [n for part in parts for n in part.frame_items]  # dataset items (tiles) per decoded frame
     samples = [part.samples[i] for part, i in frames]
     channels, dtype = _store_format(samples)
     height, width = parts[0].geometry.input_size()
     shape = (sum(items), channels, height, width)
     size = math.prod(shape) * dtype.itemsize
-    recipe = dict(shape=list(shape), dtype=str(dtype), geometry=[part.geometry.to_dict() for part in parts],
+    recipe = dict(version=STORE_VERSION, shape=list(shape), dtype=str(dtype),
+                  geometry=[part.geometry.to_dict() for part in parts],
                   files=[[s.image, *_stat(s.image)] for s in samples])
     in_memory = world == 1 and size <= budget
     file, found = folder / "images.bin", None
     if not in_memory:
         with contextlib.suppress(OSError, ValueError):  # no store yet, or one cut short before store.json
             found = json.loads((folder / "store.json").read_text())
+            if file.stat().st_size != size:  # the record outlived its file
+                found = None
         if found is not None and found != recipe:
             log(f"image cache: {folder} was made from other files or settings; making it again")
     where = "in memory" if in_memory else f"at {file}"
@@ -797,9 +812,10 @@ def image_store(dataset, folder: Path, workers=0, log=print, rank=0, world=1, bu
         first, last = len(frames) * rank // world, len(frames) * (rank + 1) // world  # this process's share
         at = sum(items[:first])
         decode = _Decode(frames[first:last], channels, dtype)
-        # Frames travel from the workers 16 at a time: handing each over on its own took a quarter longer.
-        frames_in = torch.utils.data.DataLoader(decode, batch_size=16, num_workers=min(workers, len(decode)),
-                                                collate_fn=torch.cat)
+        # About 16 images travel from the workers at a time (handing each over alone took a quarter longer);
+        # a tiled frame is many images, so it travels alone.
+        frames_in = torch.utils.data.DataLoader(decode, batch_size=max(1, 16 // max(items)), collate_fn=torch.cat,
+                                                num_workers=min(workers, len(decode)))
         for x in frames_in:
             pixels[at:at + len(x)] = x
             at += len(x)
@@ -815,8 +831,7 @@ def image_store(dataset, folder: Path, workers=0, log=print, rank=0, world=1, bu
         log(f"image cache: {shape[0]} images, {size / 2**30:.2f} GiB, {where} (reused)")
     if in_memory:
         return ImageStore(pixels)
-    return ImageStore(torch.from_file(str(file), shared=False, size=math.prod(shape), dtype=dtype).view(shape),
-                      folder)
+    return _mapped_store(folder, shape, dtype)
 
 
 class _Decode(torch.utils.data.Dataset):

@@ -65,7 +65,8 @@ class StableAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self):
-        # Multi-tensor (torch._foreach_*) form: a few dozen operations a step for all tensors, not ~15 per tensor.
+        # Multi-tensor (torch._foreach_*) form: 15 calls a step for all tensors, where a loop makes ~15 per tensor.
+        # (On CUDA the multiply by each tensor's own 0-dim scale still launches one small kernel per tensor.)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -178,11 +179,18 @@ def fingerprint(encoder) -> str:
     return f"{len(values)}:{sum(values):.10e}"
 
 
-def use_tf32():
-    """--tf32: CUDA's matrix products in TF32 too (torch's default, which the official code keeps, runs them in
-    fp32 and only convolutions in TF32)."""
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+@contextlib.contextmanager
+def tf32(on=True):
+    """--tf32: CUDA's matrix products in TF32 inside the block (torch's default, which the official code keeps,
+    runs them in fp32 and only convolutions in TF32); the settings are restored after it, so that the evaluation
+    after training runs as the official code's."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if on:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def step_encoder(model, device, amp_dtype):
@@ -380,8 +388,9 @@ def setup(args, encoder, sets, out, device, log, rank=0, world=1) -> TrainingRun
 
 def train(run: TrainingRun, log):
     """The loop: one step per batch, a save on the schedule and at the end. Returns the checkpoint's path. No
-    step waits for the device: the loss is summed there and read at log lines only (check_window), where a loss
-    that was not finite stops the run; a save between log lines checks first (check_before_save)."""
+    step waits for the device (but under fp16, where GradScaler reads whether the gradients were finite): the
+    loss is summed there and read at log lines only (check_window), where a loss that was not finite stops the
+    run; a save between log lines checks first (check_before_save)."""
     model, batches, total = run.model, run.batches, run.total
     ckpt, per_epoch, it, t0 = run.out / "model.safetensors", len(batches), run.start, time.time()
     last_save = time.monotonic()
@@ -450,6 +459,7 @@ def add_loss(run, loss, it):
     value = loss.detach().double()
     run.loss_sum += value
     run.loss_count += 1
+    # min(first_bad, it) where the loss is not finite; a Python number, not a tensor made of it (a copy to the device)
     run.first_bad = torch.where(torch.isfinite(value), run.first_bad, run.first_bad.clamp(max=it))
 
 
@@ -472,7 +482,9 @@ def check_window(run, it, ckpt) -> float:
 def check_before_save(run, grad_norm, it, ckpt):
     """Rank 0 saves by its own clock, so it checks alone: its losses since the last log line, and the last
     gradient norm (the same on every process under DDP, where another process's bad loss shows). Under fp16 an
-    infinite norm is GradScaler's skipped step, not a fault."""
+    infinite norm is GradScaler's skipped step, whose weights stay as they were. Under torchrun rank 0 then stops
+    alone (torchrun stops the others), and the loss window it saves is its own: the first log line after resuming
+    from such a save averages rank 0's losses for the steps before it."""
     first_bad = run.first_bad.item()
     if math.isfinite(first_bad):
         raise stopped(run, f"loss became {run.loss_sum.item()}", int(first_bad), it, ckpt)
@@ -481,10 +493,11 @@ def check_before_save(run, grad_norm, it, ckpt):
 
 
 def stopped(run, what, bad, it, ckpt) -> ValueError:
-    """The error that stops a run: what went wrong at iteration `bad`, seen at iteration `it`, and what is kept."""
+    """The error that stops a run: what went wrong at iteration `bad` (counted from 0), found by the check after
+    `it` iterations, and what is kept (no save follows a failed check)."""
     kept = f"the last saved checkpoint {ckpt} is kept" if ckpt.is_file() else "no checkpoint was written"
-    return ValueError(f"{what} at iteration {bad} (epoch {bad // len(run.batches) + 1}; checked at iteration {it} "
-                      f"before any save); {kept}. Try --precision fp32 or a lower --lr")
+    return ValueError(f"{what} at iteration {bad} (epoch {bad // len(run.batches) + 1}; found by the check after "
+                      f"iteration {it - 1}); {kept}. Try --precision fp32 or a lower --lr")
 
 
 def progress_line(run, it, t0, loss):
@@ -686,30 +699,29 @@ def main(argv=None, log=None):
         if world > 1:
             batch = f"{world} processes x {args.batch_size // world} images = global batch {args.batch_size}"
         log(f"device {device}, precision {args.precision}, {batch}; images: {args.geometry.describe()}")
-        if args.tf32:
-            use_tf32()
         speed = [flag for flag, on in (("--tf32", args.tf32), ("--compile", args.compile)) if on]
         if speed:
             log(f"speed flags: {', '.join(speed)}")
         checkpoints = []
-        for p in plans:
-            label = f"== class {p.sets[0][2][0]}" if len(plans) > 1 else f"training {p.out}"
-            if p.finished:
-                log(f"{label}: finished, kept as it is")
-                checkpoints.append(p.out / "model.safetensors")
-                continue
-            log(label)
-            if rank == 0:
-                p.out.mkdir(parents=True, exist_ok=True)
-            resume = args.resume and (p.out / "train_state.pt").is_file()
-            run = setup(_with(args, resume=resume), encoder, p.sets, p.out, device, log, rank, world)
-            checkpoints.append(train(run, log))
-            for cache in (run.features, run.store):
-                if cache is not None and cache.folder is not None and not args.keep_cache and rank == 0:
-                    shutil.rmtree(cache.folder, ignore_errors=True)
-            del run  # the model, its optimizer and casts go before the next class's
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        with tf32(args.tf32):  # training only: the evaluation below runs as the official code's
+            for p in plans:
+                label = f"== class {p.sets[0][2][0]}" if len(plans) > 1 else f"training {p.out}"
+                if p.finished:
+                    log(f"{label}: finished, kept as it is")
+                    checkpoints.append(p.out / "model.safetensors")
+                    continue
+                log(label)
+                if rank == 0:
+                    p.out.mkdir(parents=True, exist_ok=True)
+                resume = args.resume and (p.out / "train_state.pt").is_file()
+                run = setup(_with(args, resume=resume), encoder, p.sets, p.out, device, log, rank, world)
+                checkpoints.append(train(run, log))
+                for cache in (run.features, run.store):
+                    if cache is not None and cache.folder is not None and not args.keep_cache and rank == 0:
+                        shutil.rmtree(cache.folder, ignore_errors=True)
+                del run  # the model, its optimizer and casts go before the next class's
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
         if rank == 0 and not args.no_eval:
             import evaluate  # it imports this file's command line
 

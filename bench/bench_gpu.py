@@ -58,8 +58,6 @@ def measure(argv, encoder, device, warmup, iters, sync_check=0):
     args = train.parse_args(argv)
     [plan] = train.plan(args, lambda m: None)
     plan.out.mkdir(parents=True)
-    if args.tf32:
-        train.use_tf32()
     run = train.setup(args, encoder, plan.sets, plan.out, device, lambda m: None)
     loader = train.training_loader(train.training_data(run), run.batches, run.workers, device)
     epoch, stream = 0, iter(())
@@ -122,7 +120,8 @@ def main():
                     "--crop-size", str(size), "--batch-size", str(batch), "--workers", str(workers), "--device",
                     str(device), "--out", str(Path(tmp) / f"run{n}"), "--no-eval", *flags]
             warmup = 2 if dry else (15 if "--compile" in flags else 5)
-            rate, waiting, peak, warned = measure(argv, encoder, device, warmup, iters, sync_check=0 if n else 5)
+            with train.tf32("--tf32" in flags):  # as train.py: for this setting only
+                rate, waiting, peak, warned = measure(argv, encoder, device, warmup, iters, sync_check=0 if n else 5)
             if n == 0:
                 warnings_seen = warned
             hours = RECIPE_ITERS * batch / rate / 3600

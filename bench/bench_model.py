@@ -102,25 +102,25 @@ def count_flops(fn, x):
     return counter.flops
 
 
-def ours_train_step(model, precision, train=train):
-    """A step as `train` (train.py, or another checkout's: --before) runs it."""
+def ours_train_step(model, precision, module=train):
+    """A step as `module` (train.py, or another checkout's: --before) runs it."""
     params = model.trainable_parameters()
-    opt = train.StableAdamW(params)
+    opt = module.StableAdamW(params)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    amp_dtype = None if precision == "fp32" else train.PRECISIONS[precision]
+    amp_dtype = None if precision == "fp32" else module.PRECISIONS[precision]
     amp = torch.autocast("cpu", dtype=amp_dtype, enabled=amp_dtype is not None)
-    loss = train.LossModule(model, train.step_encoder(model, torch.device("cpu"), amp_dtype))
+    loss = module.LossModule(model, module.step_encoder(model, torch.device("cpu"), amp_dtype))
     window = SimpleNamespace(loss_sum=torch.zeros((), dtype=torch.float64), loss_count=0,
                              first_bad=torch.full((), torch.inf, dtype=torch.float64))
 
     def step(x):
         with amp:
             value = loss(x)
-        if hasattr(train, "add_loss"):
-            train.add_loss(window, value, 0)  # the loss stays on the device until a log line
+        if hasattr(module, "add_loss"):
+            module.add_loss(window, value, 0)  # the loss stays on the device until a log line
         else:
             value.item()  # the loop before that read it in every step
-        train.optimizer_step(value, opt, scaler, params)
+        module.optimizer_step(value, opt, scaler, params)
     return step
 
 
