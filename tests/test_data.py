@@ -550,6 +550,10 @@ def test_a_stale_image_store_is_made_again(tmp_path):
     store = data.image_store(dataset, folder, log=lines.append, budget=0)
     assert "was made from other files or settings; making it again" in lines[-2]
     assert torch.equal(data.normalise(store.__getitems__([1]))[0], dataset[1]["image"])
+    with open(folder / "images.bin", "r+b") as f:  # a file cut short under its record: made again
+        f.truncate(100)
+    data.image_store(dataset, folder, log=lines.append, budget=0)
+    assert "decoded in" in lines[-1]
     (folder / "store.json").unlink()  # a store cut short before its record: made again, not trusted
     data.image_store(dataset, folder, log=lines.append, budget=0)
     assert "decoded in" in lines[-1]
