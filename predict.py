@@ -507,9 +507,9 @@ class FrameGraph(torch.nn.Module):
     """The default export: raw frames as a camera delivers them, uint8 (B, H, W, 3), to maps, scores and
     decisions, with everything evaluation does in between: the resize to the geometry's frame size (bilinear,
     antialiased when shrinking, as PIL's resize is, but in float32 where PIL rounds to 8 bits), the crop,
-    ImageNet normalisation, the model (over tiles for a tiled geometry, stitched as line.frames.predict_tiled
-    stitches them), and the decision outputs. frame_size: the resized frame's (height, width); None for a
-    geometry that sets it (the frame's own size needs a fixed input, --frame-size)."""
+    ImageNet normalisation, the model (over tiles for a tiled geometry, stitched and scored as
+    line.frames.predict_tiled does), and the decision outputs. frame_size: the resized frame's (height, width);
+    None for a geometry that sets it (the frame's own size needs a fixed input, --frame-size)."""
 
     def __init__(self, model, geometry, calibration=None, cls=None, frame_size=None):
         super().__init__()
@@ -527,10 +527,10 @@ class FrameGraph(torch.nn.Module):
         x = (x[:, :, top:top + h, left:left + w] - self.mean) / self.std
         g = self.geometry
         if g.tile is None:
-            maps = self.model.raw_maps(x)
-        else:
-            maps = line.frames.stitch_tiles(x, g.tile, g.tile_overlap, self.model.raw_maps, batch_size=None)
-        return self.outputs(*line.frames.score_as(g, maps))
+            return self.outputs(*line.frames.score_as(g, self.model.raw_maps(x)))
+        frame_maps, best_tile = line.frames.stitch_tiles(x, g.tile, g.tile_overlap, self.model.raw_maps,
+                                                         batch_size=None)
+        return self.outputs(*line.frames.score_tiled(frame_maps, best_tile, g.image_score))
 
 
 def export_onnx(model, path, opts=evaluate.Options(), images=None, cls=None, log=print, input_kind="frames",

@@ -282,9 +282,10 @@ def run_identity(args, sets, encoder=None, total=None) -> dict:
     """What a saved training state must match to be resumed by this run: the data (not its folder, which may
     have moved), the classes, sizes, model size, batch and seed; with an encoder and the iteration count, also
     the backbone's weights and the schedule (plan() checks the first part before anything is loaded)."""
-    identity = dict(data=[d for d, _, _ in sets], classes=[cs for _, _, cs in sets],
-                    geometry=args.geometry.to_dict(), inp_num=args.inp_num,
-                    setting=args.setting, shots=args.shots, batch_size=args.batch_size, seed=args.seed)
+    geometry = {k: v for k, v in args.geometry.to_dict().items() if k != "image_score"}  # scoring, not training
+    identity = dict(data=[d for d, _, _ in sets], classes=[cs for _, _, cs in sets], geometry=geometry,
+                    inp_num=args.inp_num, setting=args.setting, shots=args.shots, batch_size=args.batch_size,
+                    seed=args.seed)
     if encoder is not None:
         identity["backbone"] = fingerprint(encoder)
     if total is not None:
@@ -322,6 +323,7 @@ def check_identity(path, saved, wanted):
     identity = dict(saved["identity"])
     if isinstance(identity.get("geometry"), dict):  # states written before the paper's geometry had two keys
         identity["geometry"] = data.geometry_of(identity["geometry"]).to_dict()
+        identity["geometry"].pop("image_score", None)  # how frames are scored: not part of a run (run_identity)
     for key, value in wanted.items():
         if identity.get(key) != value:
             shown = {"backbone": "the backbone's weights", "total_iters": "iterations"}.get(key, key)
@@ -577,7 +579,7 @@ def parse_args(argv=None):
     p = script_parser(__doc__)
     paper, small = RECIPE["geometry"], r["geometry"]
     add_data_args(p, data.DATASETS, required=True, defaults={
-        "data": "none, required", "classes": "all",
+        "data": "none, required", "classes": "all", "image-score": "tiles, recorded in the checkpoint",
         "image-size": f"{paper.image_size[0]}; --data demo {small.image_size[0]}",
         "crop-size": f"{paper.crop_size[0]}; --data demo {small.crop_size[0]}; none with --tile",
         "tile": "none", "tile-overlap": "0", "bit-depth": "see above",
@@ -627,6 +629,8 @@ def parse_args(argv=None):
     args.classes = args.classes or "all"
     args.workers = workers(args.workers, recipe["workers"])
     args.precision = device_and_precision(args)[1]
+    if args.tile not in (None, "none") and args.image_score is None:
+        args.image_score = "tiles"  # a model trained on tiles records the tile-by-tile image score
     args.geometry = geometry(args, recipe["geometry"]).check()
     if (args.setting == "few-shot") != bool(args.shots):
         raise ValueError("--shots k goes with --setting few-shot, and --setting few-shot needs --shots k")
@@ -846,7 +850,9 @@ def add_data_args(parser, datasets, required=False, defaults=None):
     defaults are None here: each script fills them in (train.py from the recipe, evaluate.py and predict.py from
     the checkpoint) and says so in `defaults`, {option: its --help text}; unnamed options read "default: the
     checkpoint's"."""
-    defaults = {"workers": "up to 4, at most the CPUs", **(defaults or {})}
+    defaults = {"workers": "up to 4, at most the CPUs",
+                "image-score": "the checkpoint's; stitched for a model trained before the rule was recorded",
+                **(defaults or {})}
 
     def default(option):
         text = defaults.get(option, "the checkpoint's")
@@ -870,6 +876,9 @@ def add_data_args(parser, datasets, required=False, defaults=None):
                         + default("tile"))
     g.add_argument("--tile-overlap", type=fraction, metavar="F",
                    help="the fraction of a tile neighbouring tiles share, 0 <= F < 1 " + default("tile-overlap"))
+    g.add_argument("--image-score", choices=["tiles", "stitched"],
+                   help="the image score of a tiled frame: tiles, the highest of its tiles' own scores; stitched, the "
+                        "stitched map's " + default("image-score"))
     g.add_argument("--bit-depth", type=number(), metavar="N",
                    help="significant bits of 16-bit and float grey images (e.g. 12); their values are divided by "
                         "2^N - 1 (default: 16 for integer images; float images must lie in [0, 1]) "
@@ -900,9 +909,13 @@ def geometry(args, base) -> data.ResizeCrop:
         changes["tile_overlap"] = args.tile_overlap
     if args.bit_depth is not None:
         changes["bit_depth"] = args.bit_depth
+    if args.image_score is not None:
+        changes["image_score"] = args.image_score
     geometry = data.geometry_of({**base.to_dict(), **changes})
     if args.tile_overlap is not None and geometry.tile is None:
         raise ValueError(f"--tile-overlap {args.tile_overlap}: the overlap of tiles, with --tile N")
+    if args.image_score is not None and geometry.tile is None:
+        raise ValueError(f"--image-score {args.image_score}: how a tiled frame is scored, with --tile N")
     return geometry
 
 

@@ -1,11 +1,14 @@
-"""The paper's centre crop, the whole frame, and tiles, on a real line set (issue 24's measurement).
+"""The paper's centre crop, the whole frame, and tiles, on a real line set (issues 24 and 32's measurement).
 
     python bench/frame_modes.py                                   # ../shared/fixtures/real_ad, magnetic_tile
     python bench/frame_modes.py --iters 300 --root DIR --cls NAME --weights W.safetensors
+    python bench/frame_modes.py --modes tiles,native --out runs/frame_modes --reuse   # the tiled modes again
 
-Trains one model per mode with the same recipe and the same number of tokens per image (256: the paper's
-protocol at 256 -> 224, the whole frame at 224 x 224, four 112 px tiles of a 224 x 224 frame), a real DINOv2
-ViT-S/14 (../shared/weights), cached encoder features, then scores every test image and prints, with pixel
+Trains one model per mode with the same recipe and, but for the last, the same number of tokens per image (256:
+the paper's protocol at 256 -> 224, the whole frame at 224 x 224, four 112 px tiles of a 224 x 224 frame; then
+112 px tiles overlapping 0.25 of each frame at its own size), a real DINOv2 ViT-S/14 (../shared/weights), cached
+encoder features, then scores every test image (a tiled model twice: its image score the stitched frame's and
+its best tile's, line.geometry.Geometry.image_score; the maps are the same) and prints, with pixel
 metrics over the WHOLE frame for every mode (a 256 x 256 resample of it): for the paper's protocol its crop's
 map is put back into the frame with the band it never saw at the map's minimum, so a defect there counts as
 missed. Band defects: those whose mask lies wholly outside the paper's 448 -> 392 crop; found when the image's
@@ -31,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import inpformer  # noqa: E402
+import line.frames  # noqa: E402
 import metrics  # noqa: E402
 from line.geometry import Geometry  # noqa: E402
 
@@ -39,6 +43,8 @@ MODES = {  # name: (train.py geometry flags, tokens per image)
     "paper crop 256 -> 224": (["--image-size", "256", "--crop-size", "224"], 256),
     "whole frame 224": (["--image-size", "224", "--crop-size", "none"], 256),
     "tiles 4 x 112 of 224": (["--image-size", "224", "--tile", "112", "--tile-overlap", "0"], 4 * 64),
+    "native size, tiles of 112 overlapping 0.25": (["--image-size", "native", "--tile", "112", "--tile-overlap",
+                                                    "0.25"], None),
 }
 WHOLE = Geometry(inpformer.MAP_SIZE, None)  # the frame at the maps' 256 x 256, for the masks
 
@@ -57,14 +63,33 @@ def band_defects(root, cls):
     return band
 
 
-def whole_frame_maps(model, root, cls):
-    """Labels, scores, whole-frame 256 x 256 masks and maps, and paths of every test image. The paper's crop:
-    its map resized into the crop's place in the 256 x 256 frame, the band at the map's minimum."""
+class BothScores:
+    """A predictor (evaluate.predict_maps) for a tiled model: each frame scored once, its stitched map and the
+    stitched rule's score returned, its best tile's score kept in .tiles (line.frames.score_tiled's two rules)."""
+
+    def __init__(self, model):
+        self.model, self.tiles = model, []
+
+    def __call__(self, frames, geometry):
+        maps, scores = [], []
+        for frame in frames:
+            stitched = line.frames.stitch_tiles(frame[None], geometry.tile, geometry.tile_overlap, self.model.raw_maps)
+            m, s = line.frames.score_tiled(*stitched, "stitched")
+            maps.append(m)
+            scores.append(s)
+            self.tiles.append(float(stitched[1][0]))
+        return torch.cat(maps), torch.cat(scores)
+
+
+def whole_frame_maps(model, root, cls, predictor=None):
+    """Labels, scores, whole-frame 256 x 256 masks and maps, and paths of every test image, scored at the model's
+    geometry (by `predictor`, see evaluate.predict_maps). The paper's crop: its map resized into the crop's place
+    in the 256 x 256 frame, the band at the map's minimum."""
     g = data.geometry_of(model.config.geometry)
     ds = data.test_set("folder", root, cls, g)
     whole = data.test_set("folder", root, cls, WHOLE)
     labels, scores, maps, paths = [], [], [], []
-    for batch, batch_maps, batch_scores in evaluate.scored_batches(model, ds, batch_size=8):
+    for batch, batch_maps, batch_scores in evaluate.scored_batches(model, ds, batch_size=8, predictor=predictor):
         if g.crop_size is not None:
             frame_h, frame_w = g.image_size
             top, left, h, w = g.crop_box(frame_h, frame_w)
@@ -93,6 +118,8 @@ def main():
     p.add_argument("--iters", type=int, default=300)
     p.add_argument("--out", help="keep the runs here (default: a temporary folder)")
     p.add_argument("--reuse", action="store_true", help="score the runs already in --out instead of training")
+    p.add_argument("--modes", default="paper,whole,tiles,native",
+                   help="the modes to run, by the first word of their names (default: all four)")
     a = p.parse_args()
     band = band_defects(a.root, a.cls)
     print(f"{a.cls}: {len(band)} defects lie wholly in the band the paper's 448 -> 392 crop removes", flush=True)
@@ -100,6 +127,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(a.out or tmp)
         for name, (flags, tokens) in MODES.items():
+            if name.split()[0] not in a.modes.split(","):
+                continue
             run = out / name.split()[0]
             t0 = time.time()
             cmd = [sys.executable, str(ROOT / "train.py"), "--data", "folder", "--data-root", a.root, "--classes",
@@ -110,23 +139,30 @@ def main():
                 if r.returncode:
                     sys.exit(f"{name}: training failed\n{r.stdout}\n{r.stderr}")
             model = inpformer.load_model(run / "model.safetensors")
-            labels, scores, masks, maps, paths = whole_frame_maps(model, a.root, a.cls)
-            m = metrics.compute_all(labels, scores, masks, maps, metrics.FPR_LIMIT, thresholds=True)
-            good = np.sort(scores[labels == 0].numpy())
-            strict = np.nextafter(good[int(np.ceil(0.95 * len(good))) - 1], np.inf)  # >= it: 5 % of the good at most
-            found = [sum(float(s) >= t for s, path in zip(scores, paths) if path in band)
-                     for t in (m["I-threshold"], strict)]
-            rows.append((name, tokens, m, found))
-            print(f"{name}: {time.time() - t0:.0f} s; I-AUROC {m['I-AUROC']:.3f} P-AUROC {m['P-AUROC']:.3f} "
-                  f"P-AP {m['P-AP']:.3f} AUPRO {m['AUPRO']:.3f}; band defects found {found[0]}/{len(band)} at "
-                  f"F1-max, {found[1]}/{len(band)} at 5 % false rejects", flush=True)
+            tiled = data.geometry_of(model.config.geometry).tile is not None
+            both = BothScores(model) if tiled else None
+            labels, scores, masks, maps, paths = whole_frame_maps(model, a.root, a.cls, both)
+            rules = {name: scores}
+            if tiled:
+                rules = {f"{name}, stitched score": scores, f"{name}, best tile's score": torch.tensor(both.tiles)}
+            for row_name, scores in rules.items():
+                m = metrics.compute_all(labels, scores, masks, maps, metrics.FPR_LIMIT, thresholds=True)
+                good = np.sort(scores[labels == 0].numpy())
+                strict = np.nextafter(good[int(np.ceil(0.95 * len(good))) - 1], np.inf)  # >= it: 5 % of the good
+                found = [sum(float(s) >= t for s, path in zip(scores, paths) if path in band)
+                         for t in (m["I-threshold"], strict)]
+                rows.append((row_name, tokens, m, found))
+                print(f"{row_name}: {time.time() - t0:.0f} s; I-AUROC {m['I-AUROC']:.3f} P-AUROC "
+                      f"{m['P-AUROC']:.3f} P-AP {m['P-AP']:.3f} AUPRO {m['AUPRO']:.3f}; band defects found "
+                      f"{found[0]}/{len(band)} at F1-max, {found[1]}/{len(band)} at 5 % false rejects", flush=True)
     print(f"\n{a.cls}, ViT-S/14, {a.iters} iterations at batch 8, pixel metrics over the whole frame (256 x 256):\n")
     print("| mode | tokens per image | I-AUROC | I-AP | P-AUROC | P-AP | P-F1max | AUPRO | band defects found at "
           "F1-max | ... at 5 % false rejects |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, tokens, m, found in rows:
         cells = " | ".join(f"{100 * m[k]:.1f}" for k in ("I-AUROC", "I-AP", "P-AUROC", "P-AP", "P-F1max", "AUPRO"))
-        print(f"| {name} | {tokens} | {cells} | {found[0]} / {len(band)} | {found[1]} / {len(band)} |")
+        print(f"| {name} | {tokens or 'each frame its own'} | {cells} | {found[0]} / {len(band)} | "
+              f"{found[1]} / {len(band)} |")
 
 
 if __name__ == "__main__":

@@ -20,17 +20,31 @@ def predict_frames(model, frames, geometry=None, zero_shot=False, tile_batch=16)
     geometry = geometry or data.geometry_of(model.config.geometry)
     if geometry.tile is None:
         return score_as(geometry, line.cpu.raw_maps(model, frames, zero_shot))
-    results = [predict_tiled(model, f, geometry.tile, geometry.tile_overlap, tile_batch, zero_shot) for f in frames]
+    results = [predict_tiled(model, f, geometry.tile, geometry.tile_overlap, tile_batch, zero_shot,
+                             image_score=geometry.image_score) for f in frames]
     return torch.cat([m for m, _ in results]), torch.cat([s for _, s in results])
 
 
 @torch.no_grad()
-def predict_tiled(model, frame, tile, overlap=0.0, batch_size=16, zero_shot=False):
+def predict_tiled(model, frame, tile, overlap=0.0, batch_size=16, zero_shot=False, *, image_score):
     """One preprocessed frame (3, H, W) covered by tiles (see stitch_tiles), each tile scored on its own (its own
-    INPs), the frame's map then resampled, smoothed (reflect padding) and scored as predict() does. A single tile
-    covering the frame gives exactly the whole-frame pass. (1, 256, 256), (1,)."""
-    frame_map = stitch_tiles(frame[None], tile, overlap, lambda t: line.cpu.raw_maps(model, t, zero_shot), batch_size)
-    return score_frame_maps(frame_map)
+    INPs): the stitched map resampled and smoothed as score_frame_maps does, and the image score by the rule
+    `image_score` (see score_tiled). A single tile covering the frame gives exactly the whole-frame pass.
+    (1, 256, 256), (1,)."""
+
+    def tile_maps(tiles):
+        return line.cpu.raw_maps(model, tiles, zero_shot)
+
+    frame_maps, best_tile = stitch_tiles(frame[None], tile, overlap, tile_maps, batch_size)
+    return score_tiled(frame_maps, best_tile, image_score)
+
+
+def score_tiled(frame_maps, best_tile, image_score, max_ratio=inpformer.MAX_RATIO):
+    """Tiled frames' stitched raw maps (B, 1, H, W) and their best tiles' scores (B,) (stitch_tiles) -> (maps,
+    scores): the stitched map resampled and smoothed (score_frame_maps), and the image score by the geometry's
+    rule, "tiles" the best tile's, "stitched" the stitched map's (line.geometry.Geometry.image_score)."""
+    maps, frame_scores = score_frame_maps(frame_maps, max_ratio)
+    return maps, best_tile if image_score == "tiles" else frame_scores
 
 
 def score_as(geometry, maps, max_ratio=inpformer.MAX_RATIO):
@@ -56,11 +70,13 @@ def score_frame_maps(maps, max_ratio=inpformer.MAX_RATIO):
         return maps, inpformer.image_scores(maps, max_ratio)
 
 
-def stitch_tiles(frames, tile, overlap, tile_maps, batch_size=16):
-    """The (B, 1, H, W) raw maps of frames (B, 3, H, W) covered by tile x tile squares (line.geometry.tile_starts):
-    tile_maps((b, 3, tile, tile)) -> (b, 1, tile, tile) maps batches of about batch_size tiles, and the maps are
-    averaged where tiles overlap (so a constant map stays constant). Memory follows the tile batch, not the
-    frame. The ONNX export traces this same function."""
+def stitch_tiles(frames, tile, overlap, tile_maps, batch_size=16, max_ratio=inpformer.MAX_RATIO):
+    """Frames (B, 3, H, W) covered by tile x tile squares (line.geometry.tile_starts) -> their (B, 1, H, W) raw
+    maps, and (B,) each frame's best tile score. tile_maps((b, 3, tile, tile)) -> (b, 1, tile, tile) maps batches
+    of about batch_size tiles; the maps are averaged where tiles overlap (so a constant map stays constant), and
+    each tile's own map is scored as the paper scores an image (inpformer.score_maps, the score of the "tiles"
+    rule; its zero padding darkens a tile's outer pixels, which overlapping neighbours hold inside theirs).
+    Memory follows the tile batch, not the frame. The ONNX export traces this same function."""
     B, _, H, W = frames.shape
     if H < tile or W < tile:
         raise ValueError(f"a {H}x{W} frame is smaller than a {tile} px tile")
@@ -69,14 +85,17 @@ def stitch_tiles(frames, tile, overlap, tile_maps, batch_size=16):
     per_batch = len(positions) if batch_size is None else max(1, batch_size // B)
     total = torch.zeros(B, 1, H, W, device=frames.device)
     count = torch.zeros(1, 1, H, W, device=frames.device)
+    best = torch.full((B,), -torch.inf, device=frames.device)
     for i in range(0, len(positions), per_batch):
         chunk = positions[i:i + per_batch]
         tiles = torch.cat([frames[:, :, t:t + tile, l:l + tile] for t, l in chunk])  # position-major
-        maps = tile_maps(tiles).float().view(len(chunk), B, 1, tile, tile)
-        for (t, l), m in zip(chunk, maps):
+        maps = tile_maps(tiles).float()
+        tile_scores = inpformer.score_maps(maps, max_ratio=max_ratio)[1]  # each tile as the paper scores an image
+        best = torch.maximum(best, tile_scores.view(len(chunk), B).amax(dim=0))
+        for (t, l), m in zip(chunk, maps.view(len(chunk), B, 1, tile, tile)):
             total[:, :, t:t + tile, l:l + tile] += m
             count[:, :, t:t + tile, l:l + tile] += 1
-    return total / count
+    return total / count, best
 
 
 class TileDataset(torch.utils.data.Dataset):

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import data
 
+IMAGE_SCORES = ("tiles", "stitched")  # how a tiled frame's image score is made: see Geometry
+
 
 @dataclass(frozen=True)
 class Geometry(data.ResizeCrop):
@@ -22,6 +24,10 @@ class Geometry(data.ResizeCrop):
     - bit_depth: the significant bits of 16-bit, 32-bit integer and float grey images (e.g. 12 for a 12-bit
       sensor in 16-bit files), scaled to the model's range by 2^bit_depth - 1; None: 16 for integer images,
       and float images must hold values in [0, 1]. 8-bit images are read as they are.
+    - image_score: the image score of a tiled frame. "tiles": the highest of its tiles' own scores, each tile's
+      map scored as the paper scores an image, so that a small defect is not diluted by the frame's normal
+      pixels; "stitched": the stitched map of the whole frame scored as one image (models recorded before the
+      rule was, which keep it). Maps, regions and pictures are the stitched map's either way.
 
     The paper's protocol scores its crop's map with a zero-padded Gaussian, which darkens the border pixels;
     whole frames and tiles pad by reflection, so that a defect at the border scores like one inside
@@ -29,6 +35,12 @@ class Geometry(data.ResizeCrop):
     tile: int = None
     tile_overlap: float = 0.0
     bit_depth: int = None
+    image_score: str = "stitched"  # what a record without the key means; train.geometry gives new tiles "tiles"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.tile is None:  # an untiled frame has one score: the rule is moot, and geometries then compare equal
+            object.__setattr__(self, "image_score", "stitched")
 
     def check(self, patch_size=14):
         """The one rule for the sizes; raises ValueError naming the flag. Returns the geometry."""
@@ -48,6 +60,8 @@ class Geometry(data.ResizeCrop):
                                 " (with --crop-size none the whole frame is the input)")
         else:
             super().check(patch_size)
+        if self.image_score not in IMAGE_SCORES:
+            raise ValueError(f"--image-score {self.image_score}: one of {', '.join(IMAGE_SCORES)}")
         if self.bit_depth is not None and not 1 <= self.bit_depth <= 32:
             raise ValueError(f"--bit-depth {self.bit_depth} must be between 1 and 32")
         return self
@@ -81,7 +95,8 @@ class Geometry(data.ResizeCrop):
     def describe(self) -> str:
         size = "each frame's own size" if self.image_size is None else data.hw(self.image_size)
         if self.tile is not None:
-            text = f"{size}, tiles of {self.tile} px overlapping {self.tile_overlap:g}"
+            scored = "its best tile" if self.image_score == "tiles" else "the stitched frame"
+            text = f"{size}, tiles of {self.tile} px overlapping {self.tile_overlap:g}, image scored by {scored}"
         elif self.crop_size is None:
             text = f"{size} px, the whole frame"
         else:

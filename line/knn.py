@@ -7,7 +7,8 @@ tiles as the model's): each token's feature is the mean over the model's target 
 after a LayerNorm without affine parameters, L2-normalised. A test token's anomaly is its smallest cosine
 distance to the bank; the token map then takes the model's own path (upsampled to the input, stitched over
 tiles, resampled to 256 x 256, smoothed by the same Gaussian), and the image score is the map's maximum
-(PatchCore's rule). A bank larger than bank_size tokens is subsampled at random, seeded.
+(PatchCore's rule; for a tiled frame under the "tiles" rule, its best tile's maximum). A bank larger than
+bank_size tokens is subsampled at random, seeded.
 """
 import time
 
@@ -66,14 +67,15 @@ class KNNBaseline:
     @torch.no_grad()
     def predict(self, frames, geometry):
         """(B, 256, 256) maps and (B,) scores, the map's maximum, for frames prepared with `geometry` (a batch,
-        or for tiles a list of frames, stitched as the model stitches its tiles)."""
+        or for tiles a list of frames, stitched and scored as the model's tiles: under the "tiles" rule the score
+        is the highest tile's maximum)."""
         if geometry.tile is None:
             return line.frames.score_as(geometry, self.raw_maps(frames), max_ratio=0)
         maps, scores = [], []
         for frame in frames:
-            frame_map = line.frames.stitch_tiles(frame[None], geometry.tile, geometry.tile_overlap, self.raw_maps,
-                                               self.batch_size)
-            m, s = line.frames.score_frame_maps(frame_map, max_ratio=0)
+            frame_maps, best_tile = line.frames.stitch_tiles(frame[None], geometry.tile, geometry.tile_overlap,
+                                                             self.raw_maps, self.batch_size, max_ratio=0)
+            m, s = line.frames.score_tiled(frame_maps, best_tile, geometry.image_score, max_ratio=0)
             maps.append(m)
             scores.append(s)
         return torch.cat(maps), torch.cat(scores)

@@ -1,5 +1,6 @@
 """Every pixel of a real frame (issue 24): rectangular whole frames, tiles, defects in the band the paper's crop
 removes, frames of mixed sizes, 16-bit and other pixel formats, and the MVTec AD 2 layout."""
+import argparse
 import csv
 import json
 from pathlib import Path
@@ -57,10 +58,15 @@ def test_geometry_sizes_and_tile_positions():
 
 
 def test_a_single_tile_covering_the_frame_is_the_whole_frame_pass(model):
+    """One tile covering the frame: the whole-frame pass's map, and its score under the stitched rule; under the
+    tiles rule, the tile's score as the paper scores an image."""
     x = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(0))
     whole = line.frames.predict_frames(model, x, Geometry(112, None))
-    tiled = line.frames.predict_frames(model, list(x), Geometry(112, None, tile=112))
-    assert torch.equal(whole[0], tiled[0]) and torch.equal(whole[1], tiled[1])
+    stitched = line.frames.predict_frames(model, list(x), Geometry(112, None, tile=112, image_score="stitched"))
+    tiles = line.frames.predict_frames(model, list(x), Geometry(112, None, tile=112, image_score="tiles"))
+    assert torch.equal(whole[0], stitched[0]) and torch.equal(whole[1], stitched[1])
+    assert torch.equal(whole[0], tiles[0])
+    assert torch.allclose(tiles[1], inpformer.score_maps(model.raw_maps(x))[1], rtol=1e-6)
 
 
 def test_overlapping_tiles_stitch_without_seams_and_borders_keep_their_level(model, monkeypatch):
@@ -68,10 +74,77 @@ def test_overlapping_tiles_stitch_without_seams_and_borders_keep_their_level(mod
     the paper's zero padding (its crop) darkens the border."""
     monkeypatch.setattr(model, "raw_maps", lambda x, zero_shot=False: torch.full((len(x), 1, *x.shape[-2:]), 0.3))
     frame = torch.zeros(3, 154, 266)
-    maps, scores = line.frames.predict_tiled(model, frame, tile=56, overlap=0.4)
+    maps, scores = line.frames.predict_tiled(model, frame, tile=56, overlap=0.4, image_score="tiles")
     assert torch.allclose(maps, torch.full_like(maps, 0.3), atol=1e-6) and abs(float(scores[0]) - 0.3) < 1e-6
     paper, _ = model.predict(torch.zeros(1, 3, 112, 112))
     assert float(paper[0, 0, 0]) < 0.3 * 0.6 and abs(float(paper[0, 128, 128]) - 0.3) < 1e-6
+
+
+def test_a_defect_in_one_tile_scores_that_tiles_score_not_the_frames_diluted_one(model, monkeypatch):
+    """Each tile's raw map is its own first channel: a 6 x 6 spot in one of nine 56 px tiles. Scored tile by tile,
+    the frame's image score is exactly that tile's own score (its map scored as the paper scores an image); the
+    stitched rule averages the spot into the whole frame's 256 x 256 and scores a fraction of it. The maps are
+    the stitched map's under both rules."""
+    monkeypatch.setattr(model, "raw_maps", lambda x, zero_shot=False: x[:, :1].float())
+    frame = torch.zeros(3, 168, 168)
+    frame[0, 70:76, 120:126] = 1.0  # inside the tile at (56, 112) alone
+    tiles, by_tiles = line.frames.predict_tiled(model, frame, tile=56, batch_size=4, image_score="tiles")
+    stitched, by_frame = line.frames.predict_tiled(model, frame, tile=56, batch_size=4, image_score="stitched")
+    own = inpformer.score_maps(frame[None, :1, 56:112, 112:168])[1]
+    assert torch.equal(by_tiles, own) and torch.equal(tiles, stitched)
+    assert torch.equal(by_frame, line.frames.score_frame_maps(frame[None, :1])[1])
+    assert float(by_tiles[0]) > 5 * float(by_frame[0]) > 0
+    geometry = Geometry(168, None, tile=56, image_score="tiles")  # the same through the geometry's rule
+    assert torch.equal(line.frames.predict_frames(model, [frame], geometry)[1], own)
+
+
+def test_the_image_score_rule_is_recorded_and_a_model_recorded_before_it_keeps_stitched():
+    """A model trained on tiles records the tile-by-tile score; scoring follows the record, and a geometry recorded
+    without the rule (every model trained before it) reads as stitched and keeps it unless --image-score asks; the
+    rule is refused without tiles, and does not take part in a resumed run's identity (scoring, not training)."""
+    tiled = train.parse_args(["--data", "demo", "--tile", "56"]).geometry
+    assert tiled.image_score == "tiles" and data.geometry_of(tiled.to_dict()) == tiled
+    assert train.parse_args(["--data", "demo", "--tile", "56", "--image-score", "stitched"]).geometry.image_score \
+        == "stitched"
+    flags = dict(image_size=None, crop_size=None, tile=None, tile_overlap=None, bit_depth=None, image_score=None)
+    assert train.geometry(argparse.Namespace(**dict(flags, tile=56)), data.ResizeCrop()).image_score == "stitched"
+    before = {k: v for k, v in tiled.to_dict().items() if k != "image_score"}  # as checkpoints recorded it
+    old = data.geometry_of(before)
+    assert old.image_score == "stitched" and "stitched frame" in old.describe()
+    assert train.geometry(argparse.Namespace(**flags), old).image_score == "stitched"
+    assert train.geometry(argparse.Namespace(**dict(flags, tile=112)), old).image_score == "stitched"
+    assert train.geometry(argparse.Namespace(**dict(flags, image_score="tiles")), old).image_score == "tiles"
+    assert train.geometry(argparse.Namespace(**dict(flags, tile="none")), old).image_score == "stitched"
+    with pytest.raises(ValueError, match="--image-score tiles: how a tiled frame is scored, with --tile N"):
+        train.geometry(argparse.Namespace(**dict(flags, image_score="tiles")), data.ResizeCrop())
+    with pytest.raises(ValueError, match="--image-score mean"):
+        Geometry(168, None, tile=56, image_score="mean").check()
+    args = argparse.Namespace(geometry=tiled, inp_num=6, setting="multi", shots=None, batch_size=8, seed=1)
+    identity = train.run_identity(args, [("folder", "root", ["a"])])
+    train.check_identity("state", dict(identity=dict(identity, geometry=before)), identity)
+
+
+def test_a_checkpoint_recorded_before_the_rule_scores_as_before(ckpt, demo, tmp_path):
+    """predict.py --images on a tiled model whose geometry has no rule recorded: the stitched map's score, as
+    before; --image-score tiles asks for its best tile's."""
+    model = inpformer.load_model(ckpt)
+    recorded = {k: v for k, v in Geometry(112, None, tile=56).to_dict().items() if k != "image_score"}
+    model.config.geometry = recorded
+    path = tmp_path / "old.safetensors"
+    inpformer.save_checkpoint(model, path)
+    image = Path(demo, "tiles", "test", "spot", "000.png")
+    x = data.load_image(image, data.geometry_of(recorded))
+    scores = {}
+    for rule in ("stitched", "tiles"):
+        stitched = line.frames.stitch_tiles(x[None], 56, 0.0, model.raw_maps)
+        scores[rule] = float(line.frames.score_tiled(*stitched, rule)[1][0])
+    for flags, rule in (([], "stitched"), (["--image-score", "tiles"], "tiles")):
+        out = tmp_path / rule
+        run("predict.py", "--ckpt", path, "--images", image, "--out", out, "--workers", 0, *flags)
+        with open(out / "predictions.csv") as f:
+            [row] = list(csv.DictReader(f))
+        assert float(row["score"]) == pytest.approx(scores[rule], rel=1e-6), rule
+    assert scores["tiles"] != scores["stitched"]
 
 
 def test_where_tiles_overlap_their_maps_are_averaged():
@@ -85,8 +158,9 @@ def test_where_tiles_overlap_their_maps_are_averaged():
         first = sum(calls[:-1])
         return torch.arange(first, first + len(tiles), dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 1, 56, 56)
 
-    stitched = line.frames.stitch_tiles(frame, 56, 0.5, tile_maps, batch_size=1)[0, 0]
-    assert calls == [1, 1, 1]
+    stitched, best_tile = line.frames.stitch_tiles(frame, 56, 0.5, tile_maps, batch_size=1)
+    stitched = stitched[0, 0]
+    assert calls == [1, 1, 1] and float(best_tile[0]) == pytest.approx(2.0)  # the highest tile's own score
     covered_by = {0: (0,), 30: (0, 1), 50: (0, 1, 2), 70: (1, 2), 90: (2,)}
     for column, tiles in covered_by.items():
         assert stitched[:, column].eq(sum(tiles) / len(tiles)).all(), column
