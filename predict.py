@@ -8,7 +8,9 @@ with decisions and pictures (--images), and export the scoring path as ONNX (--e
 --calibrate scores a labelled set in MVTec layout (default: the checkpoint's own test set; give held-out images
 with --data folder --data-root DIR) and stores the rule (see calibration()) in the checkpoint's metadata, every
 tensor unchanged; an authors' model.pth is left as it is and a calibrated model.safetensors is written beside
-it. --images writes predictions.csv (path, class, score, normalised_score, decision, heatmap) and
+it. On a calibrated model, --classes X replaces class X's thresholds only and keeps every other class's and the
+pooled ones.
+--images writes predictions.csv (path, class, score, normalised_score, decision, heatmap) and
 heatmaps/*.png under --out (default `predictions/` beside the checkpoint); an image takes the threshold of the
 class named by --classes, else the pooled one. Without a calibration it writes scores only.
 """
@@ -210,7 +212,8 @@ def calibrate_on(model, test_sets, opts: evaluate.Options, max_false_reject=None
     """Score `test_sets` ({class: ImageDataset}) and learn the rule: with a false-reject budget, the conformal
     thresholds of budget_calibration; else calibration(), pooled over the classes, plus each class's own F1-max
     image threshold where the class has anomalies. Both record "classes" (the per-class thresholds),
-    "class_names" (every class learnt on) and the geometry."""
+    "class_names" (every class learnt on), "class_rules" (how each class is decided, on how many images, when),
+    "when" and the geometry."""
     scored = score_calibration_set(model, test_sets, opts, log)
     if max_false_reject is not None:
         rule = budget_calibration(scored, max_false_reject, max_false_pixels, log)
@@ -222,8 +225,38 @@ def calibrate_on(model, test_sets, opts: evaluate.Options, max_false_reject=None
             if scored.labels[of_class].any():
                 per_class[c] = metrics.f1_threshold(scored.labels[of_class], scored.scores[of_class])[1]
         rule["classes"] = per_class
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    records = {}
+    for c in test_sets:
+        of_class = np.asarray(scored.classes) == c
+        image_rule = rule["rule"]["image"] if c in rule["classes"] else "the pooled threshold"
+        records[c] = dict(rule=dict(image=image_rule, pixel="the pooled threshold"), images=int(of_class.sum()),
+                          anomalous=int(scored.labels[of_class].sum()), when=when)
     geometry = opts.geometry or data.geometry_of(model.config.geometry)
-    rule.update(geometry=geometry.to_dict(), class_names=[c for c in test_sets if c])
+    rule.update(geometry=geometry.to_dict(), class_names=[c for c in test_sets if c], when=when,
+                class_rules={c: r for c, r in records.items() if c})
+    return rule
+
+
+def with_classes(earlier, learnt) -> dict:
+    """The rule `earlier` with the classes of `learnt` ({class: the rule calibrate_on learnt on that class's images
+    alone}) replaced: each class takes its rule's image and pixel thresholds, score and heat ranges, and its record;
+    every other class and the pooled thresholds stay as they were, bit for bit, and so does the pooled rule's
+    record (its normal statistics, miss rate and date, of the images it was learnt on)."""
+    rule = copy.deepcopy(earlier)
+    rule["classes"] = dict(rule.get("classes", {}))
+    rule.setdefault("class_rules", {})
+    for c, own in learnt.items():
+        rule["classes"][c] = own["image_threshold"]
+        record = dict(own["class_rules"][c], rule=own["rule"])
+        record.update({k: own[k] for k in ("pixel_threshold", "score_range", "heat_range")})
+        if "miss_rate" in rule:  # the pooled calibration's figure for this class no longer holds
+            rule["miss_rate"]["classes"].pop(c, None)
+        if "miss_rate" in own:
+            record["miss_rate"] = own["miss_rate"]["pooled"]
+        rule["class_rules"][c] = record
+    earlier_names = earlier.get("class_names", list(earlier.get("classes", {})))
+    rule["class_names"] = list(dict.fromkeys([*earlier_names, *learnt]))
     return rule
 
 
@@ -382,7 +415,8 @@ def predict_images(model, files, opts=evaluate.Options(), out_dir=None, cls=None
     samples = [data.Sample(str(f), None, 0, "", "") for f in files]
     dataset = data.ImageDataset(samples, geometry)
     style, cal = opts.pictures, opts.pictures.calibration
-    scale = style.scale()
+    scale = style.scale(cls)
+    pixel_threshold = line.decisions.class_rule(cal, cls)["pixel_threshold"] if cal else None
     out = Path(out_dir) if out_dir else None
     for folder in ("heatmaps", "masks") if out else ():
         if folder == "heatmaps" or rule.save_masks:
@@ -397,8 +431,7 @@ def predict_images(model, files, opts=evaluate.Options(), out_dir=None, cls=None
             name = unique_name(path, used)
             if cal:
                 row.update(line.decisions.decide(score, cal, cls))
-                mask, regions = find_regions(native_map(maps[i], path, geometry), cal["pixel_threshold"],
-                                             rule.min_area)
+                mask, regions = find_regions(native_map(maps[i], path, geometry), pixel_threshold, rule.min_area)
                 row.update(regions=len(regions), largest_area=max((r.area for r in regions), default=0))
                 if rule.decide_by == "regions":
                     row["decision"] = "anomalous" if regions else "normal"
@@ -415,7 +448,7 @@ def predict_images(model, files, opts=evaluate.Options(), out_dir=None, cls=None
             picture = dict(image=line.pictures.to_rgb(batch["image"][i]), map=maps[i].half(), title=title,
                            file=out / "heatmaps" / row["heatmap"])
             if scale:
-                _draw(picture, scale, style)
+                _draw(picture, scale, style, cls)
             else:  # drawn once every map is known, on their common min..max
                 waiting.append(picture)
         progress.step(len(scores), "images")
@@ -423,7 +456,7 @@ def predict_images(model, files, opts=evaluate.Options(), out_dir=None, cls=None
         lo = min(float(w["map"].min()) for w in waiting)
         hi = max(float(w["map"].max()) for w in waiting)
         for w in waiting:
-            _draw(w, (lo, hi, f"min..max of {len(waiting)} images"), style)
+            _draw(w, (lo, hi, f"min..max of {len(waiting)} images"), style, cls)
     if out:  # without a calibration normalised_score, decision and the region columns stay empty
         header = ["path", "class", "score", "normalised_score", "decision", "regions", "largest_area", "heatmap"]
         columns = ["path", "class", "score", "normalised", "decision", "regions", "largest_area", "heatmap"]
@@ -434,11 +467,14 @@ def predict_images(model, files, opts=evaluate.Options(), out_dir=None, cls=None
     summary = f"scored {len(rows)} images, {progress.rate():.1f} img/s; "
     if cal and rule.decide_by == "regions":
         summary += (f"{n_bad} anomalous, {len(rows) - n_bad} normal (any region of at least {rule.min_area} px over "
-                    f"the pixel threshold {cal['pixel_threshold']:.4g}); {len(region_rows)} regions")
+                    f"the pixel threshold {pixel_threshold:.4g}); {len(region_rows)} regions")
     elif cal:
         t = line.decisions.class_threshold(cal, cls)
         which = f"class {cls}" if cls in cal.get("classes", {}) else "pooled"
-        rule_name = cal.get("rule", {}).get("image", "stored")
+        how = cal.get("rule", {})
+        if cls in cal.get("classes", {}):  # its own threshold: its record says how it was learnt
+            how = cal.get("class_rules", {}).get(cls, {}).get("rule", how)
+        rule_name = how.get("image", "stored")
         summary += f"{n_bad} anomalous, {len(rows) - n_bad} normal ({which} threshold {t:.4g}, {rule_name}); "
         summary += f"{len(region_rows)} regions of at least {rule.min_area} px"
     else:
@@ -447,9 +483,10 @@ def predict_images(model, files, opts=evaluate.Options(), out_dir=None, cls=None
     return rows
 
 
-def _draw(waiting, scale, style):
+def _draw(waiting, scale, style, cls):
     amap = waiting["map"].float().numpy()
-    picture = line.pictures.picture(waiting["image"], amap, scale, waiting["title"], outline=style.outline_threshold())
+    outline = style.outline_threshold(cls)
+    picture = line.pictures.picture(waiting["image"], amap, scale, waiting["title"], outline=outline)
     picture.save(waiting["file"], compress_level=line.pictures.PNG_LEVEL)
 
 # -----------------------------------------------------------------------------------------------------
@@ -480,13 +517,13 @@ class DecisionOutputs(torch.nn.Module):
 
     def __init__(self, calibration=None, cls=None):
         super().__init__()
-        self.calibration = calibration
+        self.calibration, self.cls = calibration, cls
         self.threshold = line.decisions.class_threshold(calibration, cls) if calibration else None
 
     def forward(self, maps, scores):
         if not self.calibration:
             return maps, scores
-        normalised = line.decisions.normalise(scores, self.calibration, self.threshold)
+        normalised = line.decisions.normalise(scores, self.calibration, self.threshold, self.cls)
         return maps, scores, normalised, scores >= self.threshold
 
 
@@ -658,8 +695,9 @@ def parse_args(argv=None):
     what = p.add_argument_group("what to do (one of)")
     what.add_argument("--calibrate", action="store_true",
                       help="learn the decision rule and store it in the checkpoint, its tensors untouched, replacing "
-                           "any earlier one (every class's thresholds): on a labelled set (--data/--data-root, default "
-                           "the checkpoint's test set), or on good images alone (--images)")
+                           "any earlier one (with --classes: those classes' thresholds only, each learnt on its own "
+                           "images): on a labelled set (--data/--data-root, default the checkpoint's test set), or on "
+                           "good images alone (--images)")
     what.add_argument("--images", nargs="+", metavar="PATH",
                       help="score these images or folders: predictions.csv, regions.csv, heatmaps/*.png (with "
                            "--calibrate: these are good parts to calibrate on)")
@@ -689,9 +727,10 @@ def parse_args(argv=None):
                       help="write masks/<name>.png: each image's regions as a 0/255 mask of its own size")
     train.add_data_args(p, data.DATASETS, defaults={
         "batch-size": str(evaluate.Options.batch_size),
-        "classes help": "--calibrate: the classes to calibrate on, \"all\" or a comma list (default: the checkpoint's; "
-                        "with --images: the class of those good images); --images: the one class whose threshold "
-                        "to use (default: the pooled threshold)"})
+        "classes help": "--calibrate: the classes to calibrate, a comma list, each on its own images, every other "
+                        "class's thresholds and the pooled ones kept (default: the checkpoint's classes, the whole "
+                        "rule replaced; with --images: the class of those good images); --images: the one class "
+                        "whose thresholds to use (default: the pooled ones)"})
     p.add_argument("--out", type=Path, help="output folder of --images (default: <checkpoint folder>/predictions)")
     p.add_argument("--zero-shot", action="store_true",
                    help="--images: anomaly map = INP distance (scores only: calibrations are for reconstruction maps)")
@@ -773,7 +812,8 @@ def main(argv=None, log=train.log_line):
 
 def calibrate_main(args, ckpts, device, precision, log):
     """--calibrate: each model file on its data set (a single-class run folder: each model on its own class), or
-    one model on good images (--images)."""
+    one model on good images (--images). With --classes, a model that has a calibration keeps it but for those
+    classes, each calibrated on its own images (with_classes)."""
     if args.images and len(ckpts) > 1:
         raise ValueError(f"{args.ckpt}: --calibrate --images calibrates one model file, not a folder of {len(ckpts)}")
     if args.images and args.classes and "," in args.classes:
@@ -795,12 +835,19 @@ def calibrate_main(args, ckpts, device, precision, log):
         else:
             samples = good_samples(files, args.classes)
         calibration_target(ckpt)
-        if args.max_false_reject is not None:  # a budget the good images cannot support fails now
+        earlier = None
+        if args.classes not in (None, "all"):  # some classes: the others are kept, when there is a rule
+            earlier = line.decisions.read_calibration(meta, ckpt, log)
+        if earlier:
+            check_each_class(ckpt, earlier, samples, args)
+        elif args.max_false_reject is not None:  # a budget the good images cannot support fails now
             check_budget(sum(s.label == 0 for found in samples.values() for s in found), args.max_false_reject)
-        plans.append((ckpt, meta, data_set, samples))
-    for ckpt, meta, data_set, samples in plans:
+        plans.append((ckpt, meta, data_set, samples, earlier))
+    for ckpt, meta, data_set, samples, earlier in plans:
         model = evaluate.load_ready(ckpt, device, precision)
-        geometry = evaluate.asked_geometry(model, args, ckpt, log)
+        # the geometry the thresholds kept hold at, as prediction starts from it
+        base = calibration_geometry(earlier) if earlier else None
+        geometry = evaluate.asked_geometry(model, args, ckpt, log, base=base)
         opts = evaluate.Options(batch_size=args.batch_size or evaluate.Options.batch_size, device=str(device),
                                precision=precision, workers=train.workers(args.workers), geometry=geometry)
         test_sets = {c: data.ImageDataset(found, geometry) for c, found in samples.items()}
@@ -812,10 +859,38 @@ def calibrate_main(args, ckpts, device, precision, log):
         if seen:
             log(f"warning: {len(seen)} of the calibration images are training images of {ckpt}: their scores are "
                 "optimistic, so thresholds learnt on them reject more new good parts than asked")
-        rule = calibrate_on(model, test_sets, opts, args.max_false_reject, args.max_false_pixels, log)
+        budget = (args.max_false_reject, args.max_false_pixels)
+        if earlier:
+            learnt = {c: calibrate_on(model, {c: ds}, opts, *budget, log) for c, ds in test_sets.items()}
+            rule = with_classes(earlier, learnt)
+        else:
+            if args.classes and meta.get("calibration") is None:
+                log(f"note: {ckpt} has no calibration to keep: the whole rule, the pooled thresholds too, is learnt "
+                    f"on {', '.join(test_sets)}")
+            rule = calibrate_on(model, test_sets, opts, *budget, log)
         target = write_calibration(ckpt, rule, data_set)
-        log(calibration_summary(target, rule, replaced=meta.get("calibration") is not None))
+        if earlier:
+            log(partial_summary(target, rule, list(test_sets)))
+        else:
+            log(calibration_summary(target, rule, replaced=meta.get("calibration") is not None))
     return 0
+
+
+def check_each_class(ckpt, earlier, samples, args):
+    """Before --calibrate --classes scores anything: the thresholds of one rule hold at one geometry, so the sizes
+    asked must be the calibration's; and each class, calibrated on its own images, needs good ones (enough for
+    the budget)."""
+    at = calibration_geometry(earlier)
+    if at is not None and train.geometry(args, at) != at:
+        asked = train.geometry(args, at).describe()
+        raise ValueError(f"{ckpt}: calibrated at {at.describe()}, and --classes would add thresholds at {asked}: "
+                         "calibrate every class again (drop --classes), or at its geometry")
+    for c, found in samples.items():
+        good = sum(s.label == 0 for s in found)
+        if not good:
+            raise ValueError(f"--classes {args.classes}: class {c} has no good image to calibrate it on its own")
+        if args.max_false_reject is not None:
+            check_budget(good, args.max_false_reject)
 
 
 def calibration_summary(target, rule, replaced=False) -> str:
@@ -828,6 +903,23 @@ def calibration_summary(target, rule, replaced=False) -> str:
         line += f"; labelled defects missed: {100 * rule['miss_rate']['pooled']:.1f} % at the pooled threshold"
         line += "".join(f", {c} {100 * m:.1f} %" for c, m in rule["miss_rate"]["classes"].items())
     return line
+
+
+def partial_summary(target, rule, replaced) -> str:
+    """What --calibrate --classes replaced and what it kept, in one line."""
+    parts = []
+    for c in replaced:
+        own, record = line.decisions.class_rule(rule, c), rule["class_rules"][c]
+        text = (f"{c} image threshold {own['image_threshold']:.4g} ({record['rule']['image']}, {record['images']} "
+                f"images), pixel threshold {own['pixel_threshold']:.4g}")
+        if "miss_rate" in record:
+            text += f", labelled defects missed {100 * record['miss_rate']:.1f} %"
+        parts.append(text)
+    kept = [f"{c} {t:.4g}" for c, t in rule["classes"].items() if c not in replaced]
+    pooled = [c for c in rule["class_names"] if c not in rule["classes"]]
+    kept.append(f"the pooled image threshold {rule['image_threshold']:.4g} and pixel threshold "
+                f"{rule['pixel_threshold']:.4g}" + (f" (used by {', '.join(pooled)})" if pooled else ""))
+    return f"calibrated {target}: replaced {'; '.join(parts)}; kept {', '.join(kept)}"
 
 
 if __name__ == "__main__":

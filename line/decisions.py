@@ -1,5 +1,6 @@
 """The decision rule a calibration stores in a checkpoint (predict.py --calibrate writes it, predict.calibration
-builds it): thresholds per class and pooled, and anomalib's normalised score.
+builds it): thresholds per class and pooled, and anomalib's normalised score. A class calibrated on its own
+(--calibrate --classes) has its own record in "class_rules", with its pixel threshold and ranges.
 """
 import torch
 
@@ -16,10 +17,20 @@ def read_calibration(meta: dict, path, log=print):
     return None
 
 
-def normalise(score, calibration, threshold):
-    """anomalib's normalised score, (score - threshold) / (max - min) + 0.5 over the calibration scores,
-    clipped to [0, 1]: a float for a float, a tensor for a tensor (the exported graph)."""
-    lo, hi = calibration["score_range"]
+def class_rule(calibration, cls=None) -> dict:
+    """What decides an image of class `cls`: image_threshold (see class_threshold), and pixel_threshold,
+    score_range and heat_range, the class's own where it was calibrated on its own, else the pooled rule's."""
+    own = calibration.get("class_rules", {}).get(cls, {})
+    found = {k: own.get(k, calibration[k]) for k in ("pixel_threshold", "score_range", "heat_range")}
+    found["image_threshold"] = class_threshold(calibration, cls)
+    return found
+
+
+def normalise(score, calibration, threshold, cls=None):
+    """anomalib's normalised score, (score - threshold) / (max - min) + 0.5 over the calibration scores (of class
+    `cls` where it was calibrated on its own), clipped to [0, 1]: a float for a float, a tensor for a tensor (the
+    exported graph)."""
+    lo, hi = class_rule(calibration, cls)["score_range"]
     v = (score - threshold) / max(hi - lo, 1e-12) + 0.5
     if isinstance(v, torch.Tensor):
         return v.clamp(0, 1)
@@ -35,5 +46,5 @@ def decide(score, calibration, cls=None) -> dict:
     """One image score under a calibration: threshold (see class_threshold), normalised score (see normalise)
     and decision, "anomalous" when the score is at or above the threshold, else "normal"."""
     t = class_threshold(calibration, cls)
-    return dict(threshold=t, normalised=normalise(score, calibration, t),
+    return dict(threshold=t, normalised=normalise(score, calibration, t, cls),
                 decision="anomalous" if score >= t else "normal")

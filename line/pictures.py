@@ -21,16 +21,19 @@ class PictureStyle:
     outline: bool = False      # draw the edge of the region above the calibrated pixel threshold
     heat_range: tuple = None   # (lo, hi): colour maps on this range instead of the calibration's
 
-    def scale(self):
-        """(lo, hi, source) of the colour scale, or None: the caller picks one (min..max of its maps)."""
+    def scale(self, cls=None):
+        """(lo, hi, source) of the colour scale of class `cls`'s pictures, or None: the caller picks one (min..max
+        of its maps)."""
         if self.heat_range:
             return (*self.heat_range, "--heat-range")
         if self.calibration:
-            return (*self.calibration["heat_range"], "calibration")
+            return (*line.decisions.class_rule(self.calibration, cls)["heat_range"], "calibration")
         return None
 
-    def outline_threshold(self):
-        return self.calibration["pixel_threshold"] if self.calibration and self.outline else None
+    def outline_threshold(self, cls=None):
+        if not (self.calibration and self.outline):
+            return None
+        return line.decisions.class_rule(self.calibration, cls)["pixel_threshold"]
 
     def title(self, path, score, cls=None):
         head = f"{Path(path).name}: score {score:.4g}"
@@ -140,11 +143,10 @@ def save_maps(model, ds, scores, opts, folder, cls):
     maps = [evaluate.predict_maps(model, item["image"][None], opts.zero_shot, ds.geometry, opts.batch_size)[0][0]
             .cpu().numpy() for item in items]
     style = opts.pictures or PictureStyle()
-    scale = style.scale() or (min(m.min() for m in maps), max(m.max() for m in maps), "min..max here")
+    scale = style.scale(cls) or (min(m.min() for m in maps), max(m.max() for m in maps), "min..max here")
     folder.mkdir(parents=True, exist_ok=True)
     for (name, i), item, amap in zip(picks, items, maps):
         mask = evaluate.masks_at_map_size(item["mask"][None])[0]
         title = style.title(item["path"], float(scores[i]), cls)
-        image = picture(to_rgb(item["image"]), amap, scale, title, mask.numpy(),
-                                style.outline_threshold())
+        image = picture(to_rgb(item["image"]), amap, scale, title, mask.numpy(), style.outline_threshold(cls))
         image.save(folder / f"{name}_{file_stem(item['path'])}.png", compress_level=PNG_LEVEL)

@@ -524,3 +524,122 @@ def test_tiles_at_each_frames_own_size_need_a_frame_size_to_export(ckpt, tmp_pat
     expect_one_line_error(capsys, lambda: predict.main(["--ckpt", str(ckpt), "--export", str(tmp_path / "t.onnx"),
                                                         "--image-size", "native", "--tile", "56"]), "--frame-size")
     assert not (tmp_path / "t.onnx").exists()
+
+
+def test_calibrating_class_b_after_a_keeps_a_and_the_pooled_rule_bit_for_bit(ckpt, demo, tmp_path):
+    """--calibrate --classes tiles on a calibrated model: tiles takes thresholds learnt on its own images, fabric
+    and the pooled thresholds stay bit for bit, and the rule records how each class was calibrated. The line's
+    case: good parts of one class, a false-reject budget, one class at a time."""
+    path = tmp_path / "model.safetensors"
+    shutil.copy(ckpt, path)
+    assert run_cli("--ckpt", path, "--calibrate", "--workers", 0).returncode == 0
+    first = inpformer.read_checkpoint_metadata(path)["calibration"]
+    assert first["class_rules"]["fabric"]["images"] == 10 and first["class_rules"]["fabric"]["anomalous"] == 6
+    r = run_cli("--ckpt", path, "--calibrate", "--classes", "tiles", "--workers", 0)
+    assert r.returncode == 0, r.stdout + r.stderr
+    cal = inpformer.read_checkpoint_metadata(path)["calibration"]
+    assert cal["classes"]["fabric"] == first["classes"]["fabric"]
+    for key in ("image_threshold", "pixel_threshold", "score_range", "heat_range", "rule"):
+        assert cal[key] == first[key], key
+    assert cal["class_rules"]["fabric"] == first["class_rules"]["fabric"]
+    model = inpformer.load_model(path)
+    ds = data.test_set("folder", demo, "tiles", GEOMETRY)
+    labels = torch.tensor([s.label for s in ds.samples])
+    maps, scores = model.predict(torch.stack([ds[i]["image"] for i in range(len(ds))]))
+    assert cal["classes"]["tiles"] == pytest.approx(metrics.f1_threshold(labels, scores)[1], abs=1e-6)
+    own = line.decisions.class_rule(cal, "tiles")
+    assert own["score_range"] == pytest.approx([float(scores.min()), float(scores.max())], abs=1e-6)
+    assert own["pixel_threshold"] != first["pixel_threshold"]
+    assert line.decisions.class_rule(cal, "fabric")["pixel_threshold"] == first["pixel_threshold"]
+    record = cal["class_rules"]["tiles"]
+    assert record["images"] == 10 and record["rule"] == {"image": "f1-max", "pixel": "f1-max"} and record["when"]
+    assert "replaced tiles image threshold" in r.stdout and f"kept fabric {first['classes']['fabric']:.4g}" in r.stdout
+
+    # good parts of tiles alone, under a budget: tiles replaced again, fabric still the first calibration's
+    r = run_cli("--ckpt", path, "--calibrate", "--images", f"{demo}/tiles/train/good", "--classes", "tiles",
+                "--max-false-reject", 0.2, "--workers", 0)
+    assert r.returncode == 0, r.stdout + r.stderr
+    again = inpformer.read_checkpoint_metadata(path)["calibration"]
+    assert again["classes"]["fabric"] == first["classes"]["fabric"]
+    assert again["image_threshold"] == first["image_threshold"]
+    good = model.predict(torch.stack([data.load_image(p, GEOMETRY)
+                                      for p in sorted(Path(demo, "tiles", "train", "good").glob("*.png"))]))[1]
+    assert again["classes"]["tiles"] == pytest.approx(predict.false_reject_threshold(good.numpy(), 0.2))
+    assert again["class_rules"]["tiles"]["rule"]["image"] == "false-reject budget 0.2 (conformal)"
+    assert again["class_names"] == ["fabric", "tiles"]
+
+    # --images decides and finds regions by each class's own thresholds
+    r = run_cli("--ckpt", path, "--images", f"{demo}/tiles/test", "--classes", "tiles", "--workers", 0,
+                "--out", tmp_path / "pred")
+    assert f"class tiles threshold {again['classes']['tiles']:.4g}" in r.stdout
+    with open(tmp_path / "pred" / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        want = line.decisions.decide(float(row["score"]), again, "tiles")
+        assert row["decision"] == want["decision"]
+        assert float(row["normalised_score"]) == pytest.approx(want["normalised"], abs=1e-6)
+        amap = predict.native_map(model.predict(data.load_image(row["path"], GEOMETRY)[None])[0][0], row["path"],
+                                  GEOMETRY)
+        threshold = again["class_rules"]["tiles"]["pixel_threshold"]
+        assert int(row["regions"]) == len(predict.find_regions(amap, threshold)[1])
+
+
+def test_classes_calibrated_at_another_geometry_are_refused(ckpt, tmp_path, capsys):
+    path = tmp_path / "model.safetensors"
+    shutil.copy(ckpt, path)
+    assert run_cli("--ckpt", path, "--calibrate", "--workers", 0).returncode == 0
+    before = path.read_bytes()
+    expect_one_line_error(capsys, lambda: predict.main(["--ckpt", str(path), "--calibrate", "--classes", "tiles",
+                                                        "--image-size", "140", "--crop-size", "112"]),
+                          "drop --classes")
+    assert path.read_bytes() == before
+    earlier = inpformer.read_checkpoint_metadata(path)["calibration"]
+    defects_only = {"tiles": [data.Sample("a.png", "m.png", 1, "tiles", "spot")]}
+    args = predict.parse_args(["--ckpt", str(path), "--calibrate", "--classes", "tiles"])
+    with pytest.raises(ValueError, match="class tiles has no good image to calibrate it on its own"):
+        predict.check_each_class(path, earlier, defects_only, args)
+    r = run_cli("--ckpt", path, "--calibrate", "--classes", "all", "--workers", 0)  # all classes: the whole rule
+    assert r.returncode == 0 and "earlier calibration replaced" in r.stdout, r.stdout + r.stderr
+
+
+def test_a_tiled_models_graph_decides_as_predict_does_at_and_around_the_threshold(ckpt, demo, tmp_path):
+    """A tiled geometry (image score: the best tile's) exported from raw frames at the model's frame size: the
+    graph's scores equal predict.py --images' within round-off, and with the class's threshold at one image's
+    score, predict.py says anomalous at it and the graph agrees with predict.py on every image but where the two
+    scores straddle the threshold within that round-off; its normalised score is the class's (its own range)."""
+    import onnxruntime
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for k, p in enumerate(sorted(Path(demo, "tiles", "test").rglob("*.png"))[:6]):
+        Image.open(p).convert("RGB").resize((168, 112), Image.BILINEAR).save(frames / f"{k}.png")
+    flags = ["--image-size", "112x168", "--tile", "56", "--tile-overlap", "0.25", "--image-score", "tiles"]
+    r = run_cli("--ckpt", ckpt, "--images", frames, "--out", tmp_path / "scores", "--workers", 0, *flags)
+    assert r.returncode == 0 and "image scored by its best tile" in r.stdout, r.stdout + r.stderr
+    with open(tmp_path / "scores" / "predictions.csv") as f:
+        scores = {row["path"]: float(row["score"]) for row in csv.DictReader(f)}
+    middle = sorted(scores.values())[3]
+    path = tmp_path / "model.safetensors"
+    shutil.copy(ckpt, path)
+    predict.write_calibration(path, dict(image_threshold=0.0, pixel_threshold=1.0, score_range=[0.0, 1.0],
+                                         heat_range=[0.0, 1.0], classes={"tiles": middle},
+                                         class_rules={"tiles": {"score_range": [0.5 * middle, 1.5 * middle]}}))
+    r = run_cli("--ckpt", path, "--export", tmp_path / "tiled.onnx", "--classes", "tiles", *flags)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = run_cli("--ckpt", path, "--images", frames, "--out", tmp_path / "pred", "--workers", 0, "--classes", "tiles",
+                *flags)
+    with open(tmp_path / "pred" / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    session = onnxruntime.InferenceSession(str(tmp_path / "tiled.onnx"), providers=["CPUExecutionProvider"])
+    at_threshold = 0
+    for row in rows:
+        _, score, normalised, decision = session.run(None, {"frames": predict.raw_frame(row["path"])[None]})
+        want = float(row["score"])
+        assert abs(float(score[0]) - want) <= 1e-5 * abs(want), row["path"]
+        assert float(normalised[0]) == pytest.approx(float(row["normalised_score"]), abs=1e-4)
+        if want == middle:
+            at_threshold += 1
+            assert row["decision"] == "anomalous"
+        if abs(want - middle) > 1e-5 * middle:
+            assert bool(decision[0]) == (row["decision"] == "anomalous"), row["path"]
+    assert at_threshold == 1
