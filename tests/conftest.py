@@ -24,6 +24,20 @@ GEOMETRY = data.ResizeCrop(IMAGE, CROP)
 DEMO_SIZE = 160  # demo images larger than IMAGE, so that --full-res has a real resize to undo
 
 
+def graph_on_predictions(onnx_path, predictions_csv):
+    """Each row of a predictions.csv with the outputs of an exported graph fed the row's file as a raw frame:
+    [(row, [anomaly_map, score, normalised_score, decision])]."""
+    import csv
+
+    import onnxruntime  # an optional extra for users; CI installs it
+    import predict
+
+    with open(predictions_csv) as f:
+        rows = list(csv.DictReader(f))
+    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    return [(row, session.run(None, {"frames": predict.raw_frame(row["path"])[None]})) for row in rows]
+
+
 def run_main(main, *argv):
     """A script's main(argv) in this process, as its command line runs it (through train.guard): the exit status
     and what it printed, as subprocess.run reports them, without a new interpreter for every call."""

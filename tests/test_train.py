@@ -1,7 +1,6 @@
 """train.py: the optimiser and schedule against the official formulas, loss going down, exact resume, torchrun
 DDP, the safety stops, and the end-to-end run on real photos with a real DINOv2 ViT-S/14."""
 import copy
-import csv
 import gc
 import json
 import math
@@ -22,7 +21,7 @@ import demo
 import inpformer
 import train
 from line import weights
-from conftest import expect_one_line_error, run_main, shared
+from conftest import expect_one_line_error, graph_on_predictions, run_main, shared
 
 TINY_WEIGHTS = ("fixtures", "official_tiny", "backbone_hub.safetensors")
 
@@ -377,7 +376,6 @@ def test_loader_workers_never_exceed_the_cpus_this_process_may_use():
 def test_end_to_end_texture_ad_with_real_vit_small(tmp_path):
     """One multi-class model on both texture_ad classes, real DINOv2 ViT-S/14, 224 px, on the CPU; then its
     export fed raw frames decides on texture_ad as predict.py --images does (issue 25)."""
-    import onnxruntime
     import predict
 
     out = tmp_path / "e2e"
@@ -399,15 +397,12 @@ def test_end_to_end_texture_ad_with_real_vit_small(tmp_path):
                   "brick", "--out", tmp_path / "pred"]):  # 20 good and 10 scratched images
         r = run_main(predict.main, "--ckpt", ckpt, "--workers", 0, *argv)
         assert r.returncode == 0, r.stdout + r.stderr
-    with open(tmp_path / "pred" / "predictions.csv") as f:
-        rows = list(csv.DictReader(f))
-    session = onnxruntime.InferenceSession(str(tmp_path / "e2e.onnx"), providers=["CPUExecutionProvider"])
+    graph = graph_on_predictions(tmp_path / "e2e.onnx", tmp_path / "pred" / "predictions.csv")
     agree = 0
-    for row in rows:
-        _, score, _, decision = session.run(None, {"frames": predict.raw_frame(row["path"])[None]})
+    for row, (_, score, _, decision) in graph:
         assert abs(float(score[0]) - float(row["score"])) <= 0.01 * abs(float(row["score"])), row["path"]
         agree += bool(decision[0]) == (row["decision"] == "anomalous")
-    assert len(rows) == 30 and agree >= 0.98 * len(rows)
+    assert len(graph) == 30 and agree >= 0.98 * len(graph)
 
 
 def test_single_class_few_shot_and_super_multi_class_settings(demo_root, tmp_path):

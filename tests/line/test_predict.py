@@ -22,7 +22,7 @@ import line.frames
 import metrics
 import predict
 import train
-from conftest import BATCH, CROP, GEOMETRY, IMAGE, ROOT, expect_one_line_error, run_main, shared
+from conftest import BATCH, CROP, GEOMETRY, IMAGE, ROOT, expect_one_line_error, graph_on_predictions, run_main, shared
 
 TINY = "fixtures", "official_tiny"
 
@@ -607,8 +607,6 @@ def test_a_tiled_models_graph_decides_as_predict_does_at_and_around_the_threshol
     graph's scores equal predict.py --images' within round-off, and with the class's threshold at one image's
     score, predict.py says anomalous at it and the graph agrees with predict.py on every image but where the two
     scores straddle the threshold within that round-off; its normalised score is the class's (its own range)."""
-    import onnxruntime
-
     frames = tmp_path / "frames"
     frames.mkdir()
     for k, p in enumerate(sorted(Path(demo, "tiles", "test").rglob("*.png"))[:6]):
@@ -628,12 +626,9 @@ def test_a_tiled_models_graph_decides_as_predict_does_at_and_around_the_threshol
     assert r.returncode == 0, r.stdout + r.stderr
     r = run_cli("--ckpt", path, "--images", frames, "--out", tmp_path / "pred", "--workers", 0, "--classes", "tiles",
                 *flags)
-    with open(tmp_path / "pred" / "predictions.csv") as f:
-        rows = list(csv.DictReader(f))
-    session = onnxruntime.InferenceSession(str(tmp_path / "tiled.onnx"), providers=["CPUExecutionProvider"])
     at_threshold = 0
-    for row in rows:
-        _, score, normalised, decision = session.run(None, {"frames": predict.raw_frame(row["path"])[None]})
+    for row, (_, score, normalised, decision) in graph_on_predictions(tmp_path / "tiled.onnx",
+                                                                      tmp_path / "pred" / "predictions.csv"):
         want = float(row["score"])
         assert abs(float(score[0]) - want) <= 1e-5 * abs(want), row["path"]
         assert float(normalised[0]) == pytest.approx(float(row["normalised_score"]), abs=1e-4)
