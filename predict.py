@@ -695,9 +695,9 @@ def parse_args(argv=None):
     what = p.add_argument_group("what to do (one of)")
     what.add_argument("--calibrate", action="store_true",
                       help="learn the decision rule and store it in the checkpoint, its tensors untouched, replacing "
-                           "any earlier one (with --classes: those classes' thresholds only, each learnt on its own "
-                           "images): on a labelled set (--data/--data-root, default the checkpoint's test set), or on "
-                           "good images alone (--images)")
+                           "any earlier one (with --classes, on a calibrated model: those classes' thresholds only, "
+                           "each learnt on its own images): on a labelled set (--data/--data-root, default the "
+                           "checkpoint's test set), or on good images alone (--images)")
     what.add_argument("--images", nargs="+", metavar="PATH",
                       help="score these images or folders: predictions.csv, regions.csv, heatmaps/*.png (with "
                            "--calibrate: these are good parts to calibrate on)")
@@ -727,10 +727,11 @@ def parse_args(argv=None):
                       help="write masks/<name>.png: each image's regions as a 0/255 mask of its own size")
     train.add_data_args(p, data.DATASETS, defaults={
         "batch-size": str(evaluate.Options.batch_size),
-        "classes help": "--calibrate: the classes to calibrate, a comma list, each on its own images, every other "
-                        "class's thresholds and the pooled ones kept (default: the checkpoint's classes, the whole "
-                        "rule replaced; with --images: the class of those good images); --images: the one class "
-                        "whose thresholds to use (default: the pooled ones)"})
+        "classes help": "--calibrate: the classes to calibrate, a comma list; on a calibrated model each is learnt on "
+                        "its own images and every other class's thresholds and the pooled ones are kept (default, "
+                        "or all: the checkpoint's classes, the whole rule replaced; with --images: the class of "
+                        "those good images); --images: the one class whose thresholds to use (default: the pooled "
+                        "ones)"})
     p.add_argument("--out", type=Path, help="output folder of --images (default: <checkpoint folder>/predictions)")
     p.add_argument("--zero-shot", action="store_true",
                    help="--images: anomaly map = INP distance (scores only: calibrations are for reconstruction maps)")

@@ -579,7 +579,7 @@ def parse_args(argv=None):
     p = script_parser(__doc__)
     paper, small = RECIPE["geometry"], r["geometry"]
     add_data_args(p, data.DATASETS, required=True, defaults={
-        "data": "none, required", "classes": "all", "image-score": "tiles, recorded in the checkpoint",
+        "data": "none, required", "classes": "all", "image-score": "tiles with --tile, recorded in the checkpoint",
         "image-size": f"{paper.image_size[0]}; --data demo {small.image_size[0]}",
         "crop-size": f"{paper.crop_size[0]}; --data demo {small.crop_size[0]}; none with --tile",
         "tile": "none", "tile-overlap": "0", "bit-depth": "see above",
@@ -851,7 +851,8 @@ def add_data_args(parser, datasets, required=False, defaults=None):
     the checkpoint) and says so in `defaults`, {option: its --help text}; unnamed options read "default: the
     checkpoint's"."""
     defaults = {"workers": "up to 4, at most the CPUs",
-                "image-score": "the checkpoint's; stitched for a model trained before the rule was recorded",
+                "image-score": "the checkpoint's, or predict.py the calibration's; stitched for a model trained "
+                               "without tiles or before the rule was recorded",
                 **(defaults or {})}
 
     def default(option):

@@ -75,7 +75,7 @@ def stitch_tiles(frames, tile, overlap, tile_maps, batch_size=16, max_ratio=inpf
     maps, and (B,) each frame's best tile score. tile_maps((b, 3, tile, tile)) -> (b, 1, tile, tile) maps batches
     of about batch_size tiles; the maps are averaged where tiles overlap (so a constant map stays constant), and
     each tile's own map is scored as the paper scores an image (inpformer.score_maps, the score of the "tiles"
-    rule; its zero padding darkens a tile's outer pixels, which overlapping neighbours hold inside theirs).
+    rule; its zero padding darkens a tile's outer pixels, which with an overlap lie inside the neighbours).
     Memory follows the tile batch, not the frame. The ONNX export traces this same function."""
     B, _, H, W = frames.shape
     if H < tile or W < tile:

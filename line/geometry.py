@@ -35,7 +35,7 @@ class Geometry(data.ResizeCrop):
     tile: int = None
     tile_overlap: float = 0.0
     bit_depth: int = None
-    image_score: str = "stitched"  # what a record without the key means; train.geometry gives new tiles "tiles"
+    image_score: str = "stitched"  # what a record without the key means; train.py records "tiles" with --tile
 
     def __post_init__(self):
         super().__post_init__()
