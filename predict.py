@@ -215,26 +215,29 @@ def calibrate_on(model, test_sets, opts: evaluate.Options, max_false_reject=None
     "class_names" (every class learnt on), "class_rules" (how each class is decided, on how many images, when),
     "when" and the geometry."""
     scored = score_calibration_set(model, test_sets, opts, log)
+    classes = np.asarray(scored.classes)
     if max_false_reject is not None:
         rule = budget_calibration(scored, max_false_reject, max_false_pixels, log)
     else:
         rule = calibration(scored.labels, scored.scores, scored.pixels)
         per_class = {}
         for c in test_sets:
-            of_class = np.asarray(scored.classes) == c
+            of_class = classes == c
             if scored.labels[of_class].any():
                 per_class[c] = metrics.f1_threshold(scored.labels[of_class], scored.scores[of_class])[1]
         rule["classes"] = per_class
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-    records = {}
+    class_rules = {}
     for c in test_sets:
-        of_class = np.asarray(scored.classes) == c
+        if not c:  # good images of no named class: the pooled rule is theirs
+            continue
+        of_class = classes == c
         image_rule = rule["rule"]["image"] if c in rule["classes"] else "the pooled threshold"
-        records[c] = dict(rule=dict(image=image_rule, pixel="the pooled threshold"), images=int(of_class.sum()),
-                          anomalous=int(scored.labels[of_class].sum()), when=when)
+        class_rules[c] = dict(rule=dict(image=image_rule, pixel="the pooled threshold"), images=int(of_class.sum()),
+                              anomalous=int(scored.labels[of_class].sum()), when=when)
     geometry = opts.geometry or data.geometry_of(model.config.geometry)
     rule.update(geometry=geometry.to_dict(), class_names=[c for c in test_sets if c], when=when,
-                class_rules={c: r for c, r in records.items() if c})
+                class_rules=class_rules)
     return rule
 
 
@@ -244,7 +247,7 @@ def with_classes(earlier, learnt) -> dict:
     every other class and the pooled thresholds stay as they were, bit for bit, and so does the pooled rule's
     record (its normal statistics, miss rate and date, of the images it was learnt on)."""
     rule = copy.deepcopy(earlier)
-    rule["classes"] = dict(rule.get("classes", {}))
+    rule.setdefault("classes", {})
     rule.setdefault("class_rules", {})
     for c, own in learnt.items():
         rule["classes"][c] = own["image_threshold"]
@@ -470,10 +473,9 @@ def predict_images(model, files, opts=evaluate.Options(), out_dir=None, cls=None
                     f"the pixel threshold {pixel_threshold:.4g}); {len(region_rows)} regions")
     elif cal:
         t = line.decisions.class_threshold(cal, cls)
-        which = f"class {cls}" if cls in cal.get("classes", {}) else "pooled"
-        how = cal.get("rule", {})
+        which, how = "pooled", cal.get("rule", {})
         if cls in cal.get("classes", {}):  # its own threshold: its record says how it was learnt
-            how = cal.get("class_rules", {}).get(cls, {}).get("rule", how)
+            which, how = f"class {cls}", cal.get("class_rules", {}).get(cls, {}).get("rule", how)
         rule_name = how.get("image", "stored")
         summary += f"{n_bad} anomalous, {len(rows) - n_bad} normal ({which} threshold {t:.4g}, {rule_name}); "
         summary += f"{len(region_rows)} regions of at least {rule.min_area} px"
@@ -882,10 +884,11 @@ def check_each_class(ckpt, earlier, samples, args):
     asked must be the calibration's; and each class, calibrated on its own images, needs good ones (enough for
     the budget)."""
     at = calibration_geometry(earlier)
-    if at is not None and train.geometry(args, at) != at:
-        asked = train.geometry(args, at).describe()
-        raise ValueError(f"{ckpt}: calibrated at {at.describe()}, and --classes would add thresholds at {asked}: "
-                         "calibrate every class again (drop --classes), or at its geometry")
+    if at is not None:
+        asked = train.geometry(args, at)
+        if asked != at:
+            raise ValueError(f"{ckpt}: calibrated at {at.describe()}, and --classes would add thresholds at "
+                             f"{asked.describe()}: calibrate every class again (drop --classes), or at its geometry")
     for c, found in samples.items():
         good = sum(s.label == 0 for s in found)
         if not good:

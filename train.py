@@ -282,8 +282,8 @@ def run_identity(args, sets, encoder=None, total=None) -> dict:
     """What a saved training state must match to be resumed by this run: the data (not its folder, which may
     have moved), the classes, sizes, model size, batch and seed; with an encoder and the iteration count, also
     the backbone's weights and the schedule (plan() checks the first part before anything is loaded)."""
-    geometry = {k: v for k, v in args.geometry.to_dict().items() if k != "image_score"}  # scoring, not training
-    identity = dict(data=[d for d, _, _ in sets], classes=[cs for _, _, cs in sets], geometry=geometry,
+    identity = dict(data=[d for d, _, _ in sets], classes=[cs for _, _, cs in sets],
+                    geometry=identity_geometry(args.geometry),
                     inp_num=args.inp_num, setting=args.setting, shots=args.shots, batch_size=args.batch_size,
                     seed=args.seed)
     if encoder is not None:
@@ -291,6 +291,13 @@ def run_identity(args, sets, encoder=None, total=None) -> dict:
     if total is not None:
         identity["total_iters"] = total
     return identity
+
+
+def identity_geometry(geometry) -> dict:
+    """A geometry as a run's identity records it: without image_score, how frames are scored, not trained."""
+    recorded = geometry.to_dict()
+    recorded.pop("image_score", None)
+    return recorded
 
 
 def save(run, it):
@@ -322,8 +329,7 @@ def check_identity(path, saved, wanted):
         return
     identity = dict(saved["identity"])
     if isinstance(identity.get("geometry"), dict):  # states written before the paper's geometry had two keys
-        identity["geometry"] = data.geometry_of(identity["geometry"]).to_dict()
-        identity["geometry"].pop("image_score", None)  # how frames are scored: not part of a run (run_identity)
+        identity["geometry"] = identity_geometry(data.geometry_of(identity["geometry"]))
     for key, value in wanted.items():
         if identity.get(key) != value:
             shown = {"backbone": "the backbone's weights", "total_iters": "iterations"}.get(key, key)
