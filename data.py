@@ -4,17 +4,8 @@ Data sets (`data` name -> what `root` points at):
   mvtec, folder, demo   <root>/<class>/{train/good, test/<defect>, ground_truth/<defect>/<stem>_mask.png}
   visa                  the raw download with split_csv/1cls.csv, or the prepared 1cls/<class>/... tree
   realiad               the folder holding realiad_1024/<class>/ and realiad_jsons/[realiad_jsons/]<class>.json
-  mvtec2                MVTec AD 2: <root>/<class>/{train/good, validation/good, test_public/{good,bad},
-                        test_public/ground_truth/bad/<stem>_mask.png}; test_private* are unlabelled (predict.py)
-The demo set is written by demo.py; "folder" is any data set in MVTec layout.
-
-Preprocessing (luow23/INP-Former `dataset.py`, sizes from a ResizeCrop): RGB, a bilinear resize (the paper's
-448 x 448, the aspect not kept), its centre crop (the paper's 392 x 392), ImageNet mean/std; masks take the same
-resize and crop and are then binarised at 0.5. A model records its geometry as a dict (config.geometry);
-geometry_of() reads it, and hands what the paper does not do (whole frames, tiles, wide grey images) to the line
-layer (line/geometry.py, line/pixels.py).
-
-Every problem with the files on disk raises DataError, whose message is one line, "<path>: <problem>".
+  mvtec2                MVTec AD 2: <root>/<class>/{train/good, validation/good, test_public/{good,bad,ground_truth}}
+A problem with the files on disk raises DataError, one line: "<path>: <problem>".
 
     python data.py --check mvtec ROOT       # class counts and a quick check of every file; exit 2 with one line if bad
 """
@@ -399,8 +390,10 @@ def _open_mask(path) -> Image.Image:
 
 @dataclass(frozen=True)
 class ResizeCrop:
-    """The official preprocessing's sizes, (height, width) or n for (n, n): a bilinear resize of every image to
-    image_size (the aspect not kept), then its centre crop_size, the model's input."""
+    """The official preprocessing's sizes (luow23/INP-Former dataset.py), (height, width) or n for (n, n): a bilinear
+    resize of every image to image_size (the aspect not kept), then its centre crop_size, the model's input, then
+    ImageNet's mean and std. Masks take the same resize and crop, then > 0.5. The line layer's Geometry
+    (line/geometry.py) adds whole frames, tiles and bit depths; geometry_of() picks the one a model records."""
     image_size: tuple = tuple(inpformer.PAPER_GEOMETRY["image_size"])
     crop_size: tuple = tuple(inpformer.PAPER_GEOMETRY["crop_size"])
     tile = None  # the line layer's Geometry (line/geometry.py) adds tiles, whole frames and a bit depth

@@ -1,27 +1,15 @@
-"""The benchmark: the paper's seven metrics per class on labelled test sets, printed as a table and written
-as metrics.json/.csv/.md with every image's score, and pictures of the most and least anomalous images.
+"""The benchmark: a checkpoint to the paper's table, seven metrics per class on the labelled test sets.
 
     python evaluate.py --ckpt runs/mvtec-multi/model.safetensors           # on the data it was trained on
     python evaluate.py --ckpt model.pth --data mvtec --data-root /data/mvtec_anomaly_detection   # authors' weights
     python evaluate.py --ckpt runs/realiad-multi/model.safetensors --data mvtec --data-root /data/mvtec --zero-shot
-    python evaluate.py --ckpt runs/mvtec-multi/model.safetensors --save-maps 5  # + 5 most/least anomalous per class
     python evaluate.py --ckpt runs/mvtec-single                   # a single-class run: each class with its own model
     python evaluate.py --ckpt runs/realiad-multi/model.safetensors --streaming  # bounded memory on Real-IAD
-    python evaluate.py --ckpt runs/mvtec-multi/model.safetensors --full-res     # pixel metrics at native resolution
-    python evaluate.py --ckpt model.pth --data mvtec --data-root /data/mvtec --metrics adeval   # the paper's numbers
 
-Data arguments default to what the checkpoint records (data set, root, classes, sizes); the authors' `model.pth`
-records none: give --data and --data-root. Written under --out (default `eval/` beside the checkpoint, with
-`-<data>`, `-zero-shot`, `-full-res`, `-adeval` for the other protocols): metrics.json (with each class's F1-max
-thresholds), metrics.csv, metrics.md and image_scores.csv.
-
-The protocol is the official `evaluation_batch(max_ratio=0.01, resize_mask=256)`: maps at the crop size, resized
-bilinearly to 256x256, a 5x5 Gaussian of sigma 4 with zero padding (constants in inpformer.py); the image score
-is the mean of the top 1% (655) of the smoothed pixels; the ground truth is the crop-size mask resized to 256
-with `nearest`, then > 0.5. Each class is scored on its own; "mean" is the plain average over classes. The
-metrics are exact (metrics.py), not the 200-bin approximations of the authors' GPU code, so pixel AP can differ a
-little from the paper's; --metrics adeval reproduces those (line/adeval.py). What goes beyond the paper (whole
-frames and tiles, pictures, the kNN baseline, bf16 on a CPU) is in the line/ folder, imported only where needed.
+The protocol is the official evaluation_batch(max_ratio=0.01, resize_mask=256) (inpformer.score_maps): each
+class scored on its own, "mean" the plain average over classes, the metrics exact (metrics.py). Data arguments
+default to what the checkpoint records. Written to eval/ beside the checkpoint: metrics.json/.csv/.md and
+image_scores.csv.
 """
 import copy
 import csv
@@ -68,6 +56,17 @@ class Options:
     baseline: str = None      # "knn": also score the kNN baseline (line/knn.py) on every class
     save_maps: int = 0        # pictures of the N most and N least anomalous images of each class
     pictures: object = None   # line.pictures.PictureStyle: how pictures look (None: its defaults)
+
+    def check(self):
+        """Refuse the combinations the benchmark cannot score, naming the flags."""
+        if self.map_dtype not in ("float32", "float16") or (self.streaming and self.map_dtype != "float32"):
+            raise ValueError(f"--map-dtype {self.map_dtype}: use float32 or float16 (float32 with --streaming, which "
+                             "keeps no maps)")
+        if self.metrics not in ("exact", "adeval"):
+            raise ValueError(f"--metrics {self.metrics}: use exact or adeval")
+        if self.metrics == "adeval" and (self.streaming or self.full_res or self.map_dtype != "float32"):
+            raise ValueError("--metrics adeval bins each class's float32 256x256 maps as the official code does: drop "
+                             "--streaming, --full-res and --map-dtype float16")
 
 
 def load_ready(ckpt, device, precision):
@@ -268,14 +267,7 @@ def evaluate(model, data_set, root, classes, opts=Options(), out_dir=None, log=p
     (fractions; NaN where undefined, None where absent: pixel metrics of a class without masks; streaming adds
     "error_bounds"). Writes nothing unless out_dir is given: then metrics.json/.csv/.md, image_scores.csv, and
     with opts.save_maps=N pictures under maps/<class>/."""
-    if opts.map_dtype not in ("float32", "float16") or (opts.streaming and opts.map_dtype != "float32"):
-        raise ValueError(f"--map-dtype {opts.map_dtype}: use float32 or float16 (float32 with --streaming, which "
-                         "keeps no maps)")
-    if opts.metrics not in ("exact", "adeval"):
-        raise ValueError(f"--metrics {opts.metrics}: use exact or adeval")
-    if opts.metrics == "adeval" and (opts.streaming or opts.full_res or opts.map_dtype != "float32"):
-        raise ValueError("--metrics adeval bins each class's float32 256x256 maps as the official code does: drop "
-                         "--streaming, --full-res and --map-dtype float16")
+    opts.check()
     model = ready_model(model, opts.device, opts.precision)
     geometry = (opts.geometry or data.geometry_of(model.config.geometry)).check(model.encoder.config.patch_size)
     classes = data.resolve_classes(data_set, root, classes)
@@ -322,18 +314,7 @@ def evaluate(model, data_set, root, classes, opts=Options(), out_dir=None, log=p
         if opts.baseline == "knn":
             knn_per_class[cls] = nearest.evaluate_class(model, train_sets[cls], ds, opts, log)
     log(f"{data_set}: {total} images, {progress.rate():.1f} img/s")
-    if opts.streaming:
-        metric_kind = f"streaming ({metrics.PixelHistogram().bins} bins over [0, 2])"
-    elif opts.metrics == "adeval":
-        metric_kind = ("adeval 1.1.0 (P-AUROC, P-AP, AUPRO from 200 bins per class between its min and max map "
-                       "value, trapezoid AP; I-AUROC, I-AP, I-F1max, P-F1max exact)")
-    else:
-        metric_kind = f"exact ({opts.map_dtype} maps)"
-    protocol = dict(data=data_set, root=str(root), geometry=geometry.to_dict(),
-                    maps="inp-distance" if opts.zero_shot else "reconstruction",
-                    pixels="original" if opts.full_res else inpformer.MAP_SIZE, gaussian_sigma=inpformer.GAUSSIAN_SIGMA,
-                    gaussian_padding="zeros" if geometry.crop_size else "reflect",  # see line.frames
-                    max_ratio=inpformer.MAX_RATIO, fpr_limit=FPR_LIMIT, precision=precision, metrics=metric_kind)
+    protocol = dict(data=data_set, root=str(root), **protocol_of(opts, geometry, precision))
     part = dict(classes=per_class, counts=counts, protocol=protocol, error_bounds=bounds, thresholds=thresholds)
     if knn_per_class:
         part["baselines"] = {"knn": dict(classes=knn_per_class, bank_size=opts.bank_size)}
@@ -341,6 +322,21 @@ def evaluate(model, data_set, root, classes, opts=Options(), out_dir=None, log=p
     if out_dir:
         write_results(results, out_dir, rows)
     return results
+
+
+def protocol_of(opts, geometry, precision) -> dict:
+    """How the images were scored, as metrics.json records it."""
+    if opts.streaming:
+        metric_kind = f"streaming ({metrics.PixelHistogram().bins} bins over [0, 2])"
+    elif opts.metrics == "adeval":
+        metric_kind = ("adeval 1.1.0 (P-AUROC, P-AP, AUPRO from 200 bins per class between its min and max map "
+                       "value, trapezoid AP; I-AUROC, I-AP, I-F1max, P-F1max exact)")
+    else:
+        metric_kind = f"exact ({opts.map_dtype} maps)"
+    return dict(geometry=geometry.to_dict(), maps="inp-distance" if opts.zero_shot else "reconstruction",
+                pixels="original" if opts.full_res else inpformer.MAP_SIZE, gaussian_sigma=inpformer.GAUSSIAN_SIGMA,
+                gaussian_padding="zeros" if geometry.crop_size else "reflect",  # see line.frames
+                max_ratio=inpformer.MAX_RATIO, fpr_limit=FPR_LIMIT, precision=precision, metrics=metric_kind)
 
 
 def score_class(model, ds, opts, progress=None, predictor=None):

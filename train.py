@@ -1,4 +1,4 @@
-"""Train INP-Former: the official recipe for every setting, on one device or under torchrun DDP.
+"""Train INP-Former with the official recipe, on one device or under torchrun DDP.
 
     python train.py --data demo                                          # built-in demo data, no download
     python train.py --data mvtec --data-root /data/mvtec_anomaly_detection --classes all
@@ -8,22 +8,8 @@
     torchrun --nproc_per_node=4 train.py --data mvtec --data-root /data/mvtec
     python train.py --data mvtec --data-root /data/mvtec --out runs/x --resume     # continue a stopped run
 
-Defaults are the official multi-class recipe: DINOv2-B/14 with registers, 448 -> 392, batch 16, 6 INPs,
-StableAdamW (lr 1e-3, betas 0.9/0.999, weight decay 1e-4, AMSGrad, eps 1e-10), 100 warm-up iterations then
-cosine to lr/10, gradient-norm clipping 0.1, 200 epochs, seed 1, fp32 (bf16 or fp16 autocast on request).
-Under torchrun --batch-size is the global batch: each of N processes loads batch/N images per step, the data
-is sharded with one seeded permutation per epoch, and only rank 0 writes.
-
-Saving: every --save-every seconds (default 600; 0: at the end of every epoch) and when the run ends,
-`<out>/train_state.pt` (what --resume needs: trainable weights, optimizer, RNG, position, gradient scaler) is
-written, then `<out>/model.safetensors` (the whole model, what `evaluate.py --ckpt` reads), each atomically.
-`--resume` continues from the state, checks that it belongs to the same run (data, classes, sizes, backbone,
-schedule), and ends with the same weights as an uninterrupted run; without a state it refuses, and a finished
-run it leaves as it is. A new run never replaces one unless told (--overwrite). Every log line also goes to
-`<out>/train.log`. At the end the run is evaluated (evaluate.py) unless --no-eval.
-
-What goes beyond the paper (whole frames and tiles, wide grey images, the feature cache, bf16 on a CPU, the
-download) is in the line/ folder, imported only in the branch that needs it; the README's "Read the code" maps it.
+The run folder gets train_state.pt (what --resume needs), model.safetensors (what evaluate.py reads) and
+train.log; the run is then evaluated. The README's "Real use" says how saves, resume and torchrun behave.
 """
 import argparse
 import contextlib

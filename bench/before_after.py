@@ -8,10 +8,8 @@ two trees round by round, so that a refactoring can show it is no slower.
 Each run is a fresh process started as a user starts it. It prints every run's seconds, then the best of the
 rounds per tree and their ratio. Run it with nothing else busy on the machine.
 """
-import argparse
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,20 +18,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_runs import whole_runs, write_checkpoint, write_class  # noqa: E402
+from bench_runs import bench_parser, whole_runs, workspace  # noqa: E402
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = bench_parser(16, 8, 2, "rounds; the trees' order alternates")
+    p.description = __doc__.split("\n\n")[0]
     p.add_argument("--before", required=True, help="the other checkout (e.g. a git worktree of an older commit)")
     p.add_argument("--after", default=str(ROOT), help="this checkout (default: the one this script is in)")
-    p.add_argument("--images", type=int, default=16, help="test images (default 16)")
-    p.add_argument("--batch-size", type=int, default=8, help="the runs' batch size (default 8)")
-    p.add_argument("--rounds", type=int, default=2, help="rounds; the trees' order alternates (default 2)")
     a = p.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="before_after_"))
-    write_class(work / "data", a.images)
-    write_checkpoint(work)
+    work, _ = workspace("before_after_", a.images)
     trees = {"before": a.before, "after": a.after}
     runs = {name: [*argv, "--precision", "fp32"] for name, argv in whole_runs(work, a.batch_size).items()}
     best = {}

@@ -68,6 +68,23 @@ def write_checkpoint(work: Path):
     return model
 
 
+def bench_parser(images, batch_size, rounds, rounds_help) -> argparse.ArgumentParser:
+    """The flags of the benches that run the scripts on a written class: --images, --batch-size, --rounds."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", type=int, default=images, help=f"test images (default {images})")
+    p.add_argument("--batch-size", type=int, default=batch_size, help=f"the runs' batch size (default {batch_size})")
+    p.add_argument("--rounds", type=int, default=rounds, help=f"{rounds_help} (default {rounds})")
+    return p
+
+
+def workspace(prefix, images):
+    """A new folder holding a written class of `images` test images (data/) and a checkpoint (model.pth); returns
+    (the folder, the checkpoint's model)."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    write_class(work / "data", images)
+    return work, write_checkpoint(work)
+
+
 def whole_runs(work: Path, batch_size) -> dict:
     """{name: argv} of the runs as a user starts them, on work/model.pth and work/data (write_class)."""
     common = ["--ckpt", str(work / "model.pth"), "--batch-size", str(batch_size)]
@@ -98,14 +115,8 @@ def model_gain(model, batch, rounds=3):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", type=int, default=60, help="test images (default 60)")
-    p.add_argument("--rounds", type=int, default=1, help="interleaved rounds of the four runs (default 1)")
-    p.add_argument("--batch-size", type=int, default=16, help="the runs' batch size, and the model's (default 16)")
-    a = p.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="bench_runs_"))
-    write_class(work / "data", a.images)
-    model = write_checkpoint(work)
+    a = bench_parser(60, 16, 1, "interleaved rounds of the four runs").parse_args()
+    work, model = workspace("bench_runs_", a.images)
     own = model_gain(model, a.batch_size)
     del model
     runs = whole_runs(work, a.batch_size)

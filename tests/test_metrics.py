@@ -79,13 +79,16 @@ def bucketed(monkeypatch, n, max_buckets=None):
 # Fixture cases
 
 
+def check_ranking_metrics(labels, scores, expected):
+    """AUROC, AP and F1-max of one fixture case (image labels and scores, or pixel masks and maps)."""
+    check(lambda: auroc(labels, scores), expected["auroc"])
+    check(lambda: average_precision(labels, scores), expected["average_precision"])
+    check(lambda: f1_max(labels, scores), expected["f1_max"])
+
+
 @pytest.mark.parametrize("name", IMAGE)
 def test_image_case(name):
-    labels, scores = arrays(name)
-    e = CASES[name]["expected"]
-    check(lambda: auroc(labels, scores), e["auroc"])
-    check(lambda: average_precision(labels, scores), e["average_precision"])
-    check(lambda: f1_max(labels, scores), e["f1_max"])
+    check_ranking_metrics(*arrays(name), CASES[name]["expected"])
 
 
 @pytest.mark.parametrize("name", PIXEL)
@@ -93,9 +96,7 @@ def test_pixel_case(name):
     masks, maps = arrays(name)
     e = CASES[name]["expected"]
     # Pixel AUROC, AP and F1-max pool every pixel of every image as one sample.
-    check(lambda: auroc(masks, maps), e["auroc"])
-    check(lambda: average_precision(masks, maps), e["average_precision"])
-    check(lambda: f1_max(masks, maps), e["f1_max"])
+    check_ranking_metrics(masks, maps, e)
     for key, limit in LIMITS.items():
         check(lambda: aupro(masks, maps, fpr_limit=limit), e[key])
     check(lambda: aupro(masks, maps), e["aupro"])  # 0.3 is the default
