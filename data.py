@@ -4,8 +4,10 @@ Data sets (`data` name -> what `root` points at):
   mvtec, folder, demo   <root>/<class>/{train/good, test/<defect>, ground_truth/<defect>/<stem>_mask.png}
   visa                  the raw download with split_csv/1cls.csv, or the prepared 1cls/<class>/... tree
   realiad               the folder holding realiad_1024/<class>/ and realiad_jsons/[realiad_jsons/]<class>.json
-  mvtec2                MVTec AD 2: <root>/<class>/{train/good, validation/good, test_public/{good,bad,ground_truth}}
-A problem with the files on disk raises DataError, one line: "<path>: <problem>".
+  mvtec2                MVTec AD 2: <root>/<class>/{train/good, validation/good, test_public/{good,bad}} and masks
+                        test_public/ground_truth/bad/<stem>_mask.png
+The official preprocessing is ResizeCrop's. A problem with the files on disk raises DataError, one line:
+"<path>: <problem>".
 
     python data.py --check mvtec ROOT       # class counts and a quick check of every file; exit 2 with one line if bad
 """
@@ -354,8 +356,8 @@ _STD = np.array(IMAGENET_STD, np.float32).reshape(3, 1, 1)
 
 
 # Pixel formats. 8-bit RGB and grey are read as they are; palette, alpha, CMYK, YCbCr and bilevel images become
-# RGB as the official .convert('RGB') makes them; 16-bit, 32-bit integer and float grey images (line cameras)
-# are the line layer's (line/pixels.py).
+# RGB as the official .convert('RGB') makes them; 16-bit, 32-bit integer and float grey images (industrial
+# cameras) are read by line/pixels.py.
 _CONVERTED = ("P", "PA", "RGBA", "RGBa", "RGBX", "LA", "La", "CMYK", "YCbCr", "1")
 WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
@@ -390,13 +392,14 @@ def _open_mask(path) -> Image.Image:
 
 @dataclass(frozen=True)
 class ResizeCrop:
-    """The official preprocessing's sizes (luow23/INP-Former dataset.py), (height, width) or n for (n, n): a bilinear
-    resize of every image to image_size (the aspect not kept), then its centre crop_size, the model's input, then
-    ImageNet's mean and std. Masks take the same resize and crop, then > 0.5. The line layer's Geometry
-    (line/geometry.py) adds whole frames, tiles and bit depths; geometry_of() picks the one a model records."""
+    """The official preprocessing's sizes (luow23/INP-Former dataset.py), (height, width) or n for (n, n). An image
+    is resized bilinearly to image_size (the aspect not kept), cut to its centre crop_size and normalised with
+    ImageNet's mean and std: the model's input. Masks take the same resize and crop, then > 0.5. The line layer's
+    Geometry (line/geometry.py) adds whole frames, tiles and bit depths; geometry_of() picks the one a model
+    records."""
     image_size: tuple = tuple(inpformer.PAPER_GEOMETRY["image_size"])
     crop_size: tuple = tuple(inpformer.PAPER_GEOMETRY["crop_size"])
-    tile = None  # the line layer's Geometry (line/geometry.py) adds tiles, whole frames and a bit depth
+    tile = None  # never tiled, and 8-bit (the fields Geometry sets)
     bit_depth = None
 
     def __post_init__(self):
@@ -660,9 +663,9 @@ class FewShotSet(torch.utils.data.Dataset):
 
 
 def resolve_sets(data, root, classes="all") -> list[tuple[str, str, list[str]]]:
-    """[(data set, root, classes)] for data and root that may be comma lists ("mvtec,visa", "/d/mvtec,/d/visa",
-    the super-multi-class setting): "all" means all classes of each set, and named classes are taken from
-    every set that has them. A class no set knows is a DataError."""
+    """[(data set, root, classes)] for data and root that may be comma lists ("mvtec,visa" and "/d/mvtec,/d/visa":
+    the paper's super-multi-class setting, one model on several data sets): "all" means all classes of each set,
+    and named classes are taken from every set that has them. A class no set knows is a DataError."""
     datas = split_list(data)
     if isinstance(root, (str, list, tuple)):
         roots = split_list(root)

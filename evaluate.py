@@ -1,4 +1,4 @@
-"""The benchmark: a checkpoint to the paper's table, seven metrics per class on the labelled test sets.
+"""The benchmark: from a checkpoint to the paper's table, seven metrics per class on the labelled test sets.
 
     python evaluate.py --ckpt runs/mvtec-multi/model.safetensors           # on the data it was trained on
     python evaluate.py --ckpt model.pth --data mvtec --data-root /data/mvtec_anomaly_detection   # authors' weights
@@ -7,9 +7,12 @@
     python evaluate.py --ckpt runs/realiad-multi/model.safetensors --streaming  # bounded memory on Real-IAD
 
 The protocol is the official evaluation_batch(max_ratio=0.01, resize_mask=256) (inpformer.score_maps): each
-class scored on its own, "mean" the plain average over classes, the metrics exact (metrics.py). Data arguments
-default to what the checkpoint records. Written to eval/ beside the checkpoint: metrics.json/.csv/.md and
-image_scores.csv.
+class scored on its own, "mean" the plain average over classes. The metrics are exact by default (metrics.py);
+the paper's P-AUROC, P-AP and AUPRO are ADEval's 200-bin ones, which --metrics adeval reproduces (line/adeval.py),
+and --streaming bins them in constant memory. Data arguments default to what the checkpoint records (the authors'
+model.pth records none: give --data and --data-root). Written to eval/ beside the checkpoint (suffixed for the
+other protocols, or --out): metrics.json/.csv/.md and image_scores.csv. What goes beyond the paper (whole frames,
+tiles, pictures, the kNN baseline, bf16 on a CPU) is in line/, imported only where needed.
 """
 import copy
 import csv
@@ -58,7 +61,7 @@ class Options:
     pictures: object = None   # line.pictures.PictureStyle: how pictures look (None: its defaults)
 
     def check(self):
-        """Refuse the combinations the benchmark cannot score, naming the flags."""
+        """Refuse the values and combinations the benchmark cannot score, naming the flags."""
         if self.map_dtype not in ("float32", "float16") or (self.streaming and self.map_dtype != "float32"):
             raise ValueError(f"--map-dtype {self.map_dtype}: use float32 or float16 (float32 with --streaming, which "
                              "keeps no maps)")
@@ -325,7 +328,7 @@ def evaluate(model, data_set, root, classes, opts=Options(), out_dir=None, log=p
 
 
 def protocol_of(opts, geometry, precision) -> dict:
-    """How the images were scored, as metrics.json records it."""
+    """How the images were scored, as metrics.json's "protocol" records it (after the data set and root)."""
     if opts.streaming:
         metric_kind = f"streaming ({metrics.PixelHistogram().bins} bins over [0, 2])"
     elif opts.metrics == "adeval":

@@ -1,5 +1,6 @@
 """INP-Former in one file: the model, its losses and anomaly maps, the evaluation protocol, DINOv2 weights and
-INP-Former checkpoints.
+INP-Former checkpoints. INPs are Intrinsic Normal Prototypes: a few tokens pooled from the test image itself, from
+which the decoder rebuilds the image's features.
 
 Luo et al., "Exploring Intrinsic Normal Prototypes within a Single Image for Universal Anomaly Detection",
 CVPR 2025. Numerically faithful to the official code (luow23/INP-Former); parameter names match its state
@@ -433,7 +434,7 @@ class WeightsError(ValueError):
 
 
 class TimmNames(WeightsError):
-    """DINOv2 weights in timm's names, which this file leaves to the line layer (line/weights.py)."""
+    """DINOv2 weights in timm's names, which this file leaves to the project's line/weights.py."""
 
 
 def first_line(e) -> str:

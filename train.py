@@ -9,7 +9,9 @@
     python train.py --data mvtec --data-root /data/mvtec --out runs/x --resume     # continue a stopped run
 
 The run folder gets train_state.pt (what --resume needs), model.safetensors (what evaluate.py reads) and
-train.log; the run is then evaluated. The README's "Real use" says how saves, resume and torchrun behave.
+train.log; the run is then evaluated (unless --no-eval). The README's "Real use" says how saves, resume and
+torchrun behave. What goes beyond the paper (whole frames, tiles, 16-bit images, the feature cache, bf16 on a
+CPU, the download) is in line/, imported only in the branch that needs it.
 """
 import argparse
 import contextlib

@@ -22,12 +22,11 @@ from bench_runs import bench_parser, whole_runs, workspace  # noqa: E402
 
 
 def main():
-    p = bench_parser(16, 8, 2, "rounds; the trees' order alternates")
-    p.description = __doc__.split("\n\n")[0]
+    p = bench_parser(__doc__, images=16, batch_size=8, rounds=2, rounds_help="rounds; the trees' order alternates")
     p.add_argument("--before", required=True, help="the other checkout (e.g. a git worktree of an older commit)")
     p.add_argument("--after", default=str(ROOT), help="this checkout (default: the one this script is in)")
     a = p.parse_args()
-    work, _ = workspace("before_after_", a.images)
+    work = workspace("before_after_", a.images)[0]  # the model itself is not needed here
     trees = {"before": a.before, "after": a.after}
     runs = {name: [*argv, "--precision", "fp32"] for name, argv in whole_runs(work, a.batch_size).items()}
     best = {}

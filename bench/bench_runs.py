@@ -68,11 +68,13 @@ def write_checkpoint(work: Path):
     return model
 
 
-def bench_parser(images, batch_size, rounds, rounds_help) -> argparse.ArgumentParser:
-    """The flags of the benches that run the scripts on a written class: --images, --batch-size, --rounds."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def bench_parser(doc, images, batch_size, rounds, rounds_help) -> argparse.ArgumentParser:
+    """The flags of the benches that run the scripts on a written class: --images, --batch-size, --rounds; the
+    description is the first paragraph of `doc`."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--images", type=int, default=images, help=f"test images (default {images})")
-    p.add_argument("--batch-size", type=int, default=batch_size, help=f"the runs' batch size (default {batch_size})")
+    p.add_argument("--batch-size", type=int, default=batch_size,
+                   help=f"the runs' batch size, and the model's own (default {batch_size})")
     p.add_argument("--rounds", type=int, default=rounds, help=f"{rounds_help} (default {rounds})")
     return p
 
@@ -115,7 +117,8 @@ def model_gain(model, batch, rounds=3):
 
 
 def main():
-    a = bench_parser(60, 16, 1, "interleaved rounds of the four runs").parse_args()
+    a = bench_parser(__doc__, images=60, batch_size=16, rounds=1,
+                     rounds_help="interleaved rounds of the four runs").parse_args()
     work, model = workspace("bench_runs_", a.images)
     own = model_gain(model, a.batch_size)
     del model

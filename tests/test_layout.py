@@ -53,14 +53,15 @@ def test_no_line_of_the_project_is_over_120_characters():
 
 def test_the_papers_path_runs_the_core_alone(demo, tmp_path):
     """`train.py --data demo` (its evaluation included) and evaluate.py on the authors' checkpoint load no module of
-    line/: the reference core runs the paper's path by itself."""
+    line/: the reference core runs the paper's path by itself. The demo set is written into this test's own folder:
+    --data demo rewrites a demo set of other settings, and the session's small one is shared."""
     ckpt = shared("fixtures", "official_tiny", "inpformer_official.safetensors")
     sizes = ["--image-size", "128", "--crop-size", "112", "--workers", "0"]
     script = f"""
 import sys
 sys.path.insert(0, {str(ROOT)!r})
 import evaluate, train
-train.main(["--data", "demo", "--data-root", {demo!r}, "--iters", "2", "--batch-size", "4",
+train.main(["--data", "demo", "--data-root", {str(tmp_path / "demo")!r}, "--iters", "2", "--batch-size", "4",
             "--out", {str(tmp_path / "run")!r}, *{sizes!r}])
 assert evaluate.main(["--ckpt", {str(ckpt)!r}, "--data", "folder", "--data-root", {demo!r}, "--classes", "tiles",
                       "--out", {str(tmp_path / "eval")!r}, *{sizes!r}]) == 0

@@ -497,8 +497,8 @@ def test_the_exported_graph_fed_raw_frames_decides_as_predict_does(ckpt, demo, t
 
 
 @pytest.mark.parametrize("flags, frame", [
-    (["--image-size", "112x168", "--crop-size", "none"], (150, 200)),                      # the whole frame
-    (["--image-size", "native", "--tile", "56", "--frame-size", "56x112"], (56, 112)),  # 2 tiles
+    (["--image-size", "112x168", "--crop-size", "none"], (150, 200)),                    # the whole frame
+    (["--image-size", "native", "--tile", "56", "--frame-size", "112x56"], (112, 56)),  # 2 tiles, one above the other
 ])
 def test_whole_frame_and_tiled_geometries_export(ckpt, demo, tmp_path, flags, frame):
     """Each geometry exports from raw frames and its graph scores as the Python path does on them."""
