@@ -292,7 +292,7 @@ def _realiad_samples(images: Path, jsons: Path, cls: str, split: str) -> list[Sa
             raise error(image, f"no mask ({'none listed' if mask is None else f'{mask} not found'} in {path})")
         # The downsampled copies have soft mask edges. They keep their grey values through the resize and are
         # binarised once after it (> 0.5 of 255), as the official loader does; --full-res cuts the native mask at
-        # > 127, ADEval's rule for them.
+        # > 127, the rule of ADEval (the official code's evaluation package) for them.
         samples.append(Sample(str(image), str(mask), 1, cls, str(rec["anomaly_class"])))
     return samples
 

@@ -248,7 +248,9 @@ class INPFormerConfig:
     inp_num: int = 6
     decoder_depth: int = 8
     target_layers: list = None  # encoder blocks fused; None: 2..9 for ViT-S/B, every other block 4..18 for ViT-L
-    fuse_groups: list = ((0, 1, 2, 3), (4, 5, 6, 7))  # indices into target_layers (and reversed decoder outputs)
+    # The fused layers are compared in groups: the mean of the encoder's target_layers at these indices against the
+    # mean of the decoder's outputs at the same indices, counted from its last block (see decode).
+    fuse_groups: list = ((0, 1, 2, 3), (4, 5, 6, 7))
     geometry: dict = field(default_factory=lambda: dict(PAPER_GEOMETRY))  # how its training images were prepared
 
     def __post_init__(self):
@@ -318,7 +320,7 @@ class INPFormer(nn.Module):
     def decode(self, en, fused, grid):
         """Everything after the frozen encoder, from the outputs of encode(); grid is the (h, w) token grid."""
         inps = self.extract_inps(fused)
-        coherence = inp_distance(fused, inps).mean()
+        coherence = inp_distance(fused, inps).mean()  # the INP coherence loss: each token near its nearest INP
         de = [self.bottleneck[0](fused)]
         for blk in self.decoder:
             de.append(blk(de[-1], inps))
@@ -382,7 +384,7 @@ def soft_mining_loss(en, de, y=3.0):
         e = e.detach()
         with torch.no_grad():
             dist = 1 - F.cosine_similarity(e, d, dim=1).unsqueeze(1)  # (B, 1, h, w)
-            weight = (dist / dist.mean()) ** y
+            weight = (dist / dist.mean()) ** y  # the mean over the whole batch, as in the official loss
         d = d.detach() + weight * (d - d.detach())  # same value, gradient scaled by the weight
         total = total + (1 - F.cosine_similarity(e.flatten(1), d.flatten(1), dim=1)).mean()
     return total / len(en)

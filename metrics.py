@@ -2,8 +2,8 @@
 
 The seven numbers anomaly-detection papers report per class, computed exactly (every distinct score is a
 threshold, no binning, no epsilon), from numpy arrays or torch tensors. numpy and torch only, so this file can
-be copied into another project on its own. (The binned numbers the official code reports through ADEval are
-line/adeval.py's.)
+be copied into another project on its own. (The official code reports its pixel metrics through the ADEval
+package, binned; the project's line/adeval.py reproduces those.)
 
     from metrics import compute_all
     results = compute_all(image_labels, image_scores, masks, maps)   # masks, maps: (N, H, W)

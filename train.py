@@ -112,7 +112,8 @@ def cpu_chunks(params) -> list:
 
 
 def optimizer_step(loss, opt, scaler, params, max_norm=0.1):
-    """Backward, then the official global gradient-norm clipping (on unscaled fp16 gradients), then a step.
+    """Backward, then the official global gradient-norm clipping (on unscaled fp16 gradients), then a step. The
+    official recipe clips twice: this norm of all gradients, then StableAdamW's clipping of each tensor's update.
     Returns the gradient norm before clipping, a tensor on the device (reading it would wait for the step)."""
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
