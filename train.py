@@ -29,12 +29,14 @@ import torch
 import torch.distributed as dist
 
 import data
-import demo
+import demo  # the built-in demo data set, its small random ViT and its recipe (demo.py)
 import inpformer
 
 # The official multi-class recipe's geometry (448 -> 392), batch and length; --data demo has its own (demo.RECIPE).
 RECIPE = dict(geometry=data.ResizeCrop(), batch_size=16, epochs=200, workers=4)
-DEFAULT_BACKBONE = "base"  # the DINOv2-with-registers size downloaded when --weights is not given
+# The DINOv2-with-registers size taken when --weights is not given: Hugging Face's
+# facebook/dinov2-with-registers-<size>, downloaded once by line/weights.py.
+DEFAULT_BACKBONE = "base"
 BACKBONE_WIDTHS = {"small": 384, "base": 768, "large": 1024}  # the sizes --backbone names
 METADATA_VERSION = 2  # of what a checkpoint records; 1: files written before it had a number
 
