@@ -813,6 +813,16 @@ def main(argv=None, log=train.log_line):
     return 0
 
 
+@dataclass
+class CalibrationPlan:
+    """One model file to calibrate, checked before anything is scored."""
+    ckpt: Path
+    meta: dict            # what the checkpoint records
+    data_set: object      # evaluate.DataSet, or None when calibrating on good images (--images)
+    samples: dict         # {class: [data.Sample]}
+    earlier: dict = None  # the calibration kept but for the classes of `samples` (--classes), or None
+
+
 def calibrate_main(args, ckpts, device, precision, log):
     """--calibrate: each model file on its data set (a single-class run folder: each model on its own class), or
     one model on good images (--images). With --classes, a model that has a calibration keeps it but for those
@@ -845,37 +855,38 @@ def calibrate_main(args, ckpts, device, precision, log):
             check_each_class(ckpt, earlier, samples, args)
         elif args.max_false_reject is not None:  # a budget the good images cannot support fails now
             check_budget(sum(s.label == 0 for found in samples.values() for s in found), args.max_false_reject)
-        plans.append((ckpt, meta, data_set, samples, earlier))
-    for ckpt, meta, data_set, samples, earlier in plans:
-        model = evaluate.load_ready(ckpt, device, precision)
+        plans.append(CalibrationPlan(ckpt, meta, data_set, samples, earlier))
+    for plan in plans:
+        model = evaluate.load_ready(plan.ckpt, device, precision)
         # the geometry the thresholds kept hold at, as prediction starts from it
-        base = calibration_geometry(earlier) if earlier else None
-        geometry = evaluate.asked_geometry(model, args, ckpt, log, base=base)
+        base = calibration_geometry(plan.earlier) if plan.earlier else None
+        geometry = evaluate.asked_geometry(model, args, plan.ckpt, log, base=base)
         opts = evaluate.Options(batch_size=args.batch_size or evaluate.Options.batch_size, device=str(device),
                                precision=precision, workers=train.workers(args.workers), geometry=geometry)
-        test_sets = {c: data.ImageDataset(found, geometry) for c, found in samples.items()}
+        test_sets = {c: data.ImageDataset(found, geometry) for c, found in plan.samples.items()}
         if files is not None:
-            log(f"{ckpt}: calibrating on {len(files)} good images")
+            log(f"{plan.ckpt}: calibrating on {len(files)} good images")
         else:
-            log(f"{ckpt}: calibrating on {data_set.data} in {data_set.root}")
-        seen = training_images(meta) & {str(Path(s.image).resolve()) for ds in test_sets.values() for s in ds.samples}
+            log(f"{plan.ckpt}: calibrating on {plan.data_set.data} in {plan.data_set.root}")
+        files_used = {str(Path(s.image).resolve()) for ds in test_sets.values() for s in ds.samples}
+        seen = training_images(plan.meta) & files_used
         if seen:
-            log(f"warning: {len(seen)} of the calibration images are training images of {ckpt}: their scores are "
+            log(f"warning: {len(seen)} of the calibration images are training images of {plan.ckpt}: their scores are "
                 "optimistic, so thresholds learnt on them reject more new good parts than asked")
         budget = (args.max_false_reject, args.max_false_pixels)
-        if earlier:
+        if plan.earlier:
             learnt = {c: calibrate_on(model, {c: ds}, opts, *budget, log) for c, ds in test_sets.items()}
-            rule = with_classes(earlier, learnt)
+            rule = with_classes(plan.earlier, learnt)
         else:
-            if args.classes and meta.get("calibration") is None:
-                log(f"note: {ckpt} has no calibration to keep: the whole rule, the pooled thresholds too, is learnt "
-                    f"on {', '.join(test_sets)}")
+            if args.classes and plan.meta.get("calibration") is None:
+                log(f"note: {plan.ckpt} has no calibration to keep: the whole rule, the pooled thresholds too, is "
+                    f"learnt on {', '.join(test_sets)}")
             rule = calibrate_on(model, test_sets, opts, *budget, log)
-        target = write_calibration(ckpt, rule, data_set)
-        if earlier:
+        target = write_calibration(plan.ckpt, rule, plan.data_set)
+        if plan.earlier:
             log(partial_summary(target, rule, list(test_sets)))
         else:
-            log(calibration_summary(target, rule, replaced=meta.get("calibration") is not None))
+            log(calibration_summary(target, rule, replaced=plan.meta.get("calibration") is not None))
     return 0
 
 
